@@ -1,0 +1,30 @@
+# Two commands matter: `make serve` (the site on http://127.0.0.1:8000) and `make test`.
+# Both create .venv on first use and install everything the project needs into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export NO_MKDOCS_2_WARNING := 1
+STAMP := $(VENV)/.installed
+
+.PHONY: install serve test docs clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# The CPU build of torch first, so that nothing pulls a multi-GB CUDA build.
+	$(PY) -m pip install --disable-pip-version-check -q "torch==2.13.0"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,docs]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2
+
+clean:
+	rm -rf site .pytest_cache .ruff_cache .cache

@@ -1,0 +1,63 @@
+"""The `zoo` command: list, show, check (and its failures, line-numbered)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from zoo.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_list_filters(capsys):
+    assert main(["list", "--autoregressive", "yes"]) == 0
+    out = capsys.readouterr().out
+    assert "linear-transformer" in out and "efficient-attention" not in out
+    assert main(["list", "--family", "exact"]) == 0
+    out = capsys.readouterr().out
+    assert "softmax-attention" in out and "linear-transformer" not in out
+    assert main(["list", "*local*"]) == 0
+    assert "non-local" in capsys.readouterr().out
+
+
+def test_show_prints_card_source_and_usage(capsys):
+    assert main(["show", "efficient-attention"]) == 0
+    out = capsys.readouterr().out
+    assert "Efficient Attention: Attention with Linear Complexities" in out
+    assert "zoo/entries/efficient_attention.py" in out
+    assert 'zoo.create("efficient-attention", dim=64' in out
+
+
+def test_show_unknown(capsys):
+    assert main(["show", "performr"]) == 1
+    assert "no catalogue entry named 'performr'" in capsys.readouterr().err
+
+
+def test_check_passes_on_the_repository(capsys):
+    assert main(["check"]) == 0
+    assert " 0 failed" in capsys.readouterr().out
+
+
+def test_check_fails_line_numbered(tmp_path, capsys):
+    text = (ROOT / "catalog.yaml").read_text()
+    first = text.index("- id: ")
+    block = text[first:text.index("\n- id: ", first) + 1]
+    bad = tmp_path / "dup.yaml"
+    bad.write_text(text + "\n" + block)
+    assert main(["check", "--catalog", str(bad)]) == 1
+    err = capsys.readouterr().err
+    dup_line = (text + "\n").count("\n") + 1
+    assert f"dup.yaml:{dup_line}: duplicate id" in err
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(text.replace("  venue: NeurIPS 2017\n", "  venue: NeurIPS 2017\n  wibble: 1\n",
+                                    1))
+    assert main(["check", "--catalog", str(unknown)]) == 1
+    err = capsys.readouterr().err
+    line = text[:text.index("  venue: NeurIPS 2017")].count("\n") + 2
+    assert f"unknown.yaml:{line}: softmax-attention: unknown key 'wibble'" in err
+
+
+def test_python_dash_m():
+    out = subprocess.run([sys.executable, "-m", "zoo", "list"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "softmax-attention" in out

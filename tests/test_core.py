@@ -1,0 +1,101 @@
+"""The shared core: softmax reference against SDPA, masks, padding, input checks, the shell."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zoo.checks import check_qkv, check_sequence
+from zoo.masks import causal_mask, pad_mask, pad_to_multiple
+from zoo.shell import MultiHead
+from zoo.softmax import softmax_attention
+
+
+def qkv(b=2, h=3, i=37, j=37, d=8, e=5, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(b, h, i, d, generator=g, dtype=dtype),
+            torch.randn(b, h, j, d, generator=g, dtype=dtype),
+            torch.randn(b, h, j, e, generator=g, dtype=dtype))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_softmax_attention_equals_sdpa(causal, masked):
+    q, k, v = qkv()
+    mask = None
+    sdpa_mask = None
+    if masked:
+        mask = torch.rand(2, 37, generator=torch.Generator().manual_seed(3)) > 0.3
+        mask[:, 0] = True  # every causal row keeps a key, so SDPA has no all-masked row
+        sdpa_mask = mask[:, None, None, :]
+        if causal:
+            sdpa_mask = sdpa_mask & causal_mask(37, 37)
+    ours = softmax_attention(q, k, v, mask, causal=causal)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask,
+                                         is_causal=causal and not masked)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_softmax_attention_cross_lengths_and_scale():
+    q, k, v = qkv(i=5, j=11)
+    ref = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(softmax_attention(q, k, v, scale=0.3), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_fully_padded_row_is_finite():
+    q, k, v = qkv()
+    mask = torch.zeros(2, 37, dtype=torch.bool)
+    assert torch.isfinite(softmax_attention(q, k, v, mask)).all()
+
+
+def test_causal_mask_is_lower_triangular():
+    m = causal_mask(3, 4)
+    assert m.tolist() == [[True, False, False, False], [True, True, False, False],
+                          [True, True, True, False]]
+
+
+def test_pad_to_multiple_and_mask():
+    t = torch.ones(2, 3, 5, 4)
+    padded, pad = pad_to_multiple(t, 4, dim=2)
+    assert pad == 3 and padded.shape == (2, 3, 8, 4) and padded[:, :, 5:].abs().sum() == 0
+    same, none = pad_to_multiple(t, 5, dim=2)
+    assert none == 0 and same is t
+    m = pad_mask(None, 2, 5, 3, "cpu")
+    assert m.tolist() == [[True] * 5 + [False] * 3] * 2
+    assert pad_mask(None, 2, 5, 0, "cpu") is None
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.randn(2, 5), r"expected x of shape \(batch, length >= 1, 8\), got \(2, 5\)"),
+    (torch.randn(2, 5, 7), r"got \(2, 5, 7\)"),
+    (torch.randn(2, 0, 8), r"length >= 1"),
+    (torch.ones(2, 5, 8, dtype=torch.long), r"floating-point"),
+])
+def test_check_sequence_messages(bad, message):
+    with pytest.raises(ValueError, match=message):
+        check_sequence(bad, 8)
+
+
+def test_check_sequence_mask_messages():
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match=r"dtype torch.bool"):
+        check_sequence(x, 8, torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"expected mask of shape \(2, 5\), got \(2, 4\)"):
+        check_sequence(x, 8, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        check_sequence([[1.0]], 8)
+
+
+def test_check_qkv_messages():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="same last dim"):
+        check_qkv(q, k[..., :3], v)
+    with pytest.raises(ValueError, match="same length"):
+        check_qkv(q, k, v[:, :, :4])
+    with pytest.raises(ValueError, match=r"\(batch, heads\)"):
+        check_qkv(q, k[:1], v[:1])
+
+
+def test_shell_rejects_indivisible_heads():
+    with pytest.raises(ValueError, match="heads=3 must divide dim=32"):
+        MultiHead(32, heads=3)
+    assert MultiHead(32, heads=3, dim_head=5).to_qkv.out_features == 45

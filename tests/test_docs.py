@@ -1,0 +1,76 @@
+"""The site: a strict build, one page per entry with its formula and source, nothing loaded from
+another host, and the snippets shown on the pages actually run."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import zoo
+from zoo.pages import entry_page, usage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory):
+    out = tmp_path_factory.mktemp("site")
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
+                           str(out)], cwd=ROOT, capture_output=True, text=True,
+                          env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.mark.docs
+def test_every_entry_has_a_page_with_formula_and_source(site):
+    for i in zoo.names():
+        e = zoo.entry(i)
+        html = (site / "entries" / i / "index.html").read_text()
+        assert e.title.replace("'", "&#39;").replace('"', "&quot;").split(":")[0] in html
+        assert 'class="arithmatex"' in html  # the formula, marked for MathJax
+        source_line = e.source.read_text().splitlines()[0]
+        assert "Deviations" in html and source_line[4:30] in html  # the included source file
+        assert "@inproceedings" in html
+
+
+@pytest.mark.docs
+def test_catalogue_page_links_every_entry(site):
+    html = (site / "catalogue" / "index.html").read_text()
+    for i in zoo.names():
+        assert f'href="../entries/{i}/"' in html
+
+
+@pytest.mark.docs
+def test_nothing_is_loaded_from_another_host(site):
+    loads = re.compile(r"<(?:script|img|link|iframe|source)\b[^>]*\b(?:src|href)="
+                       r"""["']((?:https?:)?//[^"']+)""")
+    css_urls = re.compile(r"""url\(\s*["']?((?:https?:)?//[^)"']+)""")
+    offenders = []
+    for path in site.rglob("*"):
+        if path.suffix == ".html":
+            offenders += [(path, u) for u in loads.findall(path.read_text())]
+        elif path.suffix == ".css":
+            offenders += [(path, u) for u in css_urls.findall(path.read_text())]
+    assert not offenders, offenders[:5]
+    assert (site / "assets" / "mathjax" / "tex-svg.js").stat().st_size > 100_000
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_usage_snippet_on_the_page_runs(name):
+    e = zoo.entry(name)
+    snippet = usage(e)
+    assert snippet in entry_page(e).replace("```python\n", "", 1) or snippet.rstrip() in entry_page(e)
+    exec(compile(snippet, f"<usage of {name}>", "exec"), {})
+
+
+def test_readme_usage_runs():
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "the README has a python usage block"
+    for block in blocks:
+        exec(compile(block, "<README>", "exec"), {})
+    commands = re.findall(r"```bash\n(.*?)```", text, flags=re.S)[0]
+    assert "make serve" in commands and "make test" in commands

@@ -1,0 +1,261 @@
+"""The catalogue: `catalog.yaml` loaded, validated and turned into frozen `Entry` cards.
+
+Loading uses `yaml.SafeLoader` (safe_load semantics) with one addition: every mapping remembers
+the line of each key, so every error names the file, the line and the key. PyYAML silently keeps
+the last of two equal keys; this loader refuses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FAMILIES = (
+    "exact", "fixed-pattern", "combined-pattern", "learnable-pattern", "low-rank", "kernel",
+    "memory", "recurrence", "downsampling", "gating",
+)
+INPUTS = ("sequence", "image")
+ID_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+PLACEHOLDER = "TODO"
+
+ENTRIES_DIR = Path(__file__).parent / "entries"
+
+
+class CatalogError(ValueError):
+    """A problem in `catalog.yaml`, with the file and line where it is."""
+
+    def __init__(self, path: Path | str, line: int | None, message: str):
+        self.path, self.line, self.message = str(path), line, message
+        where = f"{path}:{line}" if line else str(path)
+        super().__init__(f"{where}: {message}")
+
+
+def catalog_path() -> Path:
+    """`catalog.yaml` at the repository root, or the copy inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "catalog.yaml", here / "catalog.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"catalog.yaml not found next to {here}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One catalogue card. Attribute names are the YAML keys."""
+
+    id: str
+    title: str
+    authors: tuple[str, ...]
+    year: int
+    venue: str
+    arxiv: str | None
+    paper: str
+    code: str | None
+    family: str
+    idea: str
+    formula: str
+    complexity: Mapping[str, str]
+    scaling: Mapping[str, float]
+    autoregressive: bool
+    masking: bool
+    input: str
+    kernel: bool
+    hparams: Mapping[str, Any]
+    citations: Mapping[str, Any] | None
+    notes: str
+    exact_when: Mapping[str, Any] | None = None
+    budget: Mapping[str, Any] | None = None
+    line: int = dataclasses.field(default=0, compare=False)
+
+    @property
+    def module(self) -> str:
+        """Import path of the entry's file: `zoo.entries.<id with underscores>`."""
+        return f"zoo.entries.{self.id.replace('-', '_')}"
+
+    @property
+    def source(self) -> Path:
+        return ENTRIES_DIR / f"{self.id.replace('-', '_')}.py"
+
+
+# --- schema -------------------------------------------------------------------------------
+
+def _str(v):
+    return isinstance(v, str) and v.strip() != ""
+
+
+def _opt_str(v):
+    return v is None or _str(v)
+
+
+def _bool(v):
+    return isinstance(v, bool)
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _dict(v):
+    return isinstance(v, dict)
+
+
+# key: (check, what the check wants, required)
+SCHEMA: dict[str, tuple[Any, str, bool]] = {
+    "id": (lambda v: isinstance(v, str) and bool(ID_PATTERN.match(v)), "a kebab-case string", True),
+    "title": (_str, "a non-empty string", True),
+    "authors": (lambda v: isinstance(v, list) and v and all(map(_str, v)),
+                "a non-empty list of names", True),
+    "year": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1990 <= v <= 2100,
+             "a year (int)", True),
+    "venue": (_str, "a non-empty string", True),
+    "arxiv": (lambda v: v is None or (isinstance(v, str) and re.match(r"^\d{4}\.\d{4,5}$", v)),
+              'a quoted arXiv id like "1812.01243", or null', True),
+    "paper": (lambda v: isinstance(v, str) and v.startswith("http"), "a URL", True),
+    "code": (lambda v: v is None or (isinstance(v, str) and v.startswith("http")),
+             "a URL or null", True),
+    "family": (lambda v: v in FAMILIES, "one of " + ", ".join(FAMILIES), True),
+    "idea": (_str, "a non-empty string", True),
+    "formula": (_str, "a LaTeX string", True),
+    "complexity": (lambda v: _dict(v) and set(v) == {"time", "memory"} and all(map(_str, v.values())),
+                   "a mapping with exactly time and memory, each a LaTeX string", True),
+    "scaling": (lambda v: _dict(v) and set(v) == {"time", "memory"} and all(map(_number, v.values())),
+                "a mapping with exactly time and memory, each a number (exponent of n)", True),
+    "autoregressive": (_bool, "true or false", True),
+    "masking": (_bool, "true or false", True),
+    "input": (lambda v: v in INPUTS, "one of " + ", ".join(INPUTS), True),
+    "kernel": (_bool, "true or false", True),
+    "hparams": (_dict, "a mapping (may be empty: {})", True),
+    "citations": (lambda v: v is None or (_dict(v) and set(v) == {"count", "as_of"}
+                                          and isinstance(v["count"], int) and _str(str(v["as_of"]))),
+                  "a mapping {count: int, as_of: date} or null", True),
+    "notes": (lambda v: isinstance(v, str), "a string (may be empty)", True),
+    "exact_when": (lambda v: v is None or _dict(v), "a mapping of hyper-parameters, or null", False),
+    "budget": (lambda v: v is None or (_dict(v) and set(v) == {"param", "values"} and _str(v["param"])
+                                       and isinstance(v["values"], list) and len(v["values"]) >= 3
+                                       and all(_number(x) for x in v["values"])),
+               "a mapping {param: name, values: [at least three numbers]}", False),
+}
+
+
+# --- loading ------------------------------------------------------------------------------
+
+class _Located(dict):
+    """A mapping that remembers its own line and the line of each key (1-based)."""
+
+    line: int = 0
+    key_lines: dict
+
+
+class _Loader(yaml.SafeLoader):
+    path = "catalog.yaml"
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Located:
+    loader.flatten_mapping(node)
+    lines: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in lines:
+            raise CatalogError(loader.path, line,
+                               f"duplicate key {key!r} (first given at line {lines[key]})")
+        lines[key] = line
+    out = _Located(loader.construct_mapping(node, deep=True))
+    out.line, out.key_lines = node.start_mark.line + 1, lines
+    return out
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse(text: str, path: Path | str = "catalog.yaml") -> list[_Located]:
+    """YAML text -> list of raw records (safe_load semantics, duplicate keys refused)."""
+    loader = _Loader(text)
+    loader.path = str(path)
+    try:
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = mark.line + 1 if mark else None
+        hint = " (YAML forbids tabs for indentation: use spaces)" if "\t" in text and \
+            "found character '\\t'" in str(err) else ""
+        raise CatalogError(path, line, f"not valid YAML: {err.problem or err}{hint}") from None
+    except yaml.YAMLError as err:
+        raise CatalogError(path, None, f"not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise CatalogError(path, 1, "the catalogue must be a YAML list of entries (- id: ...)")
+    for i, rec in enumerate(data):
+        if not isinstance(rec, _Located):
+            raise CatalogError(path, None, f"item {i + 1} is not a mapping of keys")
+    return data
+
+
+def validate_record(rec: _Located, path: Path | str) -> Entry:
+    """Check one raw record against SCHEMA; return its Entry."""
+    name = rec.get("id", f"the entry at line {rec.line}")
+    for key in rec:
+        if key not in SCHEMA:
+            raise CatalogError(path, rec.key_lines[key],
+                               f"{name}: unknown key {key!r}; known keys: {', '.join(SCHEMA)}")
+    for key, (ok, wanted, required) in SCHEMA.items():
+        if key not in rec:
+            if required:
+                raise CatalogError(path, rec.line, f"{name}: missing key {key!r} ({wanted})")
+            continue
+        if not ok(rec[key]):
+            raise CatalogError(path, rec.key_lines[key],
+                               f"{name}: key {key!r} must be {wanted}; got {rec[key]!r}")
+    fields = {k: rec.get(k) for k in SCHEMA}
+    fields["authors"] = tuple(fields["authors"])
+    if fields["citations"] is not None:
+        fields["citations"] = {"count": rec["citations"]["count"],
+                               "as_of": str(rec["citations"]["as_of"])}
+    return Entry(**fields, line=rec.line)
+
+
+def load_catalog(path: Path | str | None = None, *, entries_dir: Path | None = None) -> dict[str, Entry]:
+    """Read, validate and cross-check the catalogue against the entry files.
+
+    Raises:
+        CatalogError: naming the file, line and key of the first problem found.
+    """
+    path = Path(path) if path is not None else catalog_path()
+    entries_dir = ENTRIES_DIR if entries_dir is None else entries_dir
+    out: dict[str, Entry] = {}
+    for rec in parse(path.read_text(encoding="utf-8"), path):
+        entry = validate_record(rec, path)
+        if entry.id in out:
+            raise CatalogError(path, rec.key_lines["id"],
+                               f"duplicate id {entry.id!r} (first at line {out[entry.id].line})")
+        out[entry.id] = entry
+    if entries_dir.is_dir():
+        files = {p.stem for p in entries_dir.glob("*.py") if p.stem != "__init__"}
+        ids = {e.id.replace("-", "_"): e for e in out.values()}
+        for stem, e in ids.items():
+            if stem not in files:
+                raise CatalogError(path, e.line, f"{e.id}: no entry file {entries_dir / (stem + '.py')}"
+                                   " (run `zoo new` to write one from the template)")
+        for stem in sorted(files - set(ids)):
+            raise CatalogError(path, None, f"{entries_dir / (stem + '.py')} has no catalogue entry"
+                               f" (add one with id: {stem.replace('_', '-')})")
+    return out
+
+
+@cache
+def _default() -> dict[str, Entry]:
+    return load_catalog()
+
+
+def catalog() -> dict[str, Entry]:
+    """The package's catalogue, loaded once."""
+    return _default()

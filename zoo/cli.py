@@ -1,0 +1,150 @@
+"""The `zoo` command (also `python -m zoo`): list, show and check catalogue entries."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from pathlib import Path
+
+from zoo.catalog import PLACEHOLDER, CatalogError, Entry, catalog, load_catalog
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _yes_no(value: str) -> bool:
+    if value.lower() in ("yes", "true", "1", "y"):
+        return True
+    if value.lower() in ("no", "false", "0", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {value!r}")
+
+
+def cmd_list(args) -> int:
+    from zoo.registry import names
+
+    ids = names(args.pattern, family=args.family, autoregressive=args.autoregressive)
+    cat = catalog()
+    rows = [[i, cat[i].family, cat[i].input, cat[i].complexity["time"],
+             "yes" if cat[i].autoregressive else "no"] for i in ids]
+    print(_table(rows, ["id", "family", "input", "time", "autoregressive"]))
+    print(f"\n{len(ids)} of {len(cat)} entries")
+    return 0
+
+
+def _usage(e: Entry) -> str:
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in e.hparams.items())
+    args = "dim=64" + (f", {kwargs}" if kwargs else "")
+    if e.input == "image":
+        return f'layer = zoo.create("{e.id}", {args}); y = layer(torch.randn(2, 64, 16, 16))'
+    return f'layer = zoo.create("{e.id}", {args}); y = layer(torch.randn(2, 128, 64))'
+
+
+def cmd_show(args) -> int:
+    from zoo.registry import entry, load
+
+    e = entry(args.id)
+    cls = load(e.id)
+    sig = inspect.signature(cls.__init__)
+    params = ", ".join(str(p) for n, p in sig.parameters.items() if n != "self")
+    cites = f"{e.citations['count']} (as of {e.citations['as_of']})" if e.citations else "n/a"
+    fields = [
+        ("id", e.id), ("title", e.title), ("authors", ", ".join(e.authors)),
+        ("venue", f"{e.venue} ({e.year})"), ("paper", e.paper), ("code", e.code or "none public"),
+        ("family", e.family), ("input", e.input),
+        ("time", e.complexity["time"]), ("memory", e.complexity["memory"]),
+        ("scaling", f"time n^{e.scaling['time']}, memory n^{e.scaling['memory']}"),
+        ("autoregressive", "yes" if e.autoregressive else "no"),
+        ("masking", "yes" if e.masking else "no"), ("citations", cites),
+        ("idea", " ".join(e.idea.split())), ("notes", " ".join(e.notes.split()) or "none"),
+        ("layer", f"{e.module}.{cls.__name__}({params})"),
+        ("source", str(e.source)), ("usage", _usage(e)),
+    ]
+    width = max(len(k) for k, _ in fields)
+    for k, v in fields:
+        print(f"{k.rjust(width)}  {v}")
+    return 0
+
+
+def _docstring_problems(e: Entry) -> list[str]:
+    import importlib
+
+    doc = importlib.import_module(e.module).__doc__ or ""
+    problems = []
+    if "$$" not in doc:
+        problems.append(f"{e.source}:1: the module docstring has no $$ formula$$ block")
+    if "Deviations from the paper" not in doc:
+        problems.append(f"{e.source}:1: the module docstring does not state its deviations "
+                        "('Deviations from the paper: ...', or 'none')")
+    return problems
+
+
+def _placeholders(e: Entry) -> list[str]:
+    out = []
+    for key in ("title", "venue", "paper", "idea", "formula", "notes"):
+        if PLACEHOLDER in str(getattr(e, key)):
+            out.append(f"catalog.yaml:{e.line}: {e.id}: key {key!r} still holds the {PLACEHOLDER} "
+                       "placeholder; fill it in")
+    return out
+
+
+def cmd_check(args) -> int:
+    from zoo.contract import run_contract
+
+    try:
+        cat = load_catalog(args.catalog) if args.catalog else catalog()
+    except CatalogError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"catalogue: {len(cat)} entries, schema ok")
+    failed = 0
+    ids = [i for i in cat if not args.ids or i in args.ids]
+    for i in ids:
+        e = cat[i]
+        try:
+            problems = _placeholders(e) + _docstring_problems(e)
+            if not args.schema_only:
+                problems += [f"{e.source}: contract {p}" for p in run_contract(e)]
+        except Exception as err:  # noqa: BLE001 - report, do not crash the whole check
+            problems = [f"{e.source}: cannot load the layer: {type(err).__name__}: {err}"]
+        failed += bool(problems)
+        print(f"{'FAIL' if problems else 'ok  '} {i}")
+        for p in problems:
+            print(f"     {p}")
+    print(f"\n{len(ids) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zoo", description="The attention zoo's catalogue.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ls = sub.add_parser("list", help="a table of the entries")
+    ls.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern on ids (default *)")
+    ls.add_argument("--family", help="only this family")
+    ls.add_argument("--autoregressive", type=_yes_no, metavar="yes|no")
+    ls.set_defaults(run=cmd_list)
+
+    show = sub.add_parser("show", help="one entry's card, source and usage")
+    show.add_argument("id")
+    show.set_defaults(run=cmd_show)
+
+    check = sub.add_parser("check", help="validate the catalogue and every layer's contract")
+    check.add_argument("ids", nargs="*", help="only these entries (default: all)")
+    check.add_argument("--catalog", type=Path, help="check this catalogue file instead")
+    check.add_argument("--schema-only", action="store_true", help="skip the layer contract")
+    check.set_defaults(run=cmd_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (LookupError, CatalogError) as err:
+        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 1

@@ -1,0 +1,27 @@
+r"""Attention Is All You Need.
+
+The exact baseline: every query scores every key, a softmax turns the scores into weights, and
+the output is the weighted sum of the values. Quadratic in the length in time and memory; every
+other entry is measured against it.
+
+$$ O = \operatorname{softmax}\!\big(Q K^\top / \sqrt{d}\big)\, V $$
+
+Deviations from the paper: none (dropout on the weights is left out; it is a training detail).
+"""
+
+import torch
+
+from zoo.shell import MultiHead
+from zoo.softmax import softmax_attention
+
+
+class SoftmaxAttention(MultiHead):
+    """Multi-head softmax attention. `(b, n, dim) -> (b, n, dim)`."""
+
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None,
+                 causal: bool = False):
+        super().__init__(dim, heads=heads, dim_head=dim_head, causal=causal)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        return softmax_attention(q, k, v, mask, causal=self.causal)

@@ -1,0 +1,73 @@
+"""Masks and padding shared by every entry.
+
+Masks are bool with True = attend (as in `scaled_dot_product_attention`). A key-padding mask is
+`(b, n)`; a score mask broadcasts against scores `(b, h, i, j)`. Masked scores are filled with the
+dtype's most negative finite value, never `-inf`, so a fully padded row stays finite.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+
+def neg_fill(dtype: torch.dtype) -> float:
+    """The value masked scores get: the most negative finite number of `dtype`."""
+    return torch.finfo(dtype).min
+
+
+def causal_mask(n_q: int, n_k: int, device: torch.device | None = None) -> torch.Tensor:
+    """`(i, j)` bool, True where key `j` is not after query `i` (top-left aligned, as SDPA)."""
+    return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril()
+
+
+def score_mask(
+    mask: torch.Tensor | None, n_q: int, n_k: int, *, causal: bool, device: torch.device
+) -> torch.Tensor | None:
+    """Combine a key-padding mask `(b, j)` and causality into one mask broadcastable to `(b h i j)`."""
+    out = None if mask is None else rearrange(mask, "b j -> b 1 1 j")
+    if causal:
+        tri = causal_mask(n_q, n_k, device)
+        out = tri if out is None else out & tri
+    return out
+
+
+def masked_fill_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Scores with masked positions set to the most negative finite value."""
+    if mask is None:
+        return scores
+    return scores.masked_fill(~mask, neg_fill(scores.dtype))
+
+
+def zero_padded(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the padded positions of `t` `(b, h, n, d)` given a key-padding mask `(b, n)`."""
+    if mask is None:
+        return t
+    return t * rearrange(mask, "b n -> b 1 n 1").to(t.dtype)
+
+
+def pad_to_multiple(t: torch.Tensor, multiple: int, *, dim: int = -2, value: float = 0.0):
+    """Pad `t` along `dim` up to a multiple of `multiple`.
+
+    Returns the padded tensor and the number of positions added.
+    """
+    n = t.shape[dim]
+    pad = (-n) % multiple
+    if pad == 0:
+        return t, 0
+    dim = dim % t.ndim
+    widths = [0, 0] * (t.ndim - dim - 1) + [0, pad]
+    return F.pad(t, widths, value=value), pad
+
+
+def pad_mask(mask: torch.Tensor | None, b: int, n: int, pad: int, device) -> torch.Tensor | None:
+    """Extend a key-padding mask `(b, n)` by `pad` padded (False) positions.
+
+    With no mask and no padding, returns None; with padding, always returns a mask.
+    """
+    if pad == 0:
+        return mask
+    if mask is None:
+        mask = torch.ones(b, n, dtype=torch.bool, device=device)
+    return F.pad(mask, (0, pad), value=False)

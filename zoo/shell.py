@@ -1,0 +1,61 @@
+"""The multi-head shell every sequence entry reuses.
+
+It owns what is common to all of them: the input checks, the q/k/v projections, the head split
+and merge, and the output projection. An entry subclasses it and writes only `attend`, its own
+mechanism on `(b, h, n, d)` tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from zoo.checks import check_sequence, positive_int
+
+
+class MultiHead(nn.Module):
+    """`(b, n, dim) -> (b, n, dim)` around `attend(q, k, v, mask)`.
+
+    Args:
+        dim: model width.
+        heads: number of heads.
+        dim_head: width of one head; None means `dim // heads` (then `heads` must divide `dim`).
+        causal: whether `attend` must keep each output from seeing later tokens.
+    """
+
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None,
+                 causal: bool = False):
+        super().__init__()
+        positive_int(dim, "dim")
+        positive_int(heads, "heads")
+        if dim_head is None:
+            if dim % heads:
+                raise ValueError(
+                    f"{type(self).__name__}: heads={heads} must divide dim={dim}, or pass dim_head"
+                )
+            dim_head = dim // heads
+        positive_int(dim_head, "dim_head")
+        self.dim, self.heads, self.dim_head, self.causal = dim, heads, dim_head, bool(causal)
+        inner = heads * dim_head
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        return rearrange(t, "b n (h d) -> b h n d", h=self.heads)
+
+    def merge_heads(self, t: torch.Tensor) -> torch.Tensor:
+        return rearrange(t, "b h n e -> b n (h e)")
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        check_sequence(x, self.dim, mask, name=type(self).__name__)
+        q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
+        return self.to_out(self.merge_heads(self.attend(q, k, v, mask)))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """q, k `(b, h, n, d)`, v `(b, h, n, e)`, mask `(b, n)` -> `(b, h, n, e)`."""
+        raise NotImplementedError(f"{type(self).__name__} must define attend()")
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.heads}, dim_head={self.dim_head}, causal={self.causal}"
