@@ -1,6 +1,7 @@
 """The site: a strict build, one page per entry with its formula and source, nothing loaded from
 another host, and the snippets shown on the pages actually run."""
 
+import os
 import re
 import subprocess
 import sys
@@ -19,7 +20,7 @@ def site(tmp_path_factory):
     out = tmp_path_factory.mktemp("site")
     proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
                            str(out)], cwd=ROOT, capture_output=True, text=True,
-                          env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin"})
+                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert proc.returncode == 0, proc.stderr
     return out
 

@@ -124,8 +124,13 @@ SCHEMA: dict[str, tuple[Any, str, bool]] = {
     "formula": (_str, "a LaTeX string", True),
     "complexity": (lambda v: _dict(v) and set(v) == {"time", "memory"} and all(map(_str, v.values())),
                    "a mapping with exactly time and memory, each a LaTeX string", True),
-    "scaling": (lambda v: _dict(v) and set(v) == {"time", "memory"} and all(map(_number, v.values())),
-                "a mapping with exactly time and memory, each a number (exponent of n)", True),
+    "scaling": (lambda v: _dict(v) and {"time", "memory"} <= set(v) <= {"time", "memory", "ns", "why"}
+                and _number(v["time"]) and _number(v["memory"])
+                and (("ns" not in v and "why" not in v) or (
+                    isinstance(v.get("ns"), list) and len(v["ns"]) >= 2
+                    and all(isinstance(n, int) and n > 0 for n in v["ns"]) and _str(v.get("why")))),
+                "a mapping with time and memory, each a number (exponent of n), and optionally "
+                "ns (the lengths to measure at) with why (the reason for that range)", True),
     "autoregressive": (_bool, "true or false", True),
     "masking": (_bool, "true or false", True),
     "input": (lambda v: v in INPUTS, "one of " + ", ".join(INPUTS), True),

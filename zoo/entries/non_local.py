@@ -36,11 +36,12 @@ class NonLocal(nn.Module):
         self.phi = nn.Conv2d(dim, self.inner_dim, 1)
         self.g = nn.Conv2d(dim, self.inner_dim, 1)
         self.w_z = nn.Conv2d(self.inner_dim, dim, 1)
+        self.scale = 1.0  # the embedded-Gaussian map uses raw dot products
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         """The embedded-Gaussian map: softmax of raw dot products (no 1/sqrt(d) scale)."""
-        return softmax_attention(q, k, v, mask, scale=1.0)
+        return softmax_attention(q, k, v, mask, scale=self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image(x, self.dim, name=type(self).__name__)

@@ -1,0 +1,252 @@
+"""Every catalogue claim as a check that measures it, and the claims report built from them.
+
+A claim check takes an `Entry` and a `make(**overrides)` factory, raises `ContractError` when the
+layer does not do what the entry claims, and returns what it measured. The tests run them over
+the whole catalogue; `zoo claims` and the docs home page show their results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from zoo import probe
+from zoo.catalog import Entry, catalog_path
+from zoo.contract import (
+    ContractError,
+    Make,
+    check_padding,
+    check_refuses_causal,
+    check_refuses_mask,
+    factory,
+    sample,
+)
+from zoo.registry import load
+
+SCALING_TOLERANCE = 0.25
+EXACT_TOLERANCE = 1e-10
+
+
+def claim_autoregressive(e: Entry, make: Make) -> str:
+    """autoregressive: true => with causal=True the influence map is zero above the diagonal and
+    not zero below it; false => causal=True is refused."""
+    if not e.autoregressive:
+        check_refuses_causal(e, make)
+        return "refuses causal=True"
+    layer = make(causal=True).double()
+    inf = probe.influence(layer, sample(e, b=1, n=12))
+    above, below = inf.triu(1).max().item(), inf.tril(-1).max().item()
+    if above > 1e-12 * max(inf.max().item(), 1.0):
+        i, j = divmod(int(inf.triu(1).argmax()), inf.shape[1])
+        raise ContractError(f"causal=True, yet output {i} depends on later input {j} "
+                            f"(influence {above:.3g})")
+    if below == 0.0:
+        raise ContractError("causal=True, but no output depends on any earlier input")
+    return "causal: influence zero above the diagonal"
+
+
+def claim_masking(e: Entry, make: Make) -> str:
+    """masking: true => padded tokens change nothing; false => a mask is refused."""
+    if e.masking:
+        check_padding(e, make)
+        return "padded tokens ignored"
+    if e.input == "sequence":
+        check_refuses_mask(e, make)
+        return "refuses a mask"
+    return "n/a (image)"
+
+
+def claim_scaling(e: Entry, make: Make | None = None) -> probe.Scaling:
+    """Measured FLOP and largest-intermediate exponents within 0.25 of the declared ones."""
+    s = probe.scaling(e, make=make)
+    problems = []
+    for kind, measured in (("time", s.time), ("memory", s.memory)):
+        declared = e.scaling[kind]
+        if abs(measured - declared) > SCALING_TOLERANCE:
+            counts = s.flops if kind == "time" else s.largest
+            problems.append(
+                f"{kind}: measured exponent {measured:.2f} over n={s.ns} "
+                f"({'FLOPs' if kind == 'time' else 'largest tensor'} {counts}), "
+                f"declared {declared} (tolerance {SCALING_TOLERANCE})")
+    if problems:
+        raise ContractError("; ".join(problems))
+    return s
+
+
+def claim_exact(e: Entry, make: Make) -> float:
+    """exact_when => at those hyper-parameters the output equals softmax attention (float64,
+    relative error 1e-10), with a padding mask and causally where the entry supports them."""
+    if e.exact_when is None:
+        raise ContractError(f"{e.id} declares no exact_when")
+    worst = 0.0
+    variants = [({}, None)]
+    if e.masking:
+        mask = torch.ones(2, 37, dtype=torch.bool)
+        mask[1, 25:] = False
+        variants.append(({}, mask))
+    if e.autoregressive:
+        variants.append(({"causal": True}, None))
+    for overrides, mask in variants:
+        err = probe.compare_to_softmax(make(**e.exact_when, **overrides), mask=mask)
+        worst = max(worst, err)
+        if not err <= EXACT_TOLERANCE:
+            raise ContractError(f"at {dict(e.exact_when, **overrides)}"
+                                f"{' with a mask' if mask is not None else ''}: relative error "
+                                f"{err:.3g} against softmax attention (allowed {EXACT_TOLERANCE})")
+    return worst
+
+
+def default_budget(e: Entry) -> float | None:
+    if e.budget is None:
+        return None
+    param = inspect.signature(load(e.id).__init__).parameters.get(e.budget["param"])
+    if param is None or param.default is inspect.Parameter.empty:
+        raise ContractError(f"{e.id}: budget parameter {e.budget['param']!r} is not a keyword "
+                            "with a default")
+    return param.default
+
+
+def claim_approximation(e: Entry, make: Make) -> dict:
+    """The error against softmax attention falls at every step of the budget."""
+    errors = probe.approximation_error(e, make=make)
+    values = list(errors)
+    for small, big in zip(values, values[1:], strict=False):
+        if not errors[big] < errors[small]:
+            raise ContractError(f"{e.budget['param']}={big} gives error {errors[big]:.4g}, not below "
+                                f"{errors[small]:.4g} at {e.budget['param']}={small}")
+    return errors
+
+
+def claim_kernel(e: Entry, make: Make) -> float:
+    """kernel: true => attend(q, k, v) = A v with A the probe's attention matrix (linear in v)."""
+    layer = make().double()
+    q, k, v = probe.qkv_for(layer, 13, seed=3)
+    a = probe.attention_matrix(layer, q=q, k=k)
+    with torch.no_grad():
+        out = layer.attend(q, k, v)
+    err = ((out[0] - a @ v[0]).norm() / out[0].norm()).item()
+    if not err <= 1e-10:
+        raise ContractError(f"attend is not A(q, k) v: relative error {err:.3g}")
+    return err
+
+
+CLAIMS: dict[str, tuple[Callable, Callable[[Entry], bool]]] = {
+    "autoregressive": (claim_autoregressive, lambda e: e.input == "sequence" or not e.autoregressive),
+    "masking": (claim_masking, lambda e: True),
+    "scaling": (claim_scaling, lambda e: True),
+    "exact": (claim_exact, lambda e: e.exact_when is not None),
+    "approximation": (claim_approximation, lambda e: e.budget is not None),
+    "kernel": (claim_kernel, lambda e: e.kernel),
+}
+
+
+# --- the report ---------------------------------------------------------------------------
+
+COLUMNS = ("autoregressive", "masking", "time", "memory", "exact", "approximation")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def claims_row(e: Entry) -> dict:
+    """One report row: per claim, what was declared, what was measured, and whether it held."""
+    make = factory(e)
+    row: dict = {"id": e.id}
+
+    def attempt(name, fn, *args):
+        try:
+            return True, fn(*args)
+        except ContractError as err:
+            return False, str(err)
+        except Exception as err:  # noqa: BLE001 - a crash is a failed claim, shown as such
+            return False, f"{type(err).__name__}: {err}"
+
+    held, info = attempt("autoregressive", claim_autoregressive, e, make)
+    row["autoregressive"] = {"declared": e.autoregressive, "held": held,
+                             "measured": info if isinstance(info, str) else ""}
+    held, info = attempt("masking", claim_masking, e, make)
+    row["masking"] = {"declared": e.masking, "held": held, "measured": info}
+    s = None
+    try:
+        s = probe.scaling(e)
+    except Exception as err:  # noqa: BLE001
+        row["time"] = row["memory"] = {"declared": None, "held": False, "measured": str(err)}
+    if s is not None:
+        for kind, measured in (("time", s.time), ("memory", s.memory)):
+            row[kind] = {"declared": e.scaling[kind], "measured": _fmt(measured),
+                         "held": abs(measured - e.scaling[kind]) <= SCALING_TOLERANCE}
+    if e.exact_when is None:
+        row["exact"] = None
+    else:
+        held, info = attempt("exact", claim_exact, e, make)
+        row["exact"] = {"declared": dict(e.exact_when), "held": held,
+                        "measured": f"{info:.1e}" if held else info}
+    if e.budget is None:
+        row["approximation"] = None
+    else:
+        held, info = attempt("approximation", claim_approximation, e, make)
+        default = default_budget(e)
+        measured = ""
+        if held:
+            at = probe.approximation_error(e, [default]) if default not in info else info
+            measured = f"{at[default]:.3f} at {e.budget['param']}={default}"
+        row["approximation"] = {"declared": e.budget["param"], "held": held,
+                                "measured": measured or info}
+    return row
+
+
+def _fingerprint(e: Entry) -> str:
+    """Changes whenever anything the row depends on changes: the record, its file, the core."""
+    h = hashlib.sha256()
+    h.update(repr(e).encode())
+    h.update(torch.__version__.encode())
+    root = Path(__file__).parent
+    for path in sorted([e.source, *root.glob("*.py")]):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def claims_report(entries, *, cache_dir: Path | None = None, progress=None) -> list[dict]:
+    """Rows for `entries`, reusing cached rows whose fingerprint is unchanged."""
+    cache_dir = cache_dir or catalog_path().parent / ".cache" / "claims"
+    rows = []
+    for e in entries:
+        path = cache_dir / f"{e.id}.json"
+        key = _fingerprint(e)
+        cached = json.loads(path.read_text()) if path.is_file() else None
+        if cached and cached.get("fingerprint") == key:
+            rows.append(cached["row"])
+        else:
+            row = claims_row(e)
+            try:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"fingerprint": key, "row": row}))
+            except OSError:
+                pass  # a read-only install still gets its report, just uncached
+            rows.append(row)
+        if progress:
+            progress(e.id)
+    return rows
+
+
+def cell(value) -> tuple[str, bool | None]:
+    """A report cell as text plus held (True/False) or None where the entry makes no such claim."""
+    if value is None:
+        return "-", None
+    declared, measured, held = value["declared"], value.get("measured", ""), value["held"]
+    if isinstance(declared, bool):
+        text = "yes" if declared else "no"
+    elif isinstance(declared, dict):
+        text = "at " + (", ".join(f"{k}={v}" for k, v in declared.items()) or "defaults")
+        text += f" ({measured})" if held else ""
+    elif isinstance(declared, str):  # approximation: the budget's name
+        text = measured if held else f"not falling with {declared}"
+    else:
+        text = f"{declared} / {measured}"
+    return text, held

@@ -1,0 +1,226 @@
+"""Probes: the catalogue's claims, measured. Tests, the CLI and the docs share them.
+
+- `attention_matrix`: the effective `(h, n, n)` map of a kernel entry (feed `v = I`).
+- `influence`: `(n, n)` norms of d y_i / d x_j for any layer; causality is zero above the diagonal.
+- `scaling`: FLOPs (`torch.utils.flop_counter`) and the largest intermediate tensor of one forward
+  over several n, and their exponents of n. Counts depend on shapes only, so they are the same on
+  every run and machine.
+- `approximation_error`: relative error against softmax attention as an entry's budget grows.
+
+Each takes an `Entry` (or its id) and optionally a `make(**overrides)` factory, so a test can probe
+a deliberately broken layer under the same claims.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from zoo.catalog import Entry
+from zoo.contract import DIM, Make, factory, sample
+from zoo.registry import accepted_keywords, load
+from zoo.registry import entry as _entry
+from zoo.softmax import softmax_attention
+
+SCALING_NS = (512, 1024, 2048)
+SCALING_DIM = 32
+SCALING_HEADS = 2
+
+
+def _resolve(e: Entry | str) -> Entry:
+    return e if isinstance(e, Entry) else _entry(e)
+
+
+def _heads_and_dim(layer: nn.Module) -> tuple[int, int]:
+    heads = getattr(layer, "heads", 1)
+    dim_head = getattr(layer, "dim_head", None) or getattr(layer, "inner_dim", None)
+    if dim_head is None:
+        raise ValueError(f"{type(layer).__name__} has no dim_head or inner_dim; pass q and k")
+    return heads, dim_head
+
+
+def qkv_for(layer: nn.Module, n: int, *, b: int = 1, seed: int = 0, dtype=torch.float64):
+    """Random q, k, v `(b, h, n, d)` sized for the layer's heads."""
+    h, d = _heads_and_dim(layer)
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=g, dtype=dtype) for _ in range(3)]
+
+
+def attention_matrix(layer: nn.Module, n: int = 16, *, q=None, k=None, mask=None,
+                     seed: int = 0) -> torch.Tensor:
+    """The effective map `A` with `attend(q, k, v) = A v`, read off by feeding `v = I`.
+
+    Returns:
+        `(h, n, n)` for the first batch element.
+    """
+    if not hasattr(layer, "attend"):
+        raise TypeError(f"{type(layer).__name__} is not a kernel entry (it has no attend())")
+    if q is None or k is None:
+        q, k, _ = qkv_for(layer, n, seed=seed, dtype=next(layer.parameters()).dtype)
+    b, h, n = q.shape[:3]
+    eye = torch.eye(n, dtype=q.dtype).expand(b, h, n, n)
+    with torch.no_grad():
+        return layer.attend(q, k, eye, mask)[0]
+
+
+def influence(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`(n, n)` map of the norm of d y_i / d x_j over the first batch element.
+
+    For images, positions are pixels in row-major order (n = y x).
+    """
+    x = x[:1].detach()
+    image = x.ndim == 4
+
+    def f(inp):
+        return layer(inp) if mask is None else layer(inp, mask=mask[:1])
+
+    jac = torch.autograd.functional.jacobian(f, x, vectorize=True)
+    if image:  # (1, c, y, x, 1, c, y, x) -> (i, j) over pixels
+        c, hh, ww = x.shape[1:]
+        jac = jac.reshape(c, hh * ww, c, hh * ww).permute(1, 3, 0, 2)
+    else:  # (1, n, dim, 1, n, dim)
+        n, d = x.shape[1:]
+        jac = jac.reshape(n, d, n, d).permute(0, 2, 1, 3)
+    return jac.flatten(2).norm(dim=-1)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@dataclass(frozen=True)
+class Scaling:
+    ns: tuple[int, ...]
+    flops: tuple[int, ...]
+    largest: tuple[int, ...]
+
+    @staticmethod
+    def _exponent(ns, ys) -> float:
+        # The local exponent over the top of the range: lower-order terms fade as n grows.
+        return math.log(ys[-1] / ys[-2]) / math.log(ns[-1] / ns[-2])
+
+    @property
+    def time(self) -> float:
+        return self._exponent(self.ns, self.flops)
+
+    @property
+    def memory(self) -> float:
+        return self._exponent(self.ns, self.largest)
+
+
+def scaling_input(e: Entry, n: int, dim: int) -> torch.Tensor:
+    """`(1, n, dim)`, or a square image of about n pixels."""
+    if e.input == "image":
+        side = round(math.sqrt(n))
+        return torch.randn(1, dim, side, side)
+    return torch.randn(1, n, dim)
+
+
+def scaling(e: Entry | str, ns=None, *, make: Make | None = None) -> Scaling:
+    """FLOPs and largest intermediate of one forward at each n (float32, eval, no grad).
+
+    `ns` defaults to the entry's `scaling.ns`, else `SCALING_NS`. A layer that takes `max_len` gets
+    the largest n.
+    """
+    e = _resolve(e)
+    ns = tuple(ns or e.scaling.get("ns") or SCALING_NS)
+    make = make or factory(e, dim=SCALING_DIM)
+    extra = {"max_len": max(ns)} if "max_len" in accepted_keywords(load(e.id)) else {}
+    if "heads" in accepted_keywords(load(e.id)) and "heads" not in e.hparams:
+        extra["heads"] = SCALING_HEADS
+    flops, largest = [], []
+    for n in ns:
+        layer = make(**extra).float()
+        x = scaling_input(e, n, SCALING_DIM)
+        counter, biggest = FlopCounterMode(display=False), _LargestTensor()
+        with torch.no_grad(), counter, biggest:
+            layer(x)
+        flops.append(counter.get_total_flops())
+        largest.append(biggest.largest)
+    if e.input == "image":
+        ns = tuple(round(math.sqrt(n)) ** 2 for n in ns)
+    return Scaling(ns, tuple(flops), tuple(largest))
+
+
+def reference_scale(layer: nn.Module) -> float | None:
+    """The score scale the reference softmax uses: the layer's own `scale`, else `d ** -0.5`."""
+    return getattr(layer, "scale", None)
+
+
+def compare_to_softmax(layer: nn.Module, *, n: int = 37, mask=None, seed: int = 0) -> float:
+    """Relative error of the layer against softmax attention with the same q, k, v (float64).
+
+    Kernel entries are compared through `attend`; other sequence entries on the multi-head shell
+    through a softmax layer given the same `to_qkv` and `to_out` weights.
+    """
+    layer = layer.double()
+    causal = getattr(layer, "causal", False)
+    with torch.no_grad():
+        if hasattr(layer, "attend"):
+            q, k, v = qkv_for(layer, n, b=2, seed=seed)
+            out = layer.attend(q, k, v, mask)
+            ref = softmax_attention(q, k, v, mask, causal=causal, scale=reference_scale(layer))
+        elif hasattr(layer, "to_qkv") and hasattr(layer, "to_out"):
+            from zoo.entries.softmax_attention import SoftmaxAttention
+
+            exact = SoftmaxAttention(layer.dim, heads=layer.heads, dim_head=layer.dim_head,
+                                     causal=causal).double()
+            exact.to_qkv.load_state_dict(layer.to_qkv.state_dict())
+            exact.to_out.load_state_dict(layer.to_out.state_dict())
+            x = torch.randn(2, n, layer.dim, generator=torch.Generator().manual_seed(seed),
+                            dtype=torch.float64)
+            out, ref = layer(x, mask=mask) if mask is not None else layer(x), exact(x, mask)
+        else:
+            raise TypeError(f"{type(layer).__name__} has neither attend() nor the multi-head shell; "
+                            "it cannot be compared with softmax attention")
+    if mask is not None and out.ndim == 4:
+        keep = mask[:, None, :, None].expand_as(out)
+        out, ref = out[keep], ref[keep]
+    elif mask is not None:
+        out, ref = out[mask], ref[mask]
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def approximation_error(e: Entry | str, budgets=None, *, n: int = 64, draws: int = 3,
+                        make: Make | None = None) -> dict:
+    """Mean relative error against softmax attention at each budget (`budget.param` in the
+    catalogue), over `draws` independently seeded layers and inputs.
+
+    Returns:
+        `{budget value: error}` in budget order.
+    """
+    e = _resolve(e)
+    if e.budget is None and budgets is None:
+        raise ValueError(f"{e.id} declares no budget in the catalogue")
+    param = e.budget["param"]
+    budgets = budgets or e.budget["values"]
+    make = make or factory(e, dim=DIM)
+    out = {}
+    for value in budgets:
+        errs = []
+        for draw in range(draws):
+            torch.manual_seed(1000 + draw)
+            layer = make(**{param: value})
+            errs.append(compare_to_softmax(layer, n=n, seed=draw))
+        out[value] = sum(errs) / len(errs)
+    return out
+
+
+__all__ = ["Scaling", "approximation_error", "attention_matrix", "compare_to_softmax",
+           "influence", "qkv_for", "sample", "scaling"]
