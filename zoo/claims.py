@@ -250,3 +250,16 @@ def cell(value) -> tuple[str, bool | None]:
     else:
         text = f"{declared} / {measured}"
     return text, held
+
+
+def report_cells(row: dict) -> list[tuple[str, bool | None]]:
+    """The report's cells of one row, in `COLUMNS` order."""
+    out = []
+    for col in COLUMNS:
+        text, held = cell(row.get(col))
+        out.append((text, held))
+    return out
+
+
+HEADERS = ("entry", "autoregressive", "masking", "time exp. declared / measured",
+           "memory exp. declared / measured", "exact limit", "approx. error at default budget")

@@ -119,6 +119,26 @@ def cmd_check(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_claims(args) -> int:
+    from zoo.claims import HEADERS, claims_report, report_cells
+    from zoo.progress import progress_bar
+
+    cat = catalog()
+    ids = [i for i in cat if not args.ids or i in args.ids]
+    with progress_bar(len(ids), "measuring claims") as step:
+        rows = claims_report([cat[i] for i in ids], progress=step)
+    mark = {True: "held", False: "NOT HELD", None: ""}
+    table, broken = [], 0
+    for row in rows:
+        cells = report_cells(row)
+        broken += any(held is False for _, held in cells)
+        table.append([row["id"], *(f"{text} [{mark[held]}]" if held is not None else text
+                                   for text, held in cells)])
+    print(_table(table, list(HEADERS)))
+    print(f"\n{len(rows) - broken} entries keep every claim, {broken} do not")
+    return 1 if broken else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="The attention zoo's catalogue.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -138,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--catalog", type=Path, help="check this catalogue file instead")
     check.add_argument("--schema-only", action="store_true", help="skip the layer contract")
     check.set_defaults(run=cmd_check)
+    claims = sub.add_parser("claims", help="measure every catalogue claim (cached in .cache/)")
+    claims.add_argument("ids", nargs="*", help="only these entries (default: all)")
+    claims.set_defaults(run=cmd_claims)
     return p
 
 

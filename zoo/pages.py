@@ -5,9 +5,11 @@ Kept in the package, not the hook, so the tests can check (and execute) what the
 
 from __future__ import annotations
 
+import html
 import re
 
 from zoo.catalog import FAMILIES, Entry
+from zoo.probe import SCALING_NS
 
 FAMILY_TITLES = {
     "exact": "Exact baselines",
@@ -71,7 +73,16 @@ def _yes(b: bool) -> str:
     return "yes" if b else "no"
 
 
-def entry_page(e: Entry) -> str:
+def _measured(row: dict | None, kind: str) -> str:
+    if not row or not row.get(kind) or row[kind].get("measured") in (None, ""):
+        return "not measured"
+    cell = row[kind]
+    mark = "" if cell["held"] else " (**does not match the declared exponent**)"
+    return f"{cell['measured']}{mark}"
+
+
+def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
+               bench: bool = False) -> str:
     cites = (f"{e.citations['count']} (Semantic Scholar, as of {e.citations['as_of']})"
              if e.citations else "not listed")
     code = f"[{e.code}]({e.code})" if e.code else "none public"
@@ -104,12 +115,56 @@ def entry_page(e: Entry) -> str:
         "",
         "## Complexity",
         "",
-        "| | as the paper states it | exponent of n (declared) |",
-        "| --- | --- | --- |",
-        f"| time | ${e.complexity['time']}$ | {e.scaling['time']} |",
-        f"| memory | ${e.complexity['memory']}$ | {e.scaling['memory']} |",
+        "| | as the paper states it | exponent of n, declared | exponent of n, measured |",
+        "| --- | --- | --- | --- |",
+        f"| time | ${e.complexity['time']}$ | {e.scaling['time']} | {_measured(row, 'time')} |",
+        f"| memory | ${e.complexity['memory']}$ | {e.scaling['memory']} | "
+        f"{_measured(row, 'memory')} |",
+        "",
+        "Measured by `zoo.probe.scaling`: the FLOPs and the largest intermediate tensor of one "
+        "forward pass, their exponent of n taken between the two largest lengths"
+        f" ({', '.join(map(str, e.scaling.get('ns') or SCALING_NS))}"
+        f"{' pixels' if e.input == 'image' else ''}).",
         "",
     ]
+    if e.scaling.get("why"):
+        lines += [f"Why this range: {e.scaling['why']}", ""]
+    if figures:
+        what = ("the effective attention matrix A, with attend(q, k, v) = A v, read off by feeding "
+                "v = I" if e.kernel else
+                "the influence map: the size of the gradient of output i with respect to input j")
+        lines += [
+            "## Attention pattern",
+            "",
+            f"Computed from the reference at build time: {what}"
+            f"{' (pixels in row-major order)' if e.input == 'image' else ''}; each row scaled to "
+            "its maximum.",
+            "",
+            f'![Attention pattern of {e.id}](../assets/figures/pattern-{e.id}.png)'
+            '{ .zoo-figure }',
+            "",
+        ]
+        if e.budget is not None:
+            lines += [
+                "## Approximation error",
+                "",
+                f"Relative error against softmax attention with the same q, k, v as "
+                f"`{e.budget['param']}` grows (mean of 3 draws, n = 64).",
+                "",
+                f'![Approximation error of {e.id}](../assets/figures/approx-{e.id}.png)'
+                '{ .zoo-figure }',
+                "",
+            ]
+    if bench:
+        lines += [
+            "## Benchmark",
+            "",
+            "Forward time and peak memory against the SDPA baseline (see "
+            "[Benchmarks](../benchmarks.md)).",
+            "",
+            f'![Benchmark of {e.id}](../assets/figures/bench-{e.id}.png){{ .zoo-figure }}',
+            "",
+        ]
     if e.notes.strip():
         lines += ["## Notes", "", " ".join(e.notes.split()), ""]
     lines += [
@@ -137,24 +192,168 @@ def entry_page(e: Entry) -> str:
     return "\n".join(lines)
 
 
-def catalogue_table(entries: list[Entry], link_prefix: str = "entries/") -> str:
-    rows = ["| Entry | Family | Year | Time | Memory | Autoregressive | Mask | Input |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for e in sorted(entries, key=lambda e: (e.year, e.id)):
-        rows.append(
-            f"| [{e.title}]({link_prefix}{e.id}.md) `{e.id}` | {e.family} | {e.year} | "
-            f"${e.complexity['time']}$ | ${e.complexity['memory']}$ | "
-            f"{_yes(e.autoregressive)} | {_yes(e.masking)} | {e.input} |"
-        )
-    return "\n".join(rows)
+FAMILY_TEXT = {
+    "exact": "The baselines: full softmax attention over a sequence, and its image form. Every "
+             "other entry is measured against them.",
+    "fixed-pattern": "Each query sees a fixed, input-independent set of keys: a window, a stride, "
+                     "a block, a dilation, a row or a column.",
+    "combined-pattern": "Several fixed patterns, or a pattern plus a few global tokens, combined so "
+                        "that information crosses the whole sequence in one or two layers.",
+    "learnable-pattern": "The content decides which keys a query sees: hashing, clustering, "
+                         "sorting, or picking the queries that matter.",
+    "low-rank": "The n-by-n map is approximated through a rank-r factorisation: keys and values "
+                "projected along the length, or a few landmarks.",
+    "kernel": "The softmax of q.k is replaced by a product of feature maps, so the matrix products "
+              "reassociate and the cost becomes linear in n.",
+    "memory": "A few extra tokens (global memory, inducing points, a compressed past, a product-key "
+              "table) carry information between positions.",
+    "recurrence": "Segments are processed in turn, with a state carried from one to the next.",
+    "downsampling": "The sequence is shortened (pooling, strided convolution) before attending.",
+    "gating": "Channel and spatial modules that re-weight features instead of mixing positions "
+              "pairwise.",
+}
+assert set(FAMILY_TEXT) == set(FAMILIES)
 
 
-def catalogue_page(entries: list[Entry]) -> str:
-    return "\n".join([
+def _math(tex: str) -> str:
+    return f'<span class="arithmatex">\\({html.escape(tex)}\\)</span>'
+
+
+def catalogue_page(entries: list[Entry], rows: dict[str, dict] | None = None) -> str:
+    """The catalogue as one HTML table that filters and sorts in the browser (catalogue.js)."""
+    rows = rows or {}
+    options = "".join(f'<option value="{f}">{f}</option>' for f in FAMILIES
+                      if any(e.family == f for e in entries))
+    yes_no = '<option value="">any</option><option value="yes">yes</option><option value="no">no</option>'
+    out = [
         "# Catalogue",
         "",
-        f"All {len(entries)} entries of `catalog.yaml`. Every row links to the entry's page.",
+        f"All {len(entries)} entries of `catalog.yaml`. Filter with the controls, sort by clicking a "
+        "column header; every row links to the entry's page. Measured exponents come from "
+        "`zoo.probe.scaling` at build time.",
         "",
-        catalogue_table(entries),
+        '<div class="zoo-filters">',
+        '<input type="search" data-zoo-filter="text" placeholder="search id, title, idea" '
+        'aria-label="search">',
+        f'<label>family <select data-zoo-filter="family"><option value="">any</option>{options}'
+        "</select></label>",
+        f'<label>autoregressive <select data-zoo-filter="autoregressive">{yes_no}</select></label>',
+        f'<label>masking <select data-zoo-filter="masking">{yes_no}</select></label>',
+        '<label>input <select data-zoo-filter="input"><option value="">any</option>'
+        '<option value="sequence">sequence</option><option value="image">image</option>'
+        "</select></label>",
+        '<span id="zoo-count"></span>',
+        "</div>",
         "",
-    ])
+        '<table id="zoo-catalogue">',
+        "<thead><tr>"
+        '<th data-sort="id">Entry</th><th data-sort="family">Family</th>'
+        '<th data-sort="year" data-type="number">Year</th>'
+        '<th data-sort="citations" data-type="number">Citations</th>'
+        "<th>Time</th>"
+        '<th data-sort="declared" data-type="number">Time exp. declared</th>'
+        '<th data-sort="measured" data-type="number">Time exp. measured</th>'
+        "<th>AR</th><th>Mask</th><th>Input</th></tr></thead>",
+        "<tbody>",
+    ]
+    for e in sorted(entries, key=lambda e: (e.year, e.id)):
+        row = rows.get(e.id) or {}
+        measured = (row.get("time") or {}).get("measured") or ""
+        try:
+            float(measured)
+        except ValueError:
+            measured = ""
+        cites = e.citations["count"] if e.citations else ""
+        text = html.escape(" ".join([e.id, e.title, e.idea, e.family]).lower(), quote=True)
+        yn = lambda b: "yes" if b else "no"  # noqa: E731
+        out.append(
+            f'<tr data-id="{e.id}" data-family="{e.family}" data-year="{e.year}" '
+            f'data-citations="{cites}" data-declared="{e.scaling["time"]}" '
+            f'data-measured="{measured}" data-autoregressive="{yn(e.autoregressive)}" '
+            f'data-masking="{yn(e.masking)}" data-input="{e.input}" data-text="{text}">'
+            f'<td><a href="../entries/{e.id}/">{html.escape(e.title)}</a><br><code>{e.id}</code></td>'
+            f"<td>{e.family}</td><td>{e.year}</td><td>{cites}</td>"
+            f"<td>{_math(e.complexity['time'])}</td><td>{e.scaling['time']}</td>"
+            f"<td>{measured or '-'}</td><td>{yn(e.autoregressive)}</td><td>{yn(e.masking)}</td>"
+            f"<td>{e.input}</td></tr>"
+        )
+    out += ["</tbody>", "</table>", ""]
+    return "\n".join(out)
+
+
+def claims_markdown(rows: list[dict]) -> str:
+    """The claims report as a markdown table (the same cells `zoo claims` prints)."""
+    from zoo.claims import HEADERS, report_cells
+
+    out = ["| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
+    for row in rows:
+        cells = []
+        for text, held in report_cells(row):
+            if held is None:
+                cells.append(text)
+            else:
+                cls, mark = ("zoo-held", "held") if held else ("zoo-broken", "NOT HELD")
+                cells.append(f'{html.escape(text)} <span class="{cls}">[{mark}]</span>')
+        out.append(f"| [`{row['id']}`](entries/{row['id']}.md) | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def taxonomy_page(entries: list[Entry]) -> str:
+    out = ["# Taxonomy", "",
+           "Families after Tay et al.'s survey of efficient transformers, plus the exact baselines "
+           "and gating modules. An entry belongs to the family of its main idea.", ""]
+    for fam in FAMILIES:
+        members = sorted((e for e in entries if e.family == fam), key=lambda e: e.year)
+        if not members:
+            continue
+        out += [f"## {FAMILY_TITLES[fam]}", "", FAMILY_TEXT[fam], ""]
+        out += [f"- [{e.title}](entries/{e.id}.md) ({e.year}): {' '.join(e.idea.split())}"
+                for e in members]
+        out.append("")
+    return "\n".join(out)
+
+
+def _num(row: dict, kind: str) -> float:
+    try:
+        return float((row.get(kind) or {}).get("measured"))
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def choose_page(entries: list[Entry], rows: dict[str, dict]) -> str:
+    """'Which one should I use': entries grouped by need and ordered by measured numbers."""
+
+    def table(members: list[Entry]) -> list[str]:
+        members = sorted(members, key=lambda e: (_num(rows.get(e.id, {}), "time"),
+                                                 _num(rows.get(e.id, {}), "memory"), e.id))
+        out = ["| entry | time exp. (measured) | memory exp. (measured) | exact limit | "
+               "approx. error at default |", "| --- | --- | --- | --- | --- |"]
+        for e in members:
+            row = rows.get(e.id, {})
+            exact = "yes" if row.get("exact") and row["exact"]["held"] else "-"
+            approx = (row.get("approximation") or {}).get("measured", "-") or "-"
+            out.append(f"| [`{e.id}`](entries/{e.id}.md) | {_num(row, 'time'):.2f} | "
+                       f"{_num(row, 'memory'):.2f} | {exact} | {approx} |")
+        return out + [""]
+
+    seq = [e for e in entries if e.input == "sequence"]
+    groups = [
+        ("Causal language modelling on long sequences",
+         "Autoregressive entries whose measured time exponent is below 1.5, fastest-growing last.",
+         [e for e in seq if e.autoregressive and _num(rows.get(e.id, {}), "time") < 1.5]),
+        ("Bidirectional encoders with padding",
+         "Entries that honour a padding mask and grow slower than n squared.",
+         [e for e in seq if e.masking and _num(rows.get(e.id, {}), "time") < 1.75]),
+        ("Images and feature maps", "Image modules, ordered by how their cost grows with pixels.",
+         [e for e in entries if e.input == "image"]),
+        ("When the answer must be exact",
+         "Entries that equal softmax attention at some setting (checked to 1e-10).",
+         [e for e in entries if (rows.get(e.id, {}).get("exact") or {}).get("held")]),
+    ]
+    out = ["# Which one should I use?", "",
+           "Every number on this page is measured from the references at build time (see the "
+           "[claims table](index.md#claims) and [benchmarks](benchmarks.md)); none is copied from "
+           "a paper.", ""]
+    for title, text, members in groups:
+        out += [f"## {title}", "", text, ""] + table(members)
+    return "\n".join(out)

@@ -1,16 +1,37 @@
-"""mkdocs hook: generate the catalogue and entry pages from catalog.yaml at build time, and serve
-MathJax from the site itself (no CDN). Nothing generated is written to the source tree."""
+"""mkdocs hook: generate the catalogue, taxonomy, chooser and entry pages, their pictures and the
+home page's claims table from catalog.yaml and the probes at build time, and serve MathJax from
+the site itself (no CDN). Nothing generated is written to the source tree; measurements and
+pictures are cached under .cache/ so a rebuild with nothing changed is fast."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from mkdocs.structure.files import File
 
 from zoo.catalog import FAMILIES, catalog
-from zoo.pages import FAMILY_TITLES, catalogue_page, entry_page, page_path
+from zoo.claims import claims_report
+from zoo.figures import approximation_figure, pattern_figure
+from zoo.pages import (
+    FAMILY_TITLES,
+    catalogue_page,
+    choose_page,
+    claims_markdown,
+    entry_page,
+    page_path,
+    taxonomy_page,
+)
 
+
+def benchmarks_page() -> str:
+    return ("# Benchmarks\n\nNo results file is committed yet: run `zoo bench` to measure every "
+            "entry against the SDPA baseline.\n")
+
+log = logging.getLogger("mkdocs.hooks.zoo")
 MATHJAX_URI = "assets/mathjax/tex-svg.js"
+CLAIMS_MARKER = "<!-- zoo:claims -->"
+_rows: list[dict] = []
 
 
 def _mathjax_file() -> Path:
@@ -29,17 +50,35 @@ def on_config(config):
         members = sorted((e for e in entries if e.family == fam), key=lambda e: e.title.lower())
         if members:
             by_family.append({FAMILY_TITLES[fam]: [{e.title: page_path(e)} for e in members]})
-    nav = []
-    for item in config["nav"] or []:
-        nav.append({"Entries": by_family} if item == {"Entries": "entries/"} else item)
-    config["nav"] = nav
+    config["nav"] = [{"Entries": by_family} if item == {"Entries": "entries/"} else item
+                     for item in config["nav"] or []]
     return config
 
 
 def on_files(files, config):
     entries = list(catalog().values())
-    files.append(File.generated(config, "catalogue.md", content=catalogue_page(entries)))
+    log.info("zoo: measuring the claims of %d entries (cached in .cache/claims)", len(entries))
+    _rows[:] = claims_report(entries)
+    rows = {r["id"]: r for r in _rows}
+
+    def add(uri: str, content):
+        files.append(File.generated(config, uri, content=content))
+
+    add("catalogue.md", catalogue_page(entries, rows))
+    add("taxonomy.md", taxonomy_page(entries))
+    add("choose.md", choose_page(entries, rows))
+    add("benchmarks.md", benchmarks_page())
+    log.info("zoo: drawing the pattern pictures (cached in .cache/figures)")
     for e in entries:
-        files.append(File.generated(config, page_path(e), content=entry_page(e)))
+        add(page_path(e), entry_page(e, rows.get(e.id)))
+        add(f"assets/figures/pattern-{e.id}.png", pattern_figure(e))
+        if e.budget is not None:
+            add(f"assets/figures/approx-{e.id}.png", approximation_figure(e))
     files.append(File.generated(config, MATHJAX_URI, abs_src_path=str(_mathjax_file())))
     return files
+
+
+def on_page_markdown(markdown, page, config, files):
+    if CLAIMS_MARKER in markdown:
+        markdown = markdown.replace(CLAIMS_MARKER, claims_markdown(_rows))
+    return markdown

@@ -1,0 +1,125 @@
+"""Pictures for the docs site, computed from the references at build time (matplotlib, Agg).
+
+Each function returns PNG bytes; `cached_png` keeps them under `.cache/figures/` keyed by a
+fingerprint of everything they depend on, so a rebuild with nothing changed is fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from zoo import probe
+from zoo.catalog import Entry, catalog_path
+from zoo.contract import factory, sample
+
+PATTERN_N = 24
+
+
+def _fingerprint(*parts: object) -> str:
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for path in sorted(root.glob("*.py")):
+        h.update(path.read_bytes())
+    for p in parts:
+        h.update(p.read_bytes() if isinstance(p, Path) else repr(p).encode())
+    return h.hexdigest()[:20]
+
+
+def cached_png(name: str, key_parts: tuple, render: Callable[[], bytes],
+               cache_dir: Path | None = None) -> bytes:
+    cache_dir = cache_dir or catalog_path().parent / ".cache" / "figures"
+    path = cache_dir / f"{name}-{_fingerprint(*key_parts)}.png"
+    if path.is_file():
+        return path.read_bytes()
+    data = render()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for old in cache_dir.glob(f"{name}-*.png"):
+            old.unlink()
+        path.write_bytes(data)
+    except OSError:
+        pass
+    return data
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def pattern_maps(e: Entry) -> list[tuple[str, torch.Tensor]]:
+    """(title, (n, n) map) pairs: the attention matrix of head 0 for kernel entries, the influence
+    map otherwise; causal too where the entry is autoregressive."""
+    make = factory(e)
+    modes = [("full", {})] + ([("causal", {"causal": True})] if e.autoregressive else [])
+    out = []
+    for label, kw in modes:
+        layer = make(**kw).double()
+        if e.kernel:
+            m = probe.attention_matrix(layer, PATTERN_N if e.input == "sequence" else 36)[0].abs()
+            title = f"attention matrix, {label}"
+        else:
+            m = probe.influence(layer, sample(e, b=1, n=PATTERN_N if e.input == "sequence" else 36))
+            title = f"influence |dy_i/dx_j|, {label}"
+        out.append((title, m.detach()))
+    return out
+
+
+def pattern_png(e: Entry) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import PowerNorm
+
+    maps = pattern_maps(e)
+    fig, axes = plt.subplots(1, len(maps), figsize=(3.4 * len(maps), 3.2), squeeze=False)
+    for ax, (title, m) in zip(axes[0], maps, strict=True):
+        # Each row scaled to its own maximum, on a power scale, so weak links stay visible.
+        m = m / m.amax(dim=1, keepdim=True).clamp(min=1e-30)
+        ax.imshow(m.numpy(), cmap="magma", norm=PowerNorm(0.5, vmin=0, vmax=1),
+                  interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("key / input position j" if e.input == "sequence" else "input pixel j",
+                      fontsize=8)
+        ax.set_ylabel("query / output position i" if e.input == "sequence" else "output pixel i",
+                      fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(e.id, fontsize=10)
+    return _png(fig)
+
+
+def approximation_png(e: Entry, errors: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.6, 3.2))
+    xs, ys = list(errors), list(errors.values())
+    ax.plot(xs, ys, marker="o", color="#5e35b1")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(e.budget["param"], fontsize=9)
+    ax.set_ylabel("relative error vs softmax", fontsize=9)
+    ax.set_title(f"{e.id}: error as the budget grows", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    return _png(fig)
+
+
+def pattern_figure(e: Entry) -> bytes:
+    return cached_png(f"pattern-{e.id}", (e, e.source), lambda: pattern_png(e))
+
+
+def approximation_figure(e: Entry) -> bytes:
+    return cached_png(f"approx-{e.id}", (e, e.source),
+                      lambda: approximation_png(e, probe.approximation_error(e)))
