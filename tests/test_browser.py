@@ -78,9 +78,11 @@ def test_site_in_a_browser(site, page, tmp_path_factory):
         page.screenshot(path=str(shots / "entry.png"), full_page=True)
 
         page.goto(base)
+        page.wait_for_load_state("networkidle")
         page.keyboard.press("/")  # Material's shortcut that opens search
         page.fill("input.md-search__input", "linear")
-        page.wait_for_selector(".md-search-result__item", timeout=10_000)
+        # the search index is built by a web worker: slow on a loaded machine
+        page.wait_for_selector(".md-search-result__item", timeout=60_000)
         results = " ".join(page.locator(".md-search-result__item").all_inner_texts()).lower()
         assert "linear" in results
 
