@@ -80,9 +80,10 @@ def test_site_in_a_browser(site, page, tmp_path_factory):
         page.goto(base)
         page.wait_for_load_state("networkidle")
         page.keyboard.press("/")  # Material's shortcut that opens search
-        page.fill("input.md-search__input", "linear")
+        # typed key by key: Material searches on keyboard events, not on a programmatic fill
+        page.locator("input.md-search__input").press_sequentially("linear", delay=30)
         # the search index is built by a web worker: slow on a loaded machine
-        page.wait_for_selector(".md-search-result__item", timeout=60_000)
+        page.wait_for_selector(".md-search-result__item", timeout=30_000)
         results = " ".join(page.locator(".md-search-result__item").all_inner_texts()).lower()
         assert "linear" in results
 
