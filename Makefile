@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export NO_MKDOCS_2_WARNING := 1
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test docs clean
+.PHONY: install serve test docs clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,7 @@ test: $(STAMP)
 
 clean:
 	rm -rf site .pytest_cache .ruff_cache .cache
+
+# The committed benchmark results for this machine kind (2 cores, no GPU); takes several minutes.
+bench: $(STAMP)
+	$(VENV)/bin/zoo bench --n 1024 4096 16384 --out benchmarks/results.json

@@ -139,6 +139,35 @@ def cmd_claims(args) -> int:
     return 1 if broken else 0
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    from zoo import bench
+    from zoo.progress import progress_bar
+
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+            return 1
+    names = bench.resolve_names(args.ids)
+    with progress_bar(len(names) + 1, f"benchmarking at n = {args.n}") as step:
+        data = bench.run(names, ns=args.n, dim=args.dim, heads=args.heads, backward=args.backward,
+                         repeats=args.repeats, device=args.device, threads=args.threads,
+                         max_time=args.max_time, max_mem=args.max_mem * 2**20, progress=step)
+    header, rows = bench.table_rows(data)
+    m = data["machine"]
+    print(f"{m['processor']}, {m['cpus']} cpus, torch {m['torch']}, {m['threads']} threads; "
+          f"dim {args.dim}, {args.heads} heads, {'forward+backward' if args.backward else 'forward'}")
+    print(_table(rows, header))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"\nwrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="The attention zoo's catalogue.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -158,6 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--catalog", type=Path, help="check this catalogue file instead")
     check.add_argument("--schema-only", action="store_true", help="skip the layer contract")
     check.set_defaults(run=cmd_check)
+    bench = sub.add_parser("bench", help="time and peak memory of entries against SDPA")
+    bench.add_argument("ids", nargs="*", help="entry ids or globs (default: all)")
+    bench.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 16384],
+                       help="sequence lengths, or pixel counts for image entries")
+    bench.add_argument("--dim", type=int, default=256)
+    bench.add_argument("--heads", type=int, default=4)
+    bench.add_argument("--backward", action="store_true", help="time forward + backward")
+    bench.add_argument("--repeats", type=int, default=5, help="timed passes after a warm-up")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    bench.add_argument("--max-time", type=float, default=60.0, metavar="SECONDS",
+                       help="skip a length whose one pass would take longer (default 60)")
+    bench.add_argument("--max-mem", type=float, default=8192, metavar="MIB",
+                       help="skip a length whose peak would exceed this (default 8192)")
+    bench.add_argument("--out", type=Path, help="write the results as JSON")
+    bench.set_defaults(run=cmd_bench)
+
     claims = sub.add_parser("claims", help="measure every catalogue claim (cached in .cache/)")
     claims.add_argument("ids", nargs="*", help="only these entries (default: all)")
     claims.set_defaults(run=cmd_claims)

@@ -123,3 +123,44 @@ def pattern_figure(e: Entry) -> bytes:
 def approximation_figure(e: Entry) -> bytes:
     return cached_png(f"approx-{e.id}", (e, e.source),
                       lambda: approximation_png(e, probe.approximation_error(e)))
+
+
+def _series(points: list[dict], key: str):
+    ok = [p for p in points if p.get("status") == "ok" and p.get(key)]
+    scale = 1e3 if key == "time_s" else 1 / 2**20
+    return [p["n"] for p in ok], [p[key] * scale for p in ok]
+
+
+def bench_png(data: dict, names: list[str], title: str) -> bytes:
+    """Time and peak memory against n, log-log, one line per entry, the SDPA baseline in black."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from zoo.bench import BASELINE
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    for ax, key, label in ((axes[0], "time_s", "forward time (ms)"),
+                           (axes[1], "peak_bytes", "peak memory (MiB)")):
+        for name in [BASELINE, *names]:
+            r = data["results"].get(name)
+            if r is None:
+                continue
+            xs, ys = _series(r["points"], key)
+            if not xs:
+                continue
+            base = name == BASELINE
+            ax.plot(xs, ys, marker="o", ms=3, lw=2.6 if base else 1.3,
+                    color="black" if base else None, label="SDPA (baseline)" if base else name,
+                    zorder=3 if base else 2)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("n (tokens, or pixels for images)", fontsize=9)
+        ax.set_ylabel(label, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    s = data["settings"]
+    fig.suptitle(f"{title} (dim {s['dim']}, {s['heads']} heads, "
+                 f"{'forward+backward' if s['backward'] else 'forward'})", fontsize=10)
+    return _png(fig)

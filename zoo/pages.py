@@ -357,3 +357,30 @@ def choose_page(entries: list[Entry], rows: dict[str, dict]) -> str:
     for title, text, members in groups:
         out += [f"## {title}", "", text, ""] + table(members)
     return "\n".join(out)
+
+
+def benchmarks_page(entries: list[Entry], data: dict | None) -> str:
+    from zoo.bench import table_rows
+
+    out = ["# Benchmarks", "",
+           "Every entry on one harness (`zoo bench`, see `zoo/bench.py` for how time and peak "
+           "memory are measured), against a multi-head layer of the same size built on torch's "
+           "`scaled_dot_product_attention` (SDPA, in black). Regenerate with `make bench`.", ""]
+    if not data:
+        return "\n".join(out + ["No results file is committed yet (`benchmarks/results.json`).", ""])
+    m, s = data["machine"], data["settings"]
+    out += [f"Measured on {m['processor']} with {m['cpus']} CPUs, {m['threads']} torch threads, "
+            f"torch {m['torch']}, Python {m['python']}, on {m['date'][:10]}; dim {s['dim']}, "
+            f"{s['heads']} heads, batch 1, {'forward+backward' if s['backward'] else 'forward'}, "
+            f"median of {s['repeats']} passes after a warm-up. Image entries run on square "
+            "images of about n pixels.", ""]
+    header, rows = table_rows(data)
+    out += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out.append("")
+    for fam in FAMILIES:
+        if any(e.family == fam and e.id in data["results"] for e in entries):
+            out += [f"## {FAMILY_TITLES[fam]}", "",
+                    f"![{FAMILY_TITLES[fam]}](assets/figures/bench-family-{fam}.png)"
+                    "{ .zoo-figure }", ""]
+    return "\n".join(out)

@@ -5,6 +5,7 @@ pictures are cached under .cache/ so a rebuild with nothing changed is fast."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -12,9 +13,10 @@ from mkdocs.structure.files import File
 
 from zoo.catalog import FAMILIES, catalog
 from zoo.claims import claims_report
-from zoo.figures import approximation_figure, pattern_figure
+from zoo.figures import approximation_figure, bench_png, cached_png, pattern_figure
 from zoo.pages import (
     FAMILY_TITLES,
+    benchmarks_page,
     catalogue_page,
     choose_page,
     claims_markdown,
@@ -23,10 +25,7 @@ from zoo.pages import (
     taxonomy_page,
 )
 
-
-def benchmarks_page() -> str:
-    return ("# Benchmarks\n\nNo results file is committed yet: run `zoo bench` to measure every "
-            "entry against the SDPA baseline.\n")
+BENCH_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results.json"
 
 log = logging.getLogger("mkdocs.hooks.zoo")
 MATHJAX_URI = "assets/mathjax/tex-svg.js"
@@ -67,10 +66,23 @@ def on_files(files, config):
     add("catalogue.md", catalogue_page(entries, rows))
     add("taxonomy.md", taxonomy_page(entries))
     add("choose.md", choose_page(entries, rows))
-    add("benchmarks.md", benchmarks_page())
+    bench = json.loads(BENCH_RESULTS.read_text()) if BENCH_RESULTS.is_file() else None
+    add("benchmarks.md", benchmarks_page(entries, bench))
+    if bench:
+        for fam in FAMILIES:
+            members = [e.id for e in entries if e.family == fam and e.id in bench["results"]]
+            if members:
+                add(f"assets/figures/bench-family-{fam}.png",
+                    cached_png(f"bench-family-{fam}", (bench, members),
+                               lambda m=members, f=fam: bench_png(bench, m, FAMILY_TITLES[f])))
     log.info("zoo: drawing the pattern pictures (cached in .cache/figures)")
     for e in entries:
-        add(page_path(e), entry_page(e, rows.get(e.id)))
+        in_bench = bool(bench) and e.id in bench["results"]
+        add(page_path(e), entry_page(e, rows.get(e.id), bench=in_bench))
+        if in_bench:
+            add(f"assets/figures/bench-{e.id}.png",
+                cached_png(f"bench-{e.id}", (bench["results"][e.id], bench["results"]["sdpa"]),
+                           lambda e=e: bench_png(bench, [e.id], e.id)))
         add(f"assets/figures/pattern-{e.id}.png", pattern_figure(e))
         if e.budget is not None:
             add(f"assets/figures/approx-{e.id}.png", approximation_figure(e))

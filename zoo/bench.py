@@ -1,0 +1,277 @@
+"""The benchmark harness behind `zoo bench`: wall time and peak memory of every entry, measured the
+same way, against a multi-head layer built on `scaled_dot_product_attention` (id `sdpa`).
+
+How it measures:
+- Each entry runs in its own worker process (`python -m zoo.bench worker`), lengths in increasing
+  order, so a crash or an out-of-memory kill loses one entry's row, not the run.
+- Time: median of `repeats` forward (or forward + backward) passes after one warm-up pass.
+- Peak memory (CPU): the process's resident-set high-water mark (`VmHWM`), reset before each
+  measurement through `/proc/self/clear_refs`, minus the resident size just before the pass; it
+  counts everything the pass allocates, torch's allocator and temporaries included. The worker
+  runs with glibc told to map every block over 64 KiB on its own and return freed memory at once
+  (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`), so memory kept from an earlier pass does
+  not hide the next pass's peak. On CUDA:
+  `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`.
+- Budgets: a length whose predicted time or memory (from the previous length and the declared
+  exponent) exceeds `--max-time` / `--max-mem` is recorded as over budget and skipped, as are the
+  longer ones; a worker that dies or overruns is recorded as such, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zoo.shell import MultiHead
+
+BASELINE = "sdpa"
+# glibc: serve every block over 64 KiB by mmap and give freed memory back at once, so the
+# resident size follows what is live and one worker can measure several lengths in a row.
+WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+class SDPABaseline(MultiHead):
+    """Multi-head attention on torch's fused `scaled_dot_product_attention`: the speed baseline."""
+
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None,
+                 causal: bool = False):
+        super().__init__(dim, heads=heads, dim_head=dim_head, causal=causal)
+
+    def attend(self, q, k, v, mask=None):
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                              is_causal=self.causal and mask is None)
+
+
+# --- inside the worker ----------------------------------------------------------------------
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _build(name: str, dim: int, heads: int, n: int):
+    import inspect
+
+    from zoo.registry import accepted_keywords, entry, load
+
+    if name == BASELINE:
+        return SDPABaseline(dim, heads=heads), "sequence"
+    e = entry(name)
+    cls = load(name)
+    accepted = accepted_keywords(cls)
+    kwargs = {"dim": dim}
+    if "heads" in accepted:
+        kwargs["heads"] = heads
+    if "max_len" in accepted:
+        kwargs["max_len"] = max(n, inspect.signature(cls).parameters["max_len"].default or 0)
+    return cls(**kwargs), e.input
+
+
+def measure(name: str, n: int, *, dim: int, heads: int, backward: bool, repeats: int,
+            device: str) -> dict:
+    """One (entry, n) measurement in this process."""
+    torch.manual_seed(0)
+    layer, kind = _build(name, dim, heads, n)
+    layer = layer.to(device)
+    layer.train(backward)
+    side = round(math.sqrt(n))
+    shape = (1, dim, side, side) if kind == "image" else (1, n, dim)
+    x = torch.randn(shape, device=device, requires_grad=backward)
+
+    def run():
+        if backward:
+            layer(x).sum().backward()
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+        else:
+            with torch.no_grad():
+                layer(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    cpu = device == "cpu" and Path("/proc/self/clear_refs").exists()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    elif cpu:
+        _reset_peak()
+        before = _status_kb("VmRSS") * 1024
+    start = time.perf_counter()
+    run()  # warm-up, and the pass whose peak memory is recorded
+    first = time.perf_counter() - start
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - before
+    elif cpu:
+        peak = _status_kb("VmHWM") * 1024 - before
+    else:
+        peak = None
+    times = []
+    for _ in range(repeats if first < 30 else 1):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return {"n": shape[2] * shape[3] if kind == "image" else n, "time_s": statistics.median(times),
+            "peak_bytes": peak, "status": "ok"}
+
+
+def worker(spec: dict) -> None:
+    """Measure one entry at each n in order, one JSON line per n on stdout."""
+    torch.set_num_threads(spec["threads"])
+    prev = None
+    for n in spec["ns"]:
+        if prev is not None and prev["status"] == "ok":
+            grow = n / prev["n"]
+            t_pred = prev["time_s"] * grow ** max(spec["time_exp"], 1)
+            m_pred = (prev["peak_bytes"] or 0) * grow ** spec["mem_exp"]
+            if t_pred > spec["max_time"]:
+                prev = {"n": n, "status": f"over time budget (predicted {t_pred:.0f} s)"}
+            elif m_pred > spec["max_mem"]:
+                prev = {"n": n, "status": f"over memory budget (predicted {m_pred / 2**20:.0f} MiB)"}
+            else:
+                prev = None
+            if prev is not None:
+                print(json.dumps(prev), flush=True)
+                continue
+        elif prev is not None:
+            print(json.dumps({"n": n, "status": prev["status"]}), flush=True)
+            continue
+        try:
+            prev = measure(spec["name"], n, dim=spec["dim"], heads=spec["heads"],
+                           backward=spec["backward"], repeats=spec["repeats"], device=spec["device"])
+        except Exception as err:  # noqa: BLE001 - recorded, and the run goes on
+            prev = {"n": n, "status": f"error: {type(err).__name__}: {str(err)[:200]}"}
+        print(json.dumps(prev), flush=True)
+
+
+# --- the parent -------------------------------------------------------------------------------
+
+def fitted_exponent(points: list[dict], key: str) -> float | None:
+    """Exponent of n between the two longest lengths that were measured."""
+    ok = [p for p in points if p.get("status") == "ok" and p.get(key)]
+    if len(ok) < 2 or ok[-1][key] <= 0 or ok[-2][key] <= 0:
+        return None
+    return math.log(ok[-1][key] / ok[-2][key]) / math.log(ok[-1]["n"] / ok[-2]["n"])
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run_entry(name: str, spec: dict, timeout: float) -> list[dict]:
+    """Run one entry's worker; whatever it did not report is recorded with the reason."""
+    cmd = [sys.executable, "-m", "zoo.bench", "worker", json.dumps({**spec, "name": name})]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=WORKER_ENV)
+        lines, reason = proc.stdout, (f"worker exited with {proc.returncode}"
+                                      f"{' (killed: out of memory?)' if proc.returncode < 0 else ''}"
+                                      f": {proc.stderr.strip()[-200:]}")
+    except subprocess.TimeoutExpired as err:
+        lines = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        reason = f"over time budget (worker stopped after {timeout:.0f} s)"
+    points = [json.loads(line) for line in lines.splitlines() if line.startswith("{")]
+    done = {p["n"] for p in points}
+    side = lambda n: round(math.sqrt(n)) ** 2  # noqa: E731
+    for n in spec["ns"]:
+        if n not in done and side(n) not in done:
+            points.append({"n": n, "status": reason})
+    return sorted(points, key=lambda p: p["n"])
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    worker(json.loads(sys.argv[2]))
+
+
+def resolve_names(patterns: list[str]) -> list[str]:
+    """Ids (or fnmatch globs) -> catalogue ids, in catalogue order; unknown names raise."""
+    import fnmatch
+
+    from zoo.registry import entry, names
+
+    if not patterns:
+        return names()
+    out: list[str] = []
+    for p in patterns:
+        hits = [i for i in names() if fnmatch.fnmatchcase(i, p)] if any(c in p for c in "*?[") \
+            else [entry(p).id]
+        if not hits:
+            raise LookupError(f"no catalogue entry matches {p!r}")
+        out += [h for h in hits if h not in out]
+    return out
+
+
+def run(names: list[str], *, ns: list[int], dim: int = 256, heads: int = 4, backward: bool = False,
+        repeats: int = 5, device: str = "cpu", threads: int | None = None,
+        max_time: float = 60.0, max_mem: float = 8 * 2**30, progress=None) -> dict:
+    """Benchmark the SDPA baseline and `names`; returns the JSON-ready results."""
+    from zoo.registry import entry
+
+    threads = threads or torch.get_num_threads()
+    base = {"ns": sorted(ns), "dim": dim, "heads": heads, "backward": backward,
+            "repeats": repeats, "device": device, "threads": threads, "max_time": max_time,
+            "max_mem": max_mem}
+    results = {}
+    for name in [BASELINE, *names]:
+        declared = {"time": 2, "memory": 2} if name == BASELINE else dict(entry(name).scaling)
+        spec = {**base, "time_exp": declared["time"], "mem_exp": declared["memory"]}
+        timeout = 60 + len(ns) * max_time * (repeats + 2)
+        points = run_entry(name, spec, timeout)
+        results[name] = {
+            "declared": {"time": declared["time"], "memory": declared["memory"]},
+            "fitted": {"time": fitted_exponent(points, "time_s"),
+                       "memory": fitted_exponent(points, "peak_bytes")},
+            "points": points,
+        }
+        if progress:
+            progress(name)
+    return {"machine": machine(), "settings": {k: v for k, v in base.items()},
+            "results": results}
+
+
+def table_rows(data: dict) -> tuple[list[str], list[list[str]]]:
+    """A printable table: time and peak memory per n, fitted vs declared exponents, speed-up."""
+    ns = data["settings"]["ns"]
+    base = {p["n"]: p for p in data["results"][BASELINE]["points"]}
+    header = (["entry"] + [f"ms @{n}" for n in ns] + [f"MiB @{n}" for n in ns]
+              + ["time exp (decl.)", "mem exp (decl.)", f"x SDPA @{ns[-1]}"])
+    rows = []
+    for name, r in data["results"].items():
+        pts = {p["n"]: p for p in r["points"]}
+        by_n = [pts.get(n) or pts.get(round(math.sqrt(n)) ** 2) or {} for n in ns]
+        ms = [f"{p['time_s'] * 1e3:.1f}" if p.get("status") == "ok" else _short(p) for p in by_n]
+        mib = [f"{p['peak_bytes'] / 2**20:.1f}" if p.get("status") == "ok"
+               and p.get("peak_bytes") is not None else "-" for p in by_n]
+        fit = {k: "-" if v is None else f"{v:.2f}" for k, v in r["fitted"].items()}
+        last, b = by_n[-1], base.get(ns[-1], {})
+        speed = (f"{b['time_s'] / last['time_s']:.1f}" if last.get("status") == "ok"
+                 and b.get("status") == "ok" else "-")
+        rows.append([name, *ms, *mib, f"{fit['time']} ({r['declared']['time']})",
+                     f"{fit['memory']} ({r['declared']['memory']})", speed])
+    return header, rows
+
+
+def _short(p: dict) -> str:
+    status = p.get("status", "not run")
+    return "over budget" if status.startswith("over") else status.split(":")[0]
