@@ -8,6 +8,7 @@ the last of two equal keys; this loader refuses them.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Mapping
 from functools import cache
@@ -45,6 +46,12 @@ def catalog_path() -> Path:
     raise FileNotFoundError(f"catalog.yaml not found next to {here}")
 
 
+def cache_root() -> Path:
+    """Where measurements and pictures are cached: $ZOO_CACHE, else `.cache/` beside the catalogue.
+    Entries are keyed by a fingerprint of their content, so a cache may be shared between copies."""
+    return Path(os.environ.get("ZOO_CACHE") or catalog_path().parent / ".cache")
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One catalogue card. Attribute names are the YAML keys."""
@@ -72,6 +79,8 @@ class Entry:
     exact_when: Mapping[str, Any] | None = None
     budget: Mapping[str, Any] | None = None
     line: int = dataclasses.field(default=0, compare=False)
+    key_lines: Mapping[str, int] = dataclasses.field(default_factory=dict, compare=False,
+                                                     repr=False)
 
     @property
     def module(self) -> str:
@@ -225,7 +234,7 @@ def validate_record(rec: _Located, path: Path | str) -> Entry:
     if fields["citations"] is not None:
         fields["citations"] = {"count": rec["citations"]["count"],
                                "as_of": str(rec["citations"]["as_of"])}
-    return Entry(**fields, line=rec.line)
+    return Entry(**fields, line=rec.line, key_lines=dict(rec.key_lines))
 
 
 def load_catalog(path: Path | str | None = None, *, entries_dir: Path | None = None) -> dict[str, Entry]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from zoo import probe
-from zoo.catalog import Entry, catalog_path
+from zoo.catalog import Entry, cache_root
 from zoo.contract import (
     ContractError,
     Make,
@@ -214,7 +214,7 @@ def _fingerprint(e: Entry) -> str:
 
 def claims_report(entries, *, cache_dir: Path | None = None, progress=None) -> list[dict]:
     """Rows for `entries`, reusing cached rows whose fingerprint is unchanged."""
-    cache_dir = cache_dir or catalog_path().parent / ".cache" / "claims"
+    cache_dir = cache_dir or cache_root() / "claims"
     rows = []
     for e in entries:
         path = cache_dir / f"{e.id}.json"

@@ -84,12 +84,40 @@ def _docstring_problems(e: Entry) -> list[str]:
 
 
 def _placeholders(e: Entry) -> list[str]:
+    from zoo.catalog import catalog_path
+    from zoo.scaffold import placeholders
+
     out = []
-    for key in ("title", "venue", "paper", "idea", "formula", "notes"):
+    for key in ("title", "authors", "venue", "paper", "idea", "formula", "complexity", "notes"):
         if PLACEHOLDER in str(getattr(e, key)):
-            out.append(f"catalog.yaml:{e.line}: {e.id}: key {key!r} still holds the {PLACEHOLDER} "
-                       "placeholder; fill it in")
+            line = e.key_lines.get(key, e.line)
+            out.append(f"{catalog_path()}:{line}: {e.id}: key {key!r} still holds the "
+                       f"{PLACEHOLDER} placeholder; fill it in")
+    test = catalog_path().parent / "tests" / "entries" / f"test_{e.source.stem}.py"
+    for path in (e.source, test):
+        out += [f"{path}:{n}: placeholder left: {text}" for n, text in placeholders(path)]
     return out
+
+
+def cmd_new(args) -> int:
+    from zoo.catalog import catalog_path
+    from zoo.scaffold import new_entry
+
+    root = catalog_path().parent
+    if not (root / "zoo" / "entries").is_dir():
+        print("error: zoo new works in a clone of the repository (zoo/entries/ not found)",
+              file=sys.stderr)
+        return 1
+    try:
+        written = new_entry(root, args.id, title=args.title, arxiv=args.arxiv, family=args.family)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    print(f"\nnext: fill every TODO, then `zoo check {args.id}` and "
+          f"`pytest -k {args.id.replace('-', '_')} -k {args.id}`; see the Contributing page.")
+    return 0
 
 
 def cmd_check(args) -> int:
@@ -181,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="one entry's card, source and usage")
     show.add_argument("id")
     show.set_defaults(run=cmd_show)
+
+    new = sub.add_parser("new", help="scaffold a new entry: catalogue stub, entry file, test file")
+    new.add_argument("id", help="kebab-case id, e.g. sigmoid-attention")
+    new.add_argument("--title", required=True, help="the paper's exact title")
+    new.add_argument("--arxiv", help="arXiv id, e.g. 2409.04431")
+    new.add_argument("--family", default="kernel", help="taxonomy family (default kernel)")
+    new.set_defaults(run=cmd_new)
 
     check = sub.add_parser("check", help="validate the catalogue and every layer's contract")
     check.add_argument("ids", nargs="*", help="only these entries (default: all)")

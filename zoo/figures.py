@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from zoo import probe
-from zoo.catalog import Entry, catalog_path
+from zoo.catalog import Entry, cache_root
 from zoo.contract import factory, sample
 
 PATTERN_N = 24
@@ -32,7 +32,7 @@ def _fingerprint(*parts: object) -> str:
 
 def cached_png(name: str, key_parts: tuple, render: Callable[[], bytes],
                cache_dir: Path | None = None) -> bytes:
-    cache_dir = cache_dir or catalog_path().parent / ".cache" / "figures"
+    cache_dir = cache_dir or cache_root() / "figures"
     path = cache_dir / f"{name}-{_fingerprint(*key_parts)}.png"
     if path.is_file():
         return path.read_bytes()
