@@ -30,6 +30,14 @@ def check_sequence(x, dim: int, mask=None, *, name: str = "layer") -> None:
     check_key_mask(mask, x.shape[0], x.shape[1], name=name)
 
 
+def check_dtype(x: torch.Tensor, module: torch.nn.Module, *, name: str = "layer") -> None:
+    """`x` must have the dtype of the module's parameters (no silent casts, no deep torch error)."""
+    p = next(module.parameters(), None)
+    if p is not None and p.dtype != x.dtype:
+        raise ValueError(f"{name}: x has dtype {x.dtype} but the layer's parameters are "
+                         f"{p.dtype}; convert one of them (e.g. layer.to({x.dtype}))")
+
+
 def check_key_mask(mask, b: int, n: int, *, name: str = "layer") -> None:
     if mask is None:
         return

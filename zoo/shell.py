@@ -11,7 +11,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from zoo.checks import check_sequence, positive_int
+from zoo.checks import check_dtype, check_sequence, positive_int
 
 
 class MultiHead(nn.Module):
@@ -49,6 +49,7 @@ class MultiHead(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_dtype(x, self, name=type(self).__name__)
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         return self.to_out(self.merge_heads(self.attend(q, k, v, mask)))
 

@@ -23,7 +23,7 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.checks import check_image, check_qkv, one_of, positive_int, refuse_causal
+from zoo.checks import check_dtype, check_image, check_qkv, one_of, positive_int, refuse_causal
 from zoo.masks import neg_fill, zero_padded
 from zoo.shell import MultiHead
 
@@ -107,6 +107,7 @@ class EfficientAttention2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image(x, self.in_channels, name=type(self).__name__)
+        check_dtype(x, self, name=type(self).__name__)
         h = self.head_count
         used = (self.key_channels // h) * h  # the original drops the remainder channels
 

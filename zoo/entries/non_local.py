@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from zoo.checks import check_image, positive_int
+from zoo.checks import check_dtype, check_image, positive_int
 from zoo.softmax import softmax_attention
 
 
@@ -45,6 +45,7 @@ class NonLocal(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image(x, self.dim, name=type(self).__name__)
+        check_dtype(x, self, name=type(self).__name__)
 
         def flat(t):
             return rearrange(t, "b c y x -> b 1 (y x) c")
