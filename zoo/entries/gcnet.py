@@ -11,7 +11,8 @@ $$ z_i = x_i + W_{v2}\,\mathrm{relu}\Big(\mathrm{LN}\Big(W_{v1} \sum_j
 
 Deviations from the paper: only the paper's default block (attention pooling, addition fusion);
 $W_k$ has no bias (a constant added to every score leaves the softmax unchanged); the authors'
-zero initialisation of $W_{v2}$, which starts the block as the identity, is not copied.
+zero initialisation of $W_{v2}$, which starts the block as the identity, is not copied; the
+bottleneck is at least 2 wide.
 """
 
 import torch
