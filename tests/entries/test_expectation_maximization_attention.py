@@ -90,6 +90,9 @@ def test_layer_equals_its_formula():
 
 
 def test_moving_average_of_initial_bases_only_in_training():
+    """As the paper's bases maintenance and the authors' EMAU (github.com/XiaLiPKU/EMANet: a
+    (c, k) buffer, Kaiming-normal then L2-normalised, moved in training by momentum 0.9 towards
+    the batch mean of the final bases, then L2-normalised): eval calls never move it."""
     layer = zoo.create("expectation-maximization-attention", dim=8, bases=4, iterations=2,
                        momentum=0.7).double()
     x = torch.randn(3, 8, 4, 4, dtype=torch.float64)

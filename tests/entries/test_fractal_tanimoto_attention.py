@@ -85,6 +85,17 @@ def paper_fractal(layer, x, gamma):
     return out
 
 
+def test_similarity_maps_have_the_authors_shapes():
+    """The authors' FTAttention2D (github.com/feevos/ceecnet, nn/layers/attention.py, documented
+    by its shape comments): the spatial similarity reduces over channels to (b, 1, y, x), the
+    channel one over pixels to (b, c, 1, 1); both with the complement, depth 5 by default."""
+    layer = zoo.create("fractal-tanimoto-attention", dim=4)
+    assert layer.depth == 5
+    q, k = torch.rand(2, 2, 4, 3, 5).unbind(0)
+    assert fractal_tanimoto_complement(q, k, dim=1).shape == (2, 1, 3, 5)
+    assert fractal_tanimoto_complement(q, k, dim=(2, 3)).shape == (2, 4, 1, 1)
+
+
 def test_layer_equals_paper_formulas():
     layer = zoo.create("fractal-tanimoto-attention", dim=3, depth=3, smooth=0.0).double()
     with torch.no_grad():

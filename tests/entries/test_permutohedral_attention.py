@@ -196,7 +196,10 @@ def test_gradients_with_respect_to_features_and_values():
 
 def test_layer_equals_its_formula():
     """z = x + W_z y, y the normalised lattice filter of g(x) with features
-    f = lrelu(W_f [x; s * p]), p the centred pixel coordinates, one lattice per head."""
+    f = lrelu(W_f [x; s * p]), p the centred pixel coordinates, one lattice per head: the
+    semantics of the authors' PAM module (github.com/SamuelJoutard/Permutohedral_attention_module:
+    coordinates centred on the middle pixel and scaled per axis by a learned vector, concatenated
+    to the input, a 1x1 convolution and leaky ReLU for the features, n_split lattices)."""
     layer = zoo.create("permutohedral-attention", dim=4, heads=2, dim_head=2).double()
     with torch.no_grad():
         layer.pos_scale.copy_(torch.tensor([0.3, -0.2]))
