@@ -26,7 +26,7 @@ def paper_pattern(n, pattern, l, c, causal):  # noqa: E741 - the paper's name
 def dense_oracle(q, k, v, allowed, mask=None):
     scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
     keep = allowed if mask is None else allowed & mask[:, None, None, :]
-    return scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v
+    return scores.masked_fill(~keep, torch.finfo(q.dtype).min).softmax(-1) @ v
 
 
 def qkv(n=37, b=2, h=2, d=8, seed=0):
