@@ -29,6 +29,11 @@ def dense_oracle(q, k, v, allowed, mask=None):
     return scores.masked_fill(~keep, torch.finfo(q.dtype).min).softmax(-1) @ v
 
 
+def outputs_and_grads(out, real, inputs):
+    """The output at real tokens and the gradients of its squared sum."""
+    return [out[real], *torch.autograd.grad((out[real] ** 2).sum(), inputs)]
+
+
 def qkv(n=37, b=2, h=2, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for _ in range(3)]
@@ -60,10 +65,8 @@ def test_output_and_gradients_equal_dense_softmax_on_the_pattern(pattern, stride
                                        causal=causal)
     ref = dense_oracle(q, k, v, allowed, mask)
     real = mask[:, None, :, None].expand_as(out)
-    torch.testing.assert_close(out[real], ref[real], rtol=1e-12, atol=1e-12)
-    grads = torch.autograd.grad((out[real] ** 2).sum(), (q, k, v))
-    ref_grads = torch.autograd.grad((ref[real] ** 2).sum(), (q, k, v))
-    for got, want in zip(grads, ref_grads, strict=True):
+    for got, want in zip(outputs_and_grads(out, real, (q, k, v)),
+                         outputs_and_grads(ref, real, (q, k, v)), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
