@@ -1,0 +1,156 @@
+r"""Big Bird: Transformers for Longer Sequences.
+
+Three sparse parts in blocks of $c$ tokens: each query block attends to its own and the two
+neighbouring key blocks (window), to $g$ global blocks, and to $r$ random key blocks; the global
+blocks attend to everything. The random part makes the graph an expander, so information mixes
+in few layers, and the global blocks make the model a universal approximator; all at linear cost.
+
+$$ O_B = \operatorname{softmax}\!\big(Q_B K_{S(B)}^\top/\sqrt{d}\big) V_{S(B)},\quad
+   S(B) = \{B-1, B, B+1\} \cup \{0, .., g-1\} \cup R(B) $$
+
+(in blocks; a global block $B < g$ has $S(B)$ = every block).
+
+Deviations from the paper:
+- the global blocks are the first `global_blocks` blocks (BigBird-ITC; the authors' code makes
+  the first and last block global);
+- $R(B)$ is drawn once, at construction, from a generator seeded with `seed`: the buffer `draw`,
+  `(h, nb, r)` random integers, picks without replacement from the blocks that are neither window
+  nor global at the length at hand, so the pattern is fixed in eval and training mode alike.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+
+from zoo.checks import check_qkv, positive_int, refuse_causal
+from zoo.masks import neg_fill, pad_mask, pad_to_multiple
+from zoo.shell import MultiHead
+
+
+def draw_random_blocks(draw: torch.Tensor, nb: int, global_blocks: int) -> torch.Tensor:
+    """Distinct random key blocks per query block, none of them window or global blocks.
+
+    Args:
+        draw: `(h, >= nb, r)` random non-negative integers.
+        nb: number of blocks.
+
+    Returns:
+        `(h, nb, r)` block indices, -1 where fewer than `r` blocks are eligible.
+    """
+    draw = draw[:, :nb]
+    query = torch.arange(nb, device=draw.device)[:, None]
+    window = query + torch.arange(-1, 2, device=draw.device)  # (nb 3), ascending
+    in_window = (window >= global_blocks) & (window < nb)
+    eligible = nb - global_blocks - in_window.sum(-1)  # (nb)
+    chosen = []
+    for t in range(draw.shape[-1]):
+        rank = draw[..., t] % (eligible - t).clamp(min=1)  # among the blocks left
+        for taken in torch.stack(chosen, -1).sort(-1).values.unbind(-1) if chosen else []:
+            rank = rank + (rank >= taken)  # skip ranks drawn before: no replacement
+        chosen.append(rank)
+    block = torch.stack(chosen, -1) + global_blocks  # (h nb r), rank among eligible -> block
+    for w in range(3):  # skip the window blocks, in ascending order
+        block = block + (in_window[:, w:w + 1] & (block >= window[:, w:w + 1]))
+    valid = torch.arange(draw.shape[-1], device=draw.device) < eligible[:, None]
+    return torch.where(valid, block, -1)
+
+
+def bigbird_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      mask: torch.Tensor | None = None, *, block: int = 64, global_blocks: int = 2,
+                      random: torch.Tensor | None = None) -> torch.Tensor:
+    """Blocked window + global + random attention.
+
+    Args:
+        q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
+        block: `c`, the block length.
+        global_blocks: `g`, leading blocks that attend and are attended everywhere.
+        random: `(h, nb, r)` random key blocks per query block (-1 = none), `nb = ceil(n / c)`;
+            None means no random part.
+
+    Returns:
+        `(b, h, n, e)`.
+    """
+    check_qkv(q, k, v, mask, name="bigbird_attention")
+    b, h, n, d = q.shape
+    (qp, pad), (kp, _), (vp, _) = (pad_to_multiple(t, block) for t in (q, k, v))
+    real = pad_mask(mask, b, n, pad, q.device)
+    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if real is None else real
+    nb, g, scale = qp.shape[2] // block, min(global_blocks, qp.shape[2] // block), d ** -0.5
+    random = q.new_full((h, nb, 0), -1, dtype=torch.long) if random is None else random
+    qb, kb, vb = (rearrange(t, "b h (m c) d -> b h m c d", c=block) for t in (qp, kp, vp))
+    real_b = rearrange(real, "b (m c) -> b m c", c=block)
+    blocks = torch.arange(nb, device=q.device)
+
+    # window: blocks m-1, m, m+1 that exist and are not global
+    def window(t):
+        padded = F.pad(t, (0, 0, 0, 0, 1, 1))
+        return torch.cat([padded[:, :, o:o + nb] for o in range(3)], dim=3)  # (b h m 3c d)
+
+    near = blocks[:, None] + torch.arange(-1, 2, device=q.device)  # (m 3)
+    near_ok = ((near >= g) & (near < nb)).repeat_interleave(block, dim=1)  # (m 3c)
+    ok_w = near_ok & window(rearrange(real_b, "b m c -> b 1 m c 1").float())[:, 0, ..., 0].bool()
+    # global: the first g blocks; random: gathered per (head, query block)
+    kg, vg = kp[:, :, :g * block], vp[:, :, :g * block]
+    heads = torch.arange(h, device=q.device)[:, None, None]
+    kr, vr = (rearrange(t[:, heads, random.clamp(min=0)], "b h m r c d -> b h m (r c) d")
+              for t in (kb, vb))
+    ok_r = (random >= 0)[None, ..., None] & real_b[:, random.clamp(min=0)]  # (b h m r c)
+
+    parts = [(einsum(qb, window(kb), "b h m c d, b h m w d -> b h m c w"),
+              rearrange(ok_w, "b m w -> b 1 m 1 w")),
+             (einsum(qb, kg, "b h m c d, b h j d -> b h m c j"),
+              rearrange(real[:, :g * block], "b j -> b 1 1 1 j")),
+             (einsum(qb, kr, "b h m c d, b h m w d -> b h m c w"),
+              rearrange(ok_r, "b h m r c -> b h m 1 (r c)"))]
+    scores = torch.cat([(s * scale).masked_fill(~ok, neg_fill(s.dtype)) for s, ok in parts], -1)
+    attn = scores.softmax(dim=-1).split([p[0].shape[-1] for p in parts], dim=-1)
+    out = (einsum(attn[0], window(vb), "b h m c w, b h m w e -> b h m c e")
+           + einsum(attn[1], vg, "b h m c j, b h j e -> b h m c e")
+           + einsum(attn[2], vr, "b h m c w, b h m w e -> b h m c e"))
+    out = rearrange(out, "b h m c e -> b h (m c) e")
+
+    # the global blocks attend to every key
+    rows = einsum(qp[:, :, :g * block], kp, "b h i d, b h j d -> b h i j") * scale
+    rows = rows.masked_fill(~rearrange(real, "b j -> b 1 1 j"), neg_fill(rows.dtype))
+    out_g = einsum(rows.softmax(dim=-1), vp, "b h i j, b h j e -> b h i e")
+    return torch.cat([out_g, out[:, :, g * block:]], dim=2)[:, :, :n]
+
+
+class BigBird(MultiHead):
+    """Multi-head BigBird (ITC) attention. `(b, n, dim) -> (b, n, dim)`. Not causal.
+
+    Args:
+        block: block length `c`.
+        global_blocks: leading global blocks `g`.
+        random_blocks: random key blocks `r` per query block.
+        max_len: longest sequence; the random draw covers `ceil(max_len / block)` query blocks.
+        seed: seed of the random draw.
+    """
+
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None,
+                 causal: bool = False, block: int = 64, global_blocks: int = 2,
+                 random_blocks: int = 3, max_len: int = 16384, seed: int = 0):
+        refuse_causal(type(self).__name__, causal)
+        super().__init__(dim, heads=heads, dim_head=dim_head, causal=False)
+        self.block = positive_int(block, "block")
+        self.global_blocks = positive_int(global_blocks, "global_blocks")
+        self.random_blocks = positive_int(random_blocks, "random_blocks")
+        self.max_len = positive_int(max_len, "max_len")
+        g = torch.Generator().manual_seed(seed)
+        # integers, so that casting the layer to another dtype leaves the draw alone
+        self.register_buffer("draw", torch.randint(2 ** 62, (heads, math.ceil(max_len / block),
+                                                              random_blocks), generator=g))
+
+    def random(self, n: int) -> torch.Tensor:
+        """`(h, nb, r)`: the random key blocks of each query block at length `n`."""
+        if n > self.max_len:
+            raise ValueError(f"{type(self).__name__}: sequence length {n} exceeds max_len="
+                             f"{self.max_len}; build the layer with a larger max_len")
+        return draw_random_blocks(self.draw, math.ceil(n / self.block), self.global_blocks)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        return bigbird_attention(q, k, v, mask, block=self.block, global_blocks=self.global_blocks,
+                                 random=self.random(q.shape[2]))
