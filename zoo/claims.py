@@ -62,7 +62,8 @@ def claim_masking(e: Entry, make: Make) -> str:
 
 
 def claim_scaling(e: Entry, make: Make | None = None) -> probe.Scaling:
-    """Measured FLOP and largest-intermediate exponents within 0.25 of the declared ones."""
+    """Measured FLOP and largest-intermediate exponents within 0.25 of the declared ones, and the
+    elements written by all ops growing no faster than the declared time allows."""
     s = probe.scaling(e, make=make)
     problems = []
     for kind, measured in (("time", s.time), ("memory", s.memory)):
@@ -73,6 +74,10 @@ def claim_scaling(e: Entry, make: Make | None = None) -> probe.Scaling:
                 f"{kind}: measured exponent {measured:.2f} over n={s.ns} "
                 f"({'FLOPs' if kind == 'time' else 'largest tensor'} {counts}), "
                 f"declared {declared} (tolerance {SCALING_TOLERANCE})")
+    # FLOPs see matrix products only; elementwise, index and sort work must not grow faster.
+    if s.work > e.scaling["time"] + SCALING_TOLERANCE:
+        problems.append(f"time: elements written by all ops grow as n^{s.work:.2f} over n={s.ns} "
+                        f"({s.writes}), faster than the declared n^{e.scaling['time']}")
     if problems:
         raise ContractError("; ".join(problems))
     return s

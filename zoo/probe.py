@@ -32,6 +32,14 @@ SCALING_DIM = 32
 SCALING_HEADS = 2
 
 
+def has_attend(layer: nn.Module) -> bool:
+    """Whether the layer defines its own `attend` (the shell's placeholder does not count)."""
+    from zoo.shell import MultiHead
+
+    method = getattr(type(layer), "attend", None)
+    return callable(method) and method is not MultiHead.attend
+
+
 def _resolve(e: Entry | str) -> Entry:
     return e if isinstance(e, Entry) else _entry(e)
 
@@ -58,7 +66,7 @@ def attention_matrix(layer: nn.Module, n: int = 16, *, q=None, k=None, mask=None
     Returns:
         `(h, n, n)` for the first batch element.
     """
-    if not hasattr(layer, "attend"):
+    if not has_attend(layer):
         raise TypeError(f"{type(layer).__name__} is not a kernel entry (it has no attend())")
     if q is None or k is None:
         q, k, _ = qkv_for(layer, n, seed=seed, dtype=next(layer.parameters()).dtype)
@@ -90,17 +98,21 @@ def influence(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = Non
 
 
 class _LargestTensor(TorchDispatchMode):
-    """Records the element count of the largest tensor any op produces."""
+    """Records the element count of the largest tensor any op produces, and the total count of
+    elements all ops write (a cost measure that also sees index, sort and elementwise work, which
+    the FLOP counter, counting matrix products only, does not)."""
 
     def __init__(self):
         super().__init__()
         self.largest = 0
+        self.writes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
+                self.writes += t.numel()
         return out
 
 
@@ -109,6 +121,7 @@ class Scaling:
     ns: tuple[int, ...]
     flops: tuple[int, ...]
     largest: tuple[int, ...]
+    writes: tuple[int, ...] = ()
 
     @staticmethod
     def _exponent(ns, ys) -> float:
@@ -122,6 +135,11 @@ class Scaling:
     @property
     def memory(self) -> float:
         return self._exponent(self.ns, self.largest)
+
+    @property
+    def work(self) -> float:
+        """Exponent of the elements written by all ops."""
+        return self._exponent(self.ns, self.writes)
 
 
 def scaling_input(e: Entry, n: int, dim: int) -> torch.Tensor:
@@ -144,7 +162,7 @@ def scaling(e: Entry | str, ns=None, *, make: Make | None = None) -> Scaling:
     extra = {"max_len": max(ns)} if "max_len" in accepted_keywords(load(e.id)) else {}
     if "heads" in accepted_keywords(load(e.id)) and "heads" not in e.hparams:
         extra["heads"] = SCALING_HEADS
-    flops, largest = [], []
+    flops, largest, writes = [], [], []
     for n in ns:
         layer = make(**extra).float()
         x = scaling_input(e, n, SCALING_DIM)
@@ -153,9 +171,10 @@ def scaling(e: Entry | str, ns=None, *, make: Make | None = None) -> Scaling:
             layer(x)
         flops.append(counter.get_total_flops())
         largest.append(biggest.largest)
+        writes.append(biggest.writes)
     if e.input == "image":
         ns = tuple(round(math.sqrt(n)) ** 2 for n in ns)
-    return Scaling(ns, tuple(flops), tuple(largest))
+    return Scaling(ns, tuple(flops), tuple(largest), tuple(writes))
 
 
 def reference_scale(layer: nn.Module) -> float | None:
@@ -172,7 +191,7 @@ def compare_to_softmax(layer: nn.Module, *, n: int = 37, mask=None, seed: int = 
     layer = layer.double()
     causal = getattr(layer, "causal", False)
     with torch.no_grad():
-        if hasattr(layer, "attend"):
+        if has_attend(layer):
             q, k, v = qkv_for(layer, n, b=2, seed=seed)
             out = layer.attend(q, k, v, mask)
             ref = softmax_attention(q, k, v, mask, causal=causal, scale=reference_scale(layer))
