@@ -29,6 +29,16 @@ from zoo.checks import check_sequence, positive_int, refuse_causal
 from zoo.softmax import softmax_attention
 
 
+def head_width(dim: int, heads: int, dim_head: int | None, name: str) -> int:
+    """`dim_head`, or `dim // heads` when None (then `heads` must divide `dim`), as the shell does
+    for layers that do not use it."""
+    if dim_head is None:
+        if dim % heads:
+            raise ValueError(f"{name}: heads={heads} must divide dim={dim}, or pass dim_head")
+        dim_head = dim // heads
+    return positive_int(dim_head, "dim_head")
+
+
 class MAB(nn.Module):
     """Multihead attention block `MAB(X, Y)`: `(b, i, dim)`, `(b, j, dim)` -> `(b, i, dim)`
     (the paper's eq. 6-7)."""
@@ -67,14 +77,8 @@ class SetTransformer(nn.Module):
                  causal: bool = False, inducing: int = 16):
         refuse_causal(type(self).__name__, causal)
         super().__init__()
-        positive_int(dim, "dim")
-        positive_int(heads, "heads")
-        if dim_head is None:
-            if dim % heads:
-                raise ValueError(f"SetTransformer: heads={heads} must divide dim={dim}, or pass "
-                                 "dim_head")
-            dim_head = dim // heads
-        self.dim, self.heads, self.dim_head = dim, heads, positive_int(dim_head, "dim_head")
+        self.dim, self.heads = positive_int(dim, "dim"), positive_int(heads, "heads")
+        self.dim_head = dim_head = head_width(dim, heads, dim_head, type(self).__name__)
         self.inducing = positive_int(inducing, "inducing")
         self.inducing_points = nn.Parameter(torch.randn(inducing, dim) * dim ** -0.5)  # I
         self.summarise = MAB(dim, heads, dim_head)  # H = MAB(I, X), eq. (10)
