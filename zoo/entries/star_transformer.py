@@ -16,9 +16,9 @@ taken round the ring (the first and last tokens are neighbours).
 
 Deviations from the paper:
 
-- Each step has its own weights (the paper's equations do not index them by step). The relay
-  update after the last step is not computed: the layer returns the satellites, and the final
-  relay would only feed a classifier.
+- Each step has its own weights (the paper's equations leave this open; the authors' code does
+  the same). The relay update after the last step is not computed: the layer returns the
+  satellites, and the final relay would only feed a classifier.
 - With a padding mask the ring runs over the real tokens only (a padded sequence gives the
   same outputs as the sequence without its padding) and the relay ignores padded satellites.
 - No position embeddings are added inside the layer; they are the caller's job.
