@@ -128,7 +128,7 @@ def measure(name: str, n: int, *, dim: int, heads: int, backward: bool, repeats:
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return {"n": shape[2] * shape[3] if kind == "image" else n, "time_s": statistics.median(times),
+    return {"n": side * side if kind == "image" else n, "time_s": statistics.median(times),
             "peak_bytes": peak, "status": "ok"}
 
 

@@ -68,7 +68,7 @@ class Entry:
     idea: str
     formula: str
     complexity: Mapping[str, str]
-    scaling: Mapping[str, float]
+    scaling: Mapping[str, Any]
     autoregressive: bool
     masking: bool
     input: str
@@ -229,8 +229,8 @@ def validate_record(rec: _Located, path: Path | str) -> Entry:
         if not ok(rec[key]):
             raise CatalogError(path, rec.key_lines[key],
                                f"{name}: key {key!r} must be {wanted}; got {rec[key]!r}")
-    fields = {k: rec.get(k) for k in SCHEMA}
-    fields["authors"] = tuple(fields["authors"])
+    fields: dict[str, Any] = {k: rec.get(k) for k in SCHEMA}
+    fields["authors"] = tuple(rec["authors"])
     if fields["citations"] is not None:
         fields["citations"] = {"count": rec["citations"]["count"],
                                "as_of": str(rec["citations"]["as_of"])}

@@ -12,6 +12,7 @@ import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -89,11 +90,11 @@ def claim_exact(e: Entry, make: Make) -> float:
     if e.exact_when is None:
         raise ContractError(f"{e.id} declares no exact_when")
     worst = 0.0
-    variants = [({}, None)]
+    variants: list[tuple[dict, torch.Tensor | None]] = [({}, None)]
     if e.masking:
-        mask = torch.ones(2, 37, dtype=torch.bool)
-        mask[1, 25:] = False
-        variants.append(({}, mask))
+        padded = torch.ones(2, 37, dtype=torch.bool)
+        padded[1, 25:] = False
+        variants.append(({}, padded))
     if e.autoregressive:
         variants.append(({"causal": True}, None))
     for overrides, mask in variants:
@@ -119,11 +120,12 @@ def default_budget(e: Entry) -> float | None:
 def claim_approximation(e: Entry, make: Make) -> dict:
     """The error against softmax attention falls at every step of the budget."""
     errors = probe.approximation_error(e, make=make)
+    param = (e.budget or {}).get("param")
     values = list(errors)
     for small, big in zip(values, values[1:], strict=False):
         if not errors[big] < errors[small]:
-            raise ContractError(f"{e.budget['param']}={big} gives error {errors[big]:.4g}, not below "
-                                f"{errors[small]:.4g} at {e.budget['param']}={small}")
+            raise ContractError(f"{param}={big} gives error {errors[big]:.4g}, not below "
+                                f"{errors[small]:.4g} at {param}={small}")
     return errors
 
 
@@ -132,8 +134,9 @@ def claim_kernel(e: Entry, make: Make) -> float:
     layer = make().double()
     q, k, v = probe.qkv_for(layer, 13, seed=3)
     a = probe.attention_matrix(layer, q=q, k=k)
+    attend: Any = layer.attend
     with torch.no_grad():
-        out = layer.attend(q, k, v)
+        out = attend(q, k, v)
     err = ((out[0] - a @ v[0]).norm() / out[0].norm()).item()
     if not err <= 1e-10:
         raise ContractError(f"attend is not A(q, k) v: relative error {err:.3g}")
@@ -197,12 +200,12 @@ def claims_row(e: Entry) -> dict:
     else:
         held, info = attempt("approximation", claim_approximation, e, make)
         default = default_budget(e)
-        measured = ""
+        at_default = ""
         if held:
             at = probe.approximation_error(e, [default]) if default not in info else info
-            measured = f"{at[default]:.3f} at {e.budget['param']}={default}"
+            at_default = f"{at[default]:.3f} at {e.budget['param']}={default}"
         row["approximation"] = {"declared": e.budget["param"], "held": held,
-                                "measured": measured or info}
+                                "measured": at_default or info}
     return row
 
 

@@ -60,7 +60,9 @@ def pattern_maps(e: Entry) -> list[tuple[str, torch.Tensor]]:
     """(title, (n, n) map) pairs: the attention matrix of head 0 for kernel entries, the influence
     map otherwise; causal too where the entry is autoregressive."""
     make = factory(e)
-    modes = [("full", {})] + ([("causal", {"causal": True})] if e.autoregressive else [])
+    modes: list[tuple[str, dict]] = [("full", {})]
+    if e.autoregressive:
+        modes.append(("causal", {"causal": True}))
     out = []
     for label, kw in modes:
         layer = make(**kw).double()
@@ -109,7 +111,7 @@ def approximation_png(e: Entry, errors: dict) -> bytes:
     ax.plot(xs, ys, marker="o", color="#5e35b1")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel(e.budget["param"], fontsize=9)
+    ax.set_xlabel(str((e.budget or {}).get("param")), fontsize=9)
     ax.set_ylabel("relative error vs softmax", fontsize=9)
     ax.set_title(f"{e.id}: error as the budget grows", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)

@@ -88,6 +88,7 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
     code = f"[{e.code}]({e.code})" if e.code else "none public"
     arxiv = f" · [arXiv:{e.arxiv}](https://arxiv.org/abs/{e.arxiv})" if e.arxiv else ""
     exact = ", ".join(f"`{k}={v!r}`" for k, v in (e.exact_when or {}).items()) or "defaults"
+    ns: list = list(e.scaling.get("ns") or SCALING_NS)
     lines = [
         f"# {e.title}",
         "",
@@ -123,8 +124,7 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
         "",
         "Measured by `zoo.probe.scaling`: the FLOPs and the largest intermediate tensor of one "
         "forward pass, their exponent of n taken between the two largest lengths"
-        f" ({', '.join(map(str, e.scaling.get('ns') or SCALING_NS))}"
-        f"{' pixels' if e.input == 'image' else ''}).",
+        f" ({', '.join(str(n) for n in ns)}{' pixels' if e.input == 'image' else ''}).",
         "",
     ]
     if e.scaling.get("why"):
@@ -315,7 +315,7 @@ def taxonomy_page(entries: list[Entry]) -> str:
 
 def _num(row: dict, kind: str) -> float:
     try:
-        return float((row.get(kind) or {}).get("measured"))
+        return float((row.get(kind) or {}).get("measured", "nan"))
     except (TypeError, ValueError):
         return float("nan")
 

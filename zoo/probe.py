@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,8 +73,9 @@ def attention_matrix(layer: nn.Module, n: int = 16, *, q=None, k=None, mask=None
         q, k, _ = qkv_for(layer, n, seed=seed, dtype=next(layer.parameters()).dtype)
     b, h, n = q.shape[:3]
     eye = torch.eye(n, dtype=q.dtype).expand(b, h, n, n)
+    attend: Any = layer.attend
     with torch.no_grad():
-        return layer.attend(q, k, eye, mask)[0]
+        return attend(q, k, eye, mask)[0]
 
 
 def influence(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,20 +191,21 @@ def compare_to_softmax(layer: nn.Module, *, n: int = 37, mask=None, seed: int = 
     through a softmax layer given the same `to_qkv` and `to_out` weights.
     """
     layer = layer.double()
+    shell: Any = layer  # attributes of the shell or the entry, looked up by name
     causal = getattr(layer, "causal", False)
     with torch.no_grad():
         if has_attend(layer):
             q, k, v = qkv_for(layer, n, b=2, seed=seed)
-            out = layer.attend(q, k, v, mask)
+            out = shell.attend(q, k, v, mask)
             ref = softmax_attention(q, k, v, mask, causal=causal, scale=reference_scale(layer))
         elif hasattr(layer, "to_qkv") and hasattr(layer, "to_out"):
             from zoo.entries.softmax_attention import SoftmaxAttention
 
-            exact = SoftmaxAttention(layer.dim, heads=layer.heads, dim_head=layer.dim_head,
+            exact = SoftmaxAttention(shell.dim, heads=shell.heads, dim_head=shell.dim_head,
                                      causal=causal).double()
-            exact.to_qkv.load_state_dict(layer.to_qkv.state_dict())
-            exact.to_out.load_state_dict(layer.to_out.state_dict())
-            x = torch.randn(2, n, layer.dim, generator=torch.Generator().manual_seed(seed),
+            exact.to_qkv.load_state_dict(shell.to_qkv.state_dict())
+            exact.to_out.load_state_dict(shell.to_out.state_dict())
+            x = torch.randn(2, n, shell.dim, generator=torch.Generator().manual_seed(seed),
                             dtype=torch.float64)
             out, ref = layer(x, mask=mask) if mask is not None else layer(x), exact(x, mask)
         else:
@@ -225,7 +228,7 @@ def approximation_error(e: Entry | str, budgets=None, *, n: int = 64, draws: int
         `{budget value: error}` in budget order.
     """
     e = _resolve(e)
-    if e.budget is None and budgets is None:
+    if e.budget is None:
         raise ValueError(f"{e.id} declares no budget in the catalogue")
     param = e.budget["param"]
     budgets = budgets or e.budget["values"]

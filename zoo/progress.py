@@ -14,7 +14,11 @@ def progress_bar(total: int, desc: str) -> Iterator[Callable[[str], None]]:
 
     bar = tqdm(total=total, desc=desc, unit="entry", file=sys.stderr, leave=False,
                disable=not sys.stderr.isatty())
+    def step(label: str) -> None:
+        bar.set_postfix_str(label, refresh=False)
+        bar.update(1)
+
     try:
-        yield lambda label: (bar.set_postfix_str(label, refresh=False), bar.update(1))
+        yield step
     finally:
         bar.close()

@@ -66,8 +66,8 @@ def load(name: str) -> type[nn.Module]:
 
 
 def accepted_keywords(cls: type) -> list[str]:
-    params = inspect.signature(cls.__init__).parameters
-    return [p for p, v in params.items() if p != "self" and v.kind in
+    params = inspect.signature(cls).parameters
+    return [p for p, v in params.items() if v.kind in
             (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
 
 
