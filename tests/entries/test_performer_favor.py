@@ -12,12 +12,12 @@ from zoo.entries.performer_favor import (
     causal_sum,
     favor_attention,
     gaussian_projection,
-    kernel_attention_step,
+    kernel_attention_recurrent,
     prefix_sum,
     trig_features,
 )
 
-RANDOM_FEATURE_ENTRIES = ["performer-favor"]
+RANDOM_FEATURE_ENTRIES = ["performer-favor", "performer"]
 
 
 def randn(*shape, seed=0, scale=1.0):
@@ -90,12 +90,8 @@ def test_causal_favor_equals_one_token_at_a_time():
     qs, ks = q * 8 ** -0.25, k * 8 ** -0.25
     phi_q = trig_features(qs, w) * (qs.square().sum(-1, keepdim=True) / 2).exp()
     phi_k = trig_features(ks, w) * (ks.square().sum(-1, keepdim=True) / 2).exp()
-    state, outs = None, []
-    for t in range(23):
-        out, state = kernel_attention_step(phi_q[:, :, t], phi_k[:, :, t], v[:, :, t], state)
-        outs.append(out)
     torch.testing.assert_close(favor_attention(q, k, v, w, causal=True, chunk=4),
-                               torch.stack(outs, dim=2), rtol=1e-9, atol=1e-10)
+                               kernel_attention_recurrent(phi_q, phi_k, v), rtol=1e-9, atol=1e-10)
 
 
 def test_projection_rows_orthogonal_in_blocks_with_gaussian_lengths():
@@ -130,7 +126,8 @@ def test_random_features_are_a_seeded_buffer_redrawn_only_in_training(name):
     torch.testing.assert_close(redrawing.projection, layer.projection, rtol=0, atol=0)
 
 
-def test_causal_layer_is_linear_in_time_and_memory():
-    e = zoo.entry("performer-favor")
+@pytest.mark.parametrize("name", RANDOM_FEATURE_ENTRIES)
+def test_causal_layer_is_linear_in_time_and_memory(name):
+    e = zoo.entry(name)
     s = probe.scaling(e, make=lambda **kw: zoo.create(e.id, dim=32, causal=True, **e.hparams, **kw))
     assert abs(s.time - 1) < 0.1 and abs(s.memory - 1) < 0.1, s

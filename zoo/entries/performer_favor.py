@@ -177,6 +177,17 @@ def kernel_attention_step(phi_q, phi_k, v, state=None, *, gate=None):
     return num / einsum(phi_q, z, "b h f, b h f -> b h")[..., None], (s, z)
 
 
+def kernel_attention_recurrent(phi_q, phi_k, v, *, gates=None) -> torch.Tensor:
+    """The recurrent form over a whole sequence, one token at a time (for tests; `(b, h, n, .)`
+    inputs, gates `(b, h, n)` or None). Equals `kernel_attention(..., causal=True)`."""
+    state, outs = None, []
+    for t in range(v.shape[2]):
+        gate = None if gates is None else gates[:, :, t]
+        out, state = kernel_attention_step(phi_q[:, :, t], phi_k[:, :, t], v[:, :, t], state, gate=gate)
+        outs.append(out)
+    return torch.stack(outs, dim=2)
+
+
 def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
                     mask: torch.Tensor | None = None, *, causal: bool = False,
                     chunk: int = 64) -> torch.Tensor:
