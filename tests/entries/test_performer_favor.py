@@ -17,7 +17,7 @@ from zoo.entries.performer_favor import (
     trig_features,
 )
 
-RANDOM_FEATURE_ENTRIES = ["performer-favor", "performer", "random-feature-attention"]
+RANDOM_FEATURE_ENTRIES = ["performer-favor", "performer", "slim-performer", "random-feature-attention"]
 
 
 def randn(*shape, seed=0, scale=1.0):

@@ -83,6 +83,8 @@ def causal_sum(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *, chu
 
     Within a chunk the `(c, c)` scores are explicit; across chunks each chunk's `(f, e)` state
     is summed over the chunks before it (a cumulative sum, or with decays a log-depth scan).
+    The contractions are plain matmuls, which batched gradients (`torch.autograd.functional.
+    jacobian(vectorize=True)`) support inside a custom backward, as slim-performer's.
 
     Args:
         phi_q, phi_k: `(b, h, n, f)`. v: `(b, h, n, e)`.
@@ -94,22 +96,20 @@ def causal_sum(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *, chu
     n, c = v.shape[2], min(chunk, v.shape[2])
     q, k, v = (rearrange(pad_to_multiple(t, c)[0], "b h (nc c) x -> b h nc c x", c=c)
                for t in (phi_q, phi_k, v))
-    scores = einsum(q, k, "b h nc i f, b h nc j f -> b h nc i j")
+    scores = q @ k.transpose(-1, -2)  # (b h nc i j)
     if log_decay is None:
         scores = scores.tril()
-        states = einsum(k, v, "b h nc j f, b h nc j e -> b h nc f e").cumsum(dim=2)
+        states = (k.transpose(-1, -2) @ v).cumsum(dim=2)  # (b h nc f e)
     else:
         a = rearrange(pad_to_multiple(log_decay, c, dim=-1)[0], "b h (nc c) -> b h nc c", c=c)
         a = a.cumsum(dim=-1)  # log of the decay from the chunk's start to each position
         gaps = rearrange(a, "... i -> ... i 1") - rearrange(a, "... j -> ... 1 j")
         scores = scores * gaps.masked_fill(~causal_mask(c, c, a.device), neg_fill(a.dtype)).exp()
         k = k * rearrange((a[..., -1:] - a).exp(), "... j -> ... j 1")  # decay to the chunk's end
-        states = decayed_cumsum(einsum(k, v, "b h nc j f, b h nc j e -> b h nc f e"),
-                                a[..., -1].exp())
+        states = decayed_cumsum(k.transpose(-1, -2) @ v, a[..., -1].exp())
         q = q * rearrange(a.exp(), "... i -> ... i 1")
     carried = F.pad(states[:, :, :-1], (0, 0, 0, 0, 1, 0))  # the state entering each chunk
-    out = (einsum(scores, v, "b h nc i j, b h nc j e -> b h nc i e")
-           + einsum(q, carried, "b h nc i f, b h nc f e -> b h nc i e"))
+    out = scores @ v + q @ carried  # (b h nc c e)
     return rearrange(out, "b h nc c e -> b h (nc c) e")[:, :, :n]
 
 
