@@ -45,13 +45,16 @@ def positive_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def favor_plus_features(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor,
                         mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of `q d^{-1/4}` and `k d^{-1/4}`, with the shifts that cancel in the ratio:
-    queries row by row, keys by one constant per batch and head; padded keys get 0."""
+    """The features of `q d^{-1/4}` and `k d^{-1/4}` up to factors that cancel in the ratio.
+
+    Dropped: for each query, `exp(-|q|^2 / 2) / sqrt(m)` and its largest exponent; for the keys,
+    `1 / sqrt(m)` and their largest exponent over the real keys (per batch and head). Padded keys
+    get 0. Returns `(b, h, n, m)` twice.
+    """
     q, k = q * q.shape[-1] ** -0.25, k * k.shape[-1] ** -0.25  # q'.k' = q.k / sqrt(d)
-    exp_q = softmax_kernel_exponent(q, w)
-    phi_q = (exp_q - exp_q.detach().amax(dim=-1, keepdim=True)).exp()
-    phi_k = exp_over_keys(softmax_kernel_exponent(k, w), mask)
-    return phi_q / w.shape[-2] ** 0.5, phi_k / w.shape[-2] ** 0.5
+    proj_q = einsum(q, w, "b h n d, h m d -> b h n m")
+    phi_q = (proj_q - proj_q.detach().amax(dim=-1, keepdim=True)).exp()
+    return phi_q, exp_over_keys(softmax_kernel_exponent(k, w), mask)
 
 
 def favor_plus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
@@ -66,9 +69,15 @@ def favor_plus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: t
 class Performer(PerformerFavor):
     """Multi-head FAVOR+ attention. `(b, n, dim) -> (b, n, dim)`.
 
-    The hyper-parameters are FAVOR's (`features`, `orthogonal`, `redraw`, `seed`, `chunk`); only
-    the feature map differs, and here `features` is the number of positive features `m`.
+    The hyper-parameters are FAVOR's (see performer-favor); only the feature map differs, and
+    here `features` is the number of positive features `m`.
     """
+
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None,
+                 causal: bool = False, features: int = 256, orthogonal: bool = True,
+                 redraw: bool = False, seed: int = 0, chunk: int = 64):
+        super().__init__(dim, heads=heads, dim_head=dim_head, causal=causal, features=features,
+                         orthogonal=orthogonal, redraw=redraw, seed=seed, chunk=chunk)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -229,7 +229,8 @@ class PerformerFavor(RandomFeatureHeads):
     """Multi-head FAVOR attention. `(b, n, dim) -> (b, n, dim)`.
 
     Args:
-        features: number of random projections `m` (the feature map has `2m` entries).
+        features: number of random projections `m`; the feature map has `2m` entries, so the
+            default 128 matches the performer entry's 256 features.
         orthogonal: orthogonal projections (FAVOR) rather than i.i.d. Gaussian ones.
         redraw: draw new projections at every call in training mode.
         seed: seed of the projections drawn at construction.
@@ -237,7 +238,7 @@ class PerformerFavor(RandomFeatureHeads):
     """
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None,
-                 causal: bool = False, features: int = 256, orthogonal: bool = True,
+                 causal: bool = False, features: int = 128, orthogonal: bool = True,
                  redraw: bool = False, seed: int = 0, chunk: int = 64):
         super().__init__(dim, heads=heads, dim_head=dim_head, causal=causal, features=features,
                          orthogonal=orthogonal, redraw=redraw, seed=seed, chunk=chunk)
