@@ -8,8 +8,9 @@ import torch.nn.functional as F
 import zoo
 from zoo import probe
 from zoo.contract import factory, run_contract
-from zoo.entries.performer_favor import gaussian_projection, kernel_attention_recurrent, trig_features
+from zoo.entries.performer_favor import gaussian_projection, trig_features
 from zoo.entries.random_feature_attention import random_feature_attention
+from zoo.linear import kernel_attention_recurrent
 from zoo.softmax import softmax_attention
 
 

@@ -8,8 +8,9 @@ import zoo
 from zoo import probe
 from zoo.contract import factory
 from zoo.entries.performer import favor_plus_features
-from zoo.entries.performer_favor import gaussian_projection, kernel_attention_recurrent, prefix_sum
+from zoo.entries.performer_favor import gaussian_projection
 from zoo.entries.slim_performer import SlimPerformer, SlimPrefixSum, slim_attention
+from zoo.linear import kernel_attention_recurrent, prefix_sum
 from zoo.masks import zero_padded
 
 

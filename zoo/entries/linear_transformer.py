@@ -9,8 +9,9 @@ $$ O_i = \frac{\phi(Q_i)^\top \sum_{j} \phi(K_j)\, V_j^\top}{\phi(Q_i)^\top \sum
 
 (the sums run over $j \le i$ when causal).
 
-Deviations from the paper: none. The causal form here is the plain prefix sum over a
-`(b, h, n, d, e)` tensor; the paper's CUDA kernel computes the same sums without storing them.
+Deviations from the paper: none. The causal prefix sums are computed chunk by chunk
+(`zoo.linear.causal_sum`), the same sums without storing the `(n, d, e)` prefix tensor, as the
+paper's CUDA kernel avoids it too.
 """
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from einops import einsum, reduce
 
 from zoo.checks import check_qkv
+from zoo.linear import causal_sum
 from zoo.masks import zero_padded
 from zoo.shell import MultiHead
 
@@ -43,10 +45,9 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_qkv(q, k, v, mask, name="linear_attention")
     q, k = elu_feature_map(q), zero_padded(elu_feature_map(k), mask)
     if causal:
-        state = einsum(k, v, "b h j d, b h j e -> b h j d e").cumsum(dim=2)
-        norm = k.cumsum(dim=2)  # (b h i d)
-        num = einsum(q, state, "b h i d, b h i d e -> b h i e")
-        den = einsum(q, norm, "b h i d, b h i d -> b h i")
+        # the prefix sums of eq. (10-12), chunk by chunk; a column of ones carries the normaliser
+        sums = causal_sum(q, k, torch.cat([v, torch.ones_like(v[..., :1])], dim=-1))
+        num, den = sums[..., :-1], sums[..., -1]
     else:
         state = einsum(k, v, "b h j d, b h j e -> b h d e")
         norm = reduce(k, "b h j d -> b h d", "sum")

@@ -30,7 +30,8 @@ import torch
 from einops import einsum
 
 from zoo.checks import check_qkv
-from zoo.entries.performer_favor import PerformerFavor, exp_over_keys, kernel_attention
+from zoo.entries.performer_favor import PerformerFavor, exp_over_keys
+from zoo.linear import kernel_attention
 
 
 def softmax_kernel_exponent(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 
 from zoo.checks import check_qkv
 from zoo.entries.performer import Performer, favor_plus_features
-from zoo.entries.performer_favor import causal_sum, kernel_attention, ratio
+from zoo.linear import causal_sum, kernel_attention, ratio
 from zoo.masks import zero_padded
 
 

@@ -1,0 +1,127 @@
+"""Kernelised (linear) attention sums, shared by every feature-map entry.
+
+With a feature map $\\phi$, attention becomes $O_i = \\phi(q_i)^\top S / \\phi(q_i)^\top z$ with
+$S = \\sum_j \\phi(k_j) v_j^\top$ and $z = \\sum_j \\phi(k_j)$, the sums running over $j \\le i$ when
+causal. The causal sums are computed chunk by chunk (explicit scores inside a chunk, a running
+`(f, e)` state across chunks), optionally with a per-token decay of the state; the plain prefix
+sum and the one-token-at-a-time recurrence are kept as references for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+
+from zoo.masks import causal_mask, neg_fill, pad_to_multiple, zero_padded
+
+
+def causal_sum(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *, chunk: int = 64,
+               log_decay: torch.Tensor | None = None) -> torch.Tensor:
+    r"""`out_i = sum_{j <= i} g_{j+1} ... g_i (phi_q_i . phi_k_j) v_j`, computed chunk by chunk.
+
+    Within a chunk the `(c, c)` scores are explicit; across chunks each chunk's `(f, e)` state
+    is summed over the chunks before it (a cumulative sum, or with decays a log-depth scan).
+    The contractions are plain matmuls, which batched gradients (`torch.autograd.functional.
+    jacobian(vectorize=True)`) support inside a custom backward, as slim-performer's.
+
+    Args:
+        phi_q, phi_k: `(b, h, n, f)`. v: `(b, h, n, e)`.
+        log_decay: `(b, h, n)`, `log g_t <= 0`; None means no decay (all `g = 1`).
+
+    Returns:
+        `(b, h, n, e)`.
+    """
+    n, c = v.shape[2], min(chunk, v.shape[2])
+    q, k, v = (rearrange(pad_to_multiple(t, c)[0], "b h (nc c) x -> b h nc c x", c=c)
+               for t in (phi_q, phi_k, v))
+    scores = q @ k.transpose(-1, -2)  # (b h nc i j)
+    if log_decay is None:
+        scores = scores.tril()
+        states = (k.transpose(-1, -2) @ v).cumsum(dim=2)  # (b h nc f e)
+    else:
+        a = rearrange(pad_to_multiple(log_decay, c, dim=-1)[0], "b h (nc c) -> b h nc c", c=c)
+        a = a.cumsum(dim=-1)  # log of the decay from the chunk's start to each position
+        gaps = rearrange(a, "... i -> ... i 1") - rearrange(a, "... j -> ... 1 j")
+        scores = scores * gaps.masked_fill(~causal_mask(c, c, a.device), neg_fill(a.dtype)).exp()
+        k = k * rearrange((a[..., -1:] - a).exp(), "... j -> ... j 1")  # decay to the chunk's end
+        states = decayed_cumsum(k.transpose(-1, -2) @ v, a[..., -1].exp())
+        q = q * rearrange(a.exp(), "... i -> ... i 1")
+    carried = F.pad(states[:, :, :-1], (0, 0, 0, 0, 1, 0))  # the state entering each chunk
+    out = scores @ v + q @ carried  # (b h nc c e)
+    return rearrange(out, "b h nc c e -> b h (nc c) e")[:, :, :n]
+
+
+def decayed_cumsum(u: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """`s_c = gamma_c s_{c-1} + u_c` over axis 2, by a log-depth (Hillis-Steele) scan.
+
+    u `(b, h, nc, f, e)`, gamma `(b, h, nc)` in [0, 1] -> `(b, h, nc, f, e)`.
+    """
+    step = 1
+    while step < u.shape[2]:
+        gain = rearrange(gamma[:, :, step:], "b h c -> b h c 1 1")
+        u = torch.cat([u[:, :, :step], u[:, :, step:] + gain * u[:, :, :-step]], dim=2)
+        gamma = torch.cat([gamma[:, :, :step], gamma[:, :, step:] * gamma[:, :, :-step]], dim=2)
+        step *= 2
+    return u
+
+
+def kernel_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None = None, *, causal: bool = False, chunk: int = 64,
+                     log_decay: torch.Tensor | None = None) -> torch.Tensor:
+    """`O_i = phi_q_i^T S / phi_q_i^T z` with `S = sum_j phi_k_j v_j^T`, `z = sum_j phi_k_j`
+    (over `j <= i` when causal). phi `(b, h, n, f)`, v `(b, h, n, e)` -> `(b, h, n, e)`."""
+    phi_k = zero_padded(phi_k, mask)
+    v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # the last column sums the normaliser
+    if causal:
+        num = causal_sum(phi_q, phi_k, v, chunk=chunk, log_decay=log_decay)
+    else:
+        num = einsum(phi_q, einsum(phi_k, v, "b h n f, b h n e -> b h f e"), "b h n f, b h f e -> b h n e")
+    return ratio(num)
+
+
+def ratio(num: torch.Tensor) -> torch.Tensor:
+    """Split `(..., e + 1)` sums into values over normaliser (the last column).
+
+    No epsilon: it would not scale with the features (whose constant factors cancel here), so
+    a normaliser of exactly 0 (a row with no real key) gives 0 instead.
+    """
+    den = num[..., -1:]
+    return num[..., :-1] / den.masked_fill(den == 0, 1)
+
+
+def prefix_sum(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The paper's causal form: prefix sums of `phi_k v^T` over a `(b, h, n, f, e)` tensor, read by
+    every query. The reference the chunked `causal_sum` is tested against."""
+    states = einsum(phi_k, v, "b h n f, b h n e -> b h n f e").cumsum(dim=2)
+    return einsum(phi_q, states, "b h n f, b h n f e -> b h n e")
+
+
+def kernel_attention_step(phi_q, phi_k, v, state=None, *, gate=None):
+    """One token of the recurrent form: `S = g S + phi_k v^T`, `z = g z + phi_k`, read by phi_q.
+
+    Args:
+        phi_q, phi_k: `(b, h, f)`. v: `(b, h, e)`. gate: `(b, h)` decay of the old state, or None.
+        state: `(S, z)`, `(b, h, f, e)` and `(b, h, f)`; None starts from zeros.
+
+    Returns:
+        `(out (b, h, e), state)`.
+    """
+    s, z = state if state is not None else (phi_k.new_zeros(*phi_k.shape, v.shape[-1]),
+                                            phi_k.new_zeros(phi_k.shape))
+    if gate is not None:
+        s, z = s * gate[..., None, None], z * gate[..., None]
+    s, z = s + einsum(phi_k, v, "b h f, b h e -> b h f e"), z + phi_k
+    num = einsum(phi_q, s, "b h f, b h f e -> b h e")
+    return num / einsum(phi_q, z, "b h f, b h f -> b h")[..., None], (s, z)
+
+
+def kernel_attention_recurrent(phi_q, phi_k, v, *, gates=None) -> torch.Tensor:
+    """The recurrent form over a whole sequence, one token at a time (for tests; `(b, h, n, .)`
+    inputs, gates `(b, h, n)` or None). Equals `kernel_attention(..., causal=True)`."""
+    state, outs = None, []
+    for t in range(v.shape[2]):
+        gate = None if gates is None else gates[:, :, t]
+        out, state = kernel_attention_step(phi_q[:, :, t], phi_k[:, :, t], v[:, :, t], state, gate=gate)
+        outs.append(out)
+    return torch.stack(outs, dim=2)
