@@ -89,6 +89,64 @@ def sort_order(groups: torch.Tensor) -> torch.Tensor:
     return (groups * n + torch.arange(n, device=groups.device)).argsort(dim=-1)
 
 
+def bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: torch.Tensor,
+                     k_buckets: torch.Tensor, mask: torch.Tensor | None = None, *, chunk_size: int,
+                     causal: bool = False, exclude_self: bool = False,
+                     scale: float | None = None) -> torch.Tensor:
+    """Attention within buckets, over sorted chunks, merged over rounds.
+
+    In each round queries and keys are sorted by (bucket, position) and cut into chunks of
+    `chunk_size`; a query chunk attends to the key chunk at its place and the one before, only to
+    keys of its own bucket. Rounds merge by their log normalisers, a pair met in N rounds counted
+    once.
+
+    Args:
+        q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. q_buckets, k_buckets: `(b, h, n, r)` integers.
+        mask: `(b, n)`, True = real token. causal: query `i` sees keys `j <= i` only.
+        exclude_self: row `i` skips key `i` unless nothing else is left (shared QK).
+
+    Returns:
+        `(b, h, n, e)`.
+    """
+    b, h, n, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    c = min(chunk_size, n)
+    (q, pad), (k, _), (v, _), (qb, _), (kb, _) = (pad_to_multiple(t, c, dim=2)
+                                                  for t in (q, k, v, q_buckets, k_buckets))
+    mask = pad_mask(mask, b, n, pad, q.device)
+    real = torch.ones(b, h, n + pad, dtype=torch.bool, device=q.device) if mask is None else \
+        rearrange(mask, "b n -> b 1 n").expand(b, h, -1)
+    # Padded tokens get a bucket past the last, so they sort behind every real token.
+    sentinel = int(max(qb.max(), kb.max())) + 1
+    qb, kb = (t.masked_fill(~real[..., None], sentinel) for t in (qb, kb))  # (b h n r)
+    rounds = qb.shape[-1]
+    slot = torch.arange(2 * c, device=q.device)
+    window = slot >= rearrange(torch.arange(c, device=q.device), "i -> i 1")  # the c slots before
+    log_count = torch.arange(rounds + 1, dtype=q.dtype, device=q.device).clamp(min=1).log()
+    outs, lses = [], []
+    for r in range(rounds):
+        q_order, k_order = sort_order(qb[..., r]), sort_order(kb[..., r])
+        qc, qbc = to_chunks(q, q_order, c), to_chunks(qb, q_order, c)  # (b h nc c d), (b h nc c r)
+        kc, vc, kbc, kreal = (with_previous(gather_sorted(t, k_order), c, fill)  # (b h nc 2c ...)
+                              for t, fill in ((k, 0.0), (v, 0.0), (kb, -1), (real, False)))
+        qpos = rearrange(q_order, "b h (nc c) -> b h nc c 1", c=c)
+        kpos = rearrange(with_previous(k_order, c, -1), "b h nc j -> b h nc 1 j")
+        shared = [rearrange(qbc[..., s], "b h nc i -> b h nc i 1") ==
+                  rearrange(kbc[..., s], "b h nc j -> b h nc 1 j") for s in range(rounds)]
+        keep = shared[r] & rearrange(kreal, "b h nc j -> b h nc 1 j")  # (b h nc i j)
+        if causal:
+            keep = keep & (kpos <= qpos) & window
+        scores = einsum(qc, kc, "b h nc i d, b h nc j d -> b h nc i j") * scale
+        if rounds > 1:  # a pair met in N rounds is counted once over the rounds: minus log N
+            scores -= log_count[sum(t.to(torch.uint8) for t in shared).long()]
+        if exclude_self:
+            scores.masked_fill_((kpos == qpos) & keep, neg_fill(scores.dtype) / 2)
+        out, lse = chunk_softmax(scores, keep, vc)
+        outs.append(unsort(rearrange(out, "b h nc c e -> b h (nc c) e"), q_order))
+        lses.append(unsort(rearrange(lse, "b h nc c -> b h (nc c)"), q_order))
+    return combine_rounds(torch.stack(outs), torch.stack(lses))[:, :, :n]
+
+
 # --- Reformer -------------------------------------------------------------------------------------
 
 
@@ -104,7 +162,7 @@ def lsh_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
 def reformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor,
                        mask: torch.Tensor | None = None, *, chunk_size: int, causal: bool = False,
                        scale: float | None = None) -> torch.Tensor:
-    """Multi-round LSH attention.
+    """Multi-round LSH attention (Sec. 2-3): hash, sort, attend in chunks, merge rounds.
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. rotations: `(r, d, nb/2)`, one per hash round.
@@ -115,41 +173,8 @@ def reformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotati
         `(b, h, n, e)`.
     """
     check_qkv(q, k, v, mask, name="reformer_attention")
-    b, h, n, d = q.shape
-    scale = d ** -0.5 if scale is None else scale
-    c = min(chunk_size, n)
-    (q, pad), (k, _), (v, _) = (pad_to_multiple(t, c) for t in (q, k, v))
-    mask = pad_mask(mask, b, n, pad, q.device)
-    real = torch.ones(b, h, n + pad, dtype=torch.bool, device=q.device) if mask is None else \
-        rearrange(mask, "b n -> b 1 n").expand(b, h, -1)
-    # Padded tokens get a bucket past the last, so they sort behind every real token.
-    sentinel = max(2 * rotations.shape[-1], 1)
-    qb, kb = (lsh_buckets(t, rotations).masked_fill(~real[..., None], sentinel).short()
-              for t in (q, k))  # (b h n r)
-    slot = torch.arange(2 * c, device=q.device)
-    window = slot >= rearrange(torch.arange(c, device=q.device), "i -> i 1")  # the c slots before
-    log_count = torch.arange(len(rotations) + 1, dtype=q.dtype, device=q.device).clamp(min=1).log()
-    outs, lses = [], []
-    for r in range(rotations.shape[0]):
-        q_order, k_order = sort_order(qb[..., r].long()), sort_order(kb[..., r].long())
-        qc, qbc = to_chunks(q, q_order, c), to_chunks(qb, q_order, c)  # (b h nc c d), (b h nc c r)
-        kc, vc, kbc, kreal = (with_previous(gather_sorted(t, k_order), c, fill)  # (b h nc 2c ...)
-                              for t, fill in ((k, 0.0), (v, 0.0), (kb, -1), (real, False)))
-        qpos = rearrange(q_order, "b h (nc c) -> b h nc c 1", c=c)
-        kpos = rearrange(with_previous(k_order, c, -1), "b h nc j -> b h nc 1 j")
-        shared = [rearrange(qbc[..., s], "b h nc i -> b h nc i 1") ==
-                  rearrange(kbc[..., s], "b h nc j -> b h nc 1 j") for s in range(len(rotations))]
-        keep = shared[r] & rearrange(kreal, "b h nc j -> b h nc 1 j")  # (b h nc i j)
-        if causal:
-            keep = keep & (kpos <= qpos) & window
-        scores = einsum(qc, kc, "b h nc i d, b h nc j d -> b h nc i j") * scale
-        if len(shared) > 1:  # a pair met in N rounds is counted once over the rounds: minus log N
-            scores -= log_count[sum(t.to(torch.uint8) for t in shared).long()]
-        scores.masked_fill_((kpos == qpos) & keep, neg_fill(scores.dtype) / 2)
-        out, lse = chunk_softmax(scores, keep, vc)
-        outs.append(unsort(rearrange(out, "b h nc c e -> b h (nc c) e"), q_order))
-        lses.append(unsort(rearrange(lse, "b h nc c -> b h (nc c)"), q_order))
-    return combine_rounds(torch.stack(outs), torch.stack(lses))[:, :, :n]
+    return bucket_attention(q, k, v, lsh_buckets(q, rotations), lsh_buckets(k, rotations), mask,
+                            chunk_size=chunk_size, causal=causal, exclude_self=True, scale=scale)
 
 
 class Reformer(MultiHead):
