@@ -40,15 +40,19 @@ from zoo.shell import MultiHead
 
 
 def gather_sorted(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """`t` `(b, h, n, ...)` reordered along n by `order` `(b, h, n)`."""
-    idx = order.reshape(*order.shape, *[1] * (t.ndim - 3)).expand(*order.shape, *t.shape[3:])
-    return t.gather(2, idx)
+    """Rows of `t` `(b, h, n, ...)` picked along n by `order` `(b, h, m)`: `(b, h, m, ...)`."""
+    b, h, n = t.shape[:3]
+    offset = torch.arange(b * h, device=t.device).reshape(b, h, 1) * n
+    rows = t.reshape(b * h * n, -1).index_select(0, (order + offset).flatten())
+    return rows.reshape(*order.shape, *t.shape[3:])
 
 
 def unsort(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Inverse of `gather_sorted`: row `s` of `t` goes back to position `order[s]`."""
-    idx = order.reshape(*order.shape, *[1] * (t.ndim - 3)).expand_as(t)
-    return torch.zeros_like(t).scatter(2, idx, t)
+    """Inverse of `gather_sorted` for a permutation: row `s` of `t` goes back to `order[s]`."""
+    b, h, n = t.shape[:3]
+    offset = torch.arange(b * h, device=t.device).reshape(b, h, 1) * n
+    flat = t.reshape(b * h * n, -1)
+    return flat.index_copy(0, (order + offset).flatten(), flat).reshape(t.shape)
 
 
 def to_chunks(t: torch.Tensor, order: torch.Tensor, chunk: int) -> torch.Tensor:
