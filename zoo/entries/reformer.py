@@ -16,7 +16,8 @@ $$ o_i = \sum_r e^{z^{(r)}_i - z_i} \sum_{j \in \tilde P^{(r)}_i}
 ($z^{(r)}_i$ is the log normaliser of round $r$, $z_i$ of all rounds, $N_{ij}$ the number of rounds
 in which $i$ and $j$ share a bucket, $\tilde P^{(r)}_i$ the query's chunk and the one before it.)
 
-The sort-chunk-attend-scatter helpers here are shared with `routing_transformer` and `smyrf`.
+The sort-chunk-attend-scatter helpers here are shared with `routing_transformer`, `smyrf`,
+`sinkhorn_attention` and `scram`.
 
 Deviations from the paper:
 - `attend(q, k, v)` hashes `q` and `k` separately and excludes position `i` from row `i`; the layer
@@ -36,7 +37,7 @@ from zoo.checks import check_qkv, check_sequence, positive_int
 from zoo.masks import neg_fill, pad_mask, pad_to_multiple
 from zoo.shell import MultiHead
 
-# --- sort into chunks, attend, scatter back (shared with routing-transformer and smyrf) ----------
+# --- sort into chunks, attend, scatter back (also used by routing, smyrf, sinkhorn, scram) ------
 
 
 def gather_sorted(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,7 @@ def chunk_softmax(scores: torch.Tensor, keep: torch.Tensor, v: torch.Tensor):
 
     Returns:
         `(out, lse)`: `(b, h, nc, i, e)` and the log normaliser `(b, h, nc, i)`. A row with no key
-        kept gives zeros, and its normaliser is the dtype's most negative value.
+        kept gives zeros, and its normaliser is about the dtype's most negative value.
     """
     scores = scores.masked_fill(~keep, neg_fill(scores.dtype))
     attn = scores.softmax(dim=-1) * keep  # (b h nc i j)
@@ -166,7 +167,7 @@ def lsh_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
 def reformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor,
                        mask: torch.Tensor | None = None, *, chunk_size: int, causal: bool = False,
                        scale: float | None = None) -> torch.Tensor:
-    """Multi-round LSH attention (Sec. 2-3): hash, sort, attend in chunks, merge rounds.
+    """Multi-round LSH attention (Sec. 2): hash, sort, attend in chunks, merge rounds.
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. rotations: `(r, d, nb/2)`, one per hash round.

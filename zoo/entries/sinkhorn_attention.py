@@ -37,7 +37,7 @@ from zoo.shell import MultiHead
 def sinkhorn(logits: torch.Tensor, iters: int, *, causal: bool = False) -> torch.Tensor:
     """Sinkhorn normalisation in log space: `(..., nb, nb)` scores -> sorting matrix.
 
-    Each iteration normalises rows, then columns (Sec. 3.2), so the result is doubly stochastic
+    Each iteration normalises rows, then columns, so the result is doubly stochastic
     up to the convergence of the iterations. Causal: row `i` keeps only columns `j < i` and only
     rows are normalised (row 0 is empty).
     """
@@ -118,7 +118,8 @@ class SinkhornAttention(MultiHead):
         k = zero_padded(k, pad_mask(mask, b, n, pad, k.device))
         summary = rearrange(k, "b h (nb c) d -> b h nb c d", c=c).sum(dim=3)  # psi_P
         if self.causal:  # the sum of the blocks before each block
-            summary = summary.cumsum(dim=2) - summary
+            summary = torch.cat([torch.zeros_like(summary[:, :, :1]),
+                                 summary[:, :, :-1].cumsum(dim=2)], dim=2)
         logits = self.sort_net(summary)  # (b h nb nb)
         if self.training:  # Gumbel noise, training only
             logits = logits - torch.empty_like(logits).exponential_().log()
