@@ -70,13 +70,14 @@ class RoutingTransformer(MultiHead):
     """Routing attention with centroids learned by online k-means. `(b, n, dim) -> (b, n, dim)`.
 
     Args:
-        n_clusters: centroids per head, k; the chunk length is `ceil(n / k)`.
+        n_clusters: centroids per head, k; the chunk length is `ceil(n / k)`. The default is the
+            paper's k = sqrt(n) at n = 16384.
         decay: lambda of the moving averages (training mode only).
         seed: seeds the initial centroids.
     """
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None,
-                 causal: bool = False, n_clusters: int = 64, decay: float = 0.999, seed: int = 0):
+                 causal: bool = False, n_clusters: int = 128, decay: float = 0.999, seed: int = 0):
         super().__init__(dim, heads=heads, dim_head=dim_head, causal=causal)
         self.n_clusters = positive_int(n_clusters, "n_clusters")
         if not 0.0 <= decay < 1.0:
