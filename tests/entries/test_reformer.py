@@ -1,0 +1,109 @@
+"""Reformer: the one-bucket limit, bucket-restricted support, the shared-QK self rule and the
+multi-round union, each against an oracle written here."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoo
+from zoo.entries.reformer import Reformer, reformer_attention
+from zoo.probe import attention_matrix
+
+
+def qkv(b=2, h=2, n=37, d=8, e=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, s, generator=g, dtype=torch.float64) for s in (d, d, e)]
+
+
+def buckets(x, rotations):
+    """Angular LSH written out: argmax over [xR, -xR], one column per round. `(b, h, n, r)`."""
+    rotated = torch.einsum("bhnd,rdf->bhnrf", x, rotations)
+    return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+
+
+def oracle(q, k, v, allowed, mask=None, causal=False):
+    """Softmax over `allowed` `(b, h, i, j)` minus the diagonal, unless the diagonal is all a row
+    has (the paper's shared-QK rule)."""
+    n = q.shape[2]
+    allowed = allowed.clone()
+    if mask is not None:
+        allowed &= mask[:, None, None, :]
+    if causal:
+        allowed &= torch.ones(n, n, dtype=torch.bool).tril()
+    eye = torch.eye(n, dtype=torch.bool)
+    others = (allowed & ~eye).any(-1, keepdim=True)
+    allowed = torch.where(others, allowed & ~eye, eye.expand_as(allowed))
+    scores = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_bucket_one_chunk_is_softmax_attention_without_self(causal):
+    q, k, v = qkv()
+    mask = torch.ones(2, 37, dtype=torch.bool)
+    mask[1, 30:] = False
+    one = torch.randn(3, 8, 0, dtype=torch.float64)  # one bucket: no rotation columns
+    out = reformer_attention(q, k, v, one, mask, chunk_size=64, causal=causal)
+    ref = oracle(q, k, v, torch.ones(2, 2, 37, 37, dtype=torch.bool), mask, causal)
+    torch.testing.assert_close(out[mask[:, None].expand(-1, 2, -1)],
+                               ref[mask[:, None].expand(-1, 2, -1)], rtol=1e-10, atol=1e-12)
+
+
+def test_layer_shares_qk_and_matches_the_oracle_with_gradients():
+    layer = zoo.create("reformer", dim=32, heads=2, n_buckets=1, chunk_size=64, causal=True).double()
+    x = torch.randn(2, 21, 32, dtype=torch.float64, requires_grad=True)
+    q, v = layer.to_qv(x).chunk(2, dim=-1)
+    q, v = (t.unflatten(-1, (2, 16)).transpose(1, 2) for t in (q, v))
+    ref = oracle(q, F.normalize(q, dim=-1), v, torch.ones(2, 2, 21, 21, dtype=torch.bool),
+                 causal=True)
+    ref = layer.to_out(ref.transpose(1, 2).flatten(2))
+    out = layer(x)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    grad, = torch.autograd.grad(out.square().sum(), x)
+    grad_ref, = torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_attends_only_to_keys_of_its_own_bucket():
+    layer = Reformer(32, heads=2, n_hashes=1, n_buckets=8, chunk_size=8, seed=3).double()
+    q, k, _ = qkv(b=1, n=48, d=16, seed=1)
+    a = attention_matrix(layer, q=q, k=k)  # (h, i, j)
+    qb, kb = buckets(q, layer.rotations)[0, ..., 0], buckets(k, layer.rotations)[0, ..., 0]
+    same = qb[:, :, None] == kb[:, None, :]
+    eye = torch.eye(48, dtype=torch.bool)
+    assert (a[~(same | eye)] == 0).all()
+    assert (a[same & ~eye] > 0).sum() > 48  # it does attend within buckets
+    # Each row is a distribution, or empty where no same-bucket key falls in the query's chunks
+    # (with independent q and k; under shared QK a query always has its own key).
+    sums = a.sum(-1)
+    assert (((sums - 1).abs() < 1e-12) | (sums == 0)).all() and (sums == 0).sum() < 10
+
+
+def test_token_never_attends_to_itself_unless_it_has_nothing_else():
+    layer = Reformer(32, heads=2, n_hashes=2, n_buckets=16, chunk_size=4, causal=True).double()
+    q, _, _ = qkv(b=1, n=40, d=16, seed=2)
+    a = attention_matrix(layer, q=q, k=F.normalize(q, dim=-1))  # shared QK, as the layer does
+    diag = a.diagonal(dim1=-2, dim2=-1)
+    alone = diag > 0
+    # Wherever a token attends to itself, that is all it attends to.
+    torch.testing.assert_close(diag[alone], torch.ones_like(diag[alone]))
+    assert ((a - torch.diag_embed(diag)).sum(-1)[alone] == 0).all()
+    assert alone[:, 0].all() and (~alone).sum() > 40  # token 0 has only itself; most have others
+
+
+def test_rounds_merge_into_softmax_over_the_union_of_buckets():
+    """With chunks covering every token, the log N correction makes the merged rounds exactly the
+    softmax over all keys that share a bucket with the query in some round."""
+    q, k, v = qkv(n=30, d=8)
+    rotations = torch.randn(4, 8, 2, generator=torch.Generator().manual_seed(5),
+                            dtype=torch.float64)
+    out = reformer_attention(q, k, v, rotations, chunk_size=32)
+    qb, kb = buckets(q, rotations), buckets(k, rotations)
+    union = (qb[:, :, :, None, :] == kb[:, :, None, :, :]).any(-1)
+    torch.testing.assert_close(out, oracle(q, k, v, union), rtol=1e-10, atol=1e-12)
+
+
+def test_rotations_are_seeded_buffers():
+    a, b, c = (Reformer(32, heads=2, seed=s) for s in (0, 0, 1))
+    assert "rotations" in dict(a.named_buffers()) and "rotations" not in dict(a.named_parameters())
+    assert torch.equal(a.rotations, b.rotations) and not torch.equal(a.rotations, c.rotations)
