@@ -34,8 +34,8 @@ from einops import einsum, rearrange, repeat
 from torch import nn
 
 from zoo.checks import check_qkv, check_sequence, positive_int
-from zoo.entries.reformer import bucket_attention
 from zoo.shell import MultiHead
+from zoo.sorting import bucket_attention
 
 
 def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

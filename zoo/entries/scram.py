@@ -31,9 +31,9 @@ import torch
 from einops import einsum, rearrange
 
 from zoo.checks import check_qkv, positive_int, refuse_causal
-from zoo.entries.reformer import chunk_softmax, gather_sorted
 from zoo.masks import neg_fill
 from zoo.shell import MultiHead
+from zoo.sorting import chunk_softmax, gather_sorted
 
 PRIME = 2_147_483_647  # 2^31 - 1, the modulus of the Weyl sequences
 

@@ -29,9 +29,9 @@ from einops import einsum, rearrange
 from torch import nn
 
 from zoo.checks import check_qkv, positive_int
-from zoo.entries.reformer import chunk_softmax
 from zoo.masks import neg_fill, pad_mask, pad_to_multiple, zero_padded
 from zoo.shell import MultiHead
+from zoo.sorting import chunk_softmax
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, *, causal: bool = False) -> torch.Tensor:
