@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export NO_MKDOCS_2_WARNING := 1
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test docs clean bench
+.PHONY: install serve test docs clean bench bench-public
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +32,11 @@ clean:
 # The committed benchmark results for this machine kind (2 cores, no GPU); takes several minutes.
 bench: $(STAMP)
 	$(VENV)/bin/zoo bench --n 1024 4096 16384 --out benchmarks/results.json
+
+# Side-by-side with public CPU implementations (not dependencies: installed into .cache/public).
+PUBLIC := performer-pytorch nystrom-attention linformer local-attention reformer-pytorch \
+	sinkhorn-transformer routing-transformer axial-attention axial-positional-embedding \
+	product-key-memory mixture-of-experts hyper-connections colt5-attention
+bench-public: $(STAMP)
+	$(PY) -m pip install -q --no-deps --target .cache/public $(PUBLIC)
+	PYTHONPATH=.cache/public $(PY) benchmarks/compare_public.py --n 4096 16384 --out benchmarks/public.json
