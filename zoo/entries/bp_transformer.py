@@ -78,22 +78,26 @@ def contextual_ranges(n: int, k: int, *, causal: bool = False, device=None):
     return out
 
 
-def span_pyramid(t: torch.Tensor, weight: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Mean and token count of every span: level l holds spans of 2^l tokens.
+def span_means(t: torch.Tensor, weight: torch.Tensor, *, ratio: int = 2,
+               levels: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Mean and real-token count of aligned spans: level l holds spans of ratio^l tokens.
 
     Args:
         t: `(b, h, n, d)`. weight: `(b, n)`, 1 for real tokens and 0 for padding.
+        ratio: tokens of level l - 1 per span of level l.
+        levels: how many levels; None means until one span holds everything.
 
     Returns:
         Per level, `(means (b, h, n_l, d), counts (b, n_l))`; a span with no real token has mean 0.
     """
     sums, counts = t * rearrange(weight, "b n -> b 1 n 1"), weight
-    levels = [(sums, counts)]
-    while counts.shape[-1] > 1:
-        sums = reduce(F.pad(sums, (0, 0, 0, sums.shape[2] % 2)), "b h (m two) d -> b h m d", "sum", two=2)
-        counts = reduce(F.pad(counts, (0, counts.shape[1] % 2)), "b (m two) -> b m", "sum", two=2)
-        levels.append((sums, counts))
-    return [(s / rearrange(c.clamp(min=1), "b m -> b 1 m 1"), c) for s, c in levels]
+    out = [(sums, counts)]
+    while (counts.shape[-1] > 1) if levels is None else (len(out) < levels):
+        pad = (-counts.shape[-1]) % ratio
+        sums = reduce(F.pad(sums, (0, 0, 0, pad)), "b h (m r) d -> b h m d", "sum", r=ratio)
+        counts = reduce(F.pad(counts, (0, pad)), "b (m r) -> b m", "sum", r=ratio)
+        out.append((sums, counts))
+    return [(s / rearrange(c.clamp(min=1), "b m -> b 1 m 1"), c) for s, c in out]
 
 
 def _window(lo: torch.Tensor, hi: torch.Tensor, block: int):
@@ -116,6 +120,60 @@ def _window(lo: torch.Tensor, hi: torch.Tensor, block: int):
     return idx, keep
 
 
+def node_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   ranges, *, ratio: int, levels: int | None = None,
+                   scale: float | None = None) -> torch.Tensor:
+    """One softmax over span nodes of several levels, each query reading a range of nodes per level.
+
+    A node of level l is an aligned span of ratio^l tokens whose key and value are the means over
+    its real tokens (`span_means`). Queries go in blocks of max(16, ratio^l): a block reads one
+    window of nodes (`_window`), so its scores are one batched matrix product.
+
+    Args:
+        q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
+        ranges: `(level, lo, hi)` with `lo`, `hi` `(n,)` inclusive node indices; nodes without a
+            real token are left out.
+        ratio, levels: the spans, as in `span_means`.
+        scale: score scale; None means `d ** -0.5`.
+
+    Returns:
+        `(b, h, n, e)`; a query with no node at all gets the mean of its window's values.
+    """
+    b, h, n, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    weight = q.new_ones(b, n) if mask is None else mask.to(q.dtype)
+    keys = span_means(k, weight, ratio=ratio, levels=levels)
+    values = span_means(v, weight, ratio=ratio, levels=levels)
+    levels = []
+    for level, lo, hi in ranges:
+        block = max(QUERY_BLOCK, ratio ** level)
+        window = _window(lo, hi, block)
+        if window is not None:
+            levels.append((level, block) + window)
+    rows = max(idx.shape[0] * block for _, block, idx, _ in levels)
+    q = F.pad(q, (0, 0, 0, rows - n))  # padded once: every level's query blocks are views
+    # Two passes: scores and each query's maximum over all levels, then weights and sums.
+    scores = []
+    for level, block, idx, keep in levels:
+        (k_mean, counts), size = keys[level], keys[level][1].shape[-1]
+        node = idx.clamp(max=size - 1)
+        keep = keep & (idx < size)[:, None, :] & (counts[:, node] > 0)[:, :, None, :]  # (b nb c w)
+        q_blk = rearrange(q[:, :, :idx.shape[0] * block], "b h (nb c) d -> b h nb c d", c=block)
+        s = einsum(q_blk, k_mean[:, :, node], "b h nb c d, b h nb w d -> b h nb c w") * scale
+        scores.append(s.masked_fill(~keep[:, None], neg_fill(s.dtype)))
+    top = torch.stack([F.pad(s.amax(-1).flatten(2), (0, rows - s.shape[2] * s.shape[3]),
+                             value=neg_fill(s.dtype)) for s in scores]).amax(0)  # (b h rows)
+    out = q.new_zeros(b, h, rows, values[0][0].shape[-1])
+    norm = q.new_zeros(b, h, rows)
+    for (level, block, idx, _), s in zip(levels, scores, strict=True):
+        node, rows_l = idx.clamp(max=values[level][1].shape[-1] - 1), idx.shape[0] * block
+        weights = (s - rearrange(top[:, :, :rows_l], "b h (nb c) -> b h nb c 1", c=block)).exp()
+        rearrange(norm[:, :, :rows_l], "b h (nb c) -> b h nb c", c=block).add_(weights.sum(-1))
+        rearrange(out[:, :, :rows_l], "b h (nb c) e -> b h nb c e", c=block).add_(
+            einsum(weights, values[level][0][:, :, node], "b h nb c w, b h nb w e -> b h nb c e"))
+    return out[:, :, :n] / norm[:, :, :n, None]
+
+
 def bp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  mask: torch.Tensor | None = None, *, k_per_level: int = 4,
                  causal: bool = False, scale: float | None = None) -> torch.Tensor:
@@ -131,37 +189,8 @@ def bp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         `(b, h, n, e)`.
     """
     check_qkv(q, k, v, mask, name="bp_attention")
-    b, h, n, d = q.shape
-    scale = d ** -0.5 if scale is None else scale
-    weight = q.new_ones(b, n) if mask is None else mask.to(q.dtype)
-    keys, values = span_pyramid(k, weight), span_pyramid(v, weight)
-    # Queries padded once to a multiple of every block size, so each level's blocks are views.
-    rows = max(QUERY_BLOCK, 2 ** (len(keys) - 1))
-    q = F.pad(q, (0, 0, 0, rows - n))
-    # One softmax over the nodes of all levels, in two passes: scores and maxima, then sums.
-    levels = []
-    for level, lo, hi in contextual_ranges(n, k_per_level, causal=causal, device=q.device):
-        block = max(QUERY_BLOCK, 2 ** level)
-        window = _window(lo, hi, block)
-        if window is None:
-            continue
-        idx, keep = window
-        (k_mean, counts), size = keys[level], keys[level][1].shape[-1]
-        node = idx.clamp(max=size - 1)
-        keep = keep & (idx < size)[:, None, :] & (counts[:, node] > 0)[:, :, None, :]  # (b nb c w)
-        q_blk = rearrange(q[:, :, :idx.shape[0] * block], "b h (nb c) d -> b h nb c d", c=block)
-        s = einsum(q_blk, k_mean[:, :, node], "b h nb c d, b h nb w d -> b h nb c w") * scale
-        levels.append((level, node, block, s.masked_fill(~keep[:, None], neg_fill(s.dtype))))
-    top = torch.stack([F.pad(s.amax(-1).flatten(2), (0, rows - s.shape[2] * block),
-                             value=neg_fill(s.dtype)) for _, _, block, s in levels]).amax(0)  # (b h rows)
-    out, norm = q.new_zeros(b, h, rows, v.shape[-1]), q.new_zeros(b, h, rows)
-    for level, node, block, s in levels:
-        nb = s.shape[2]
-        weights = (s - rearrange(top[:, :, :nb * block], "b h (nb c) -> b h nb c 1", c=block)).exp()
-        rearrange(norm[:, :, :nb * block], "b h (nb c) -> b h nb c", c=block).add_(weights.sum(-1))
-        rearrange(out[:, :, :nb * block], "b h (nb c) e -> b h nb c e", c=block).add_(
-            einsum(weights, values[level][0][:, :, node], "b h nb c w, b h nb w e -> b h nb c e"))
-    return out[:, :, :n] / norm[:, :, :n, None]
+    ranges = contextual_ranges(q.shape[2], k_per_level, causal=causal, device=q.device)
+    return node_attention(q, k, v, mask, ranges, ratio=2, scale=scale)
 
 
 class BPTransformer(MultiHead):
