@@ -60,6 +60,27 @@ def gather_keys(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
              torch.arange(h, device=t.device)[None, :, None, None], idx]
 
 
+def drawn_edge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                         drawn: torch.Tensor, real: torch.Tensor | None, *,
+                         scale: float) -> torch.Tensor:
+    """Softmax attention of some queries over their drawn keys only.
+
+    Args:
+        q: `(b, h, i, d)`, the queries. k: `(b, h, n, d)`. v: `(b, h, n, e)`.
+        idx: `(b, h or 1, i, m)` the drawn keys. drawn: the scores they were drawn with, same shape.
+        real: same shape, False for an edge to leave out (padding); None keeps all.
+
+    Returns:
+        `(b, h, i, e)`.
+    """
+    scores = einsum(q, gather_keys(k, idx), "b h i d, b h i m d -> b h i m") * scale
+    if real is not None:
+        scores = scores.masked_fill(~real, neg_fill(scores.dtype))
+    # Equal to 1 in value; carries the gradient of every drawn weight to the score it was drawn with.
+    attn = scores.softmax(dim=-1) * (drawn - drawn.detach()).exp()
+    return einsum(attn, gather_keys(v, idx), "b h i m, b h i m e -> b h i e")
+
+
 def smart_bird_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sketch: torch.Tensor,
                          k_sketch: torch.Tensor, mask: torch.Tensor | None = None, *,
                          per_query: int = 16, sample: bool = False,
@@ -88,13 +109,8 @@ def smart_bird_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sk
             logits = logits.masked_fill(~mask[:, None, :], neg_fill(logits.dtype))
         idx = draw_keys(logits, per_query, h, sample=sample)  # (b h|1 i k)
         drawn = torch.take_along_dim(logits[:, None], idx, dim=-1)  # (b h|1 i k)
-        scores = einsum(q[:, :, rows], gather_keys(k, idx), "b h i d, b h i k d -> b h i k") * scale
-        if mask is not None:
-            real = torch.take_along_dim(mask[:, None, None, :], idx, dim=-1)  # (b h|1 i k)
-            scores = scores.masked_fill(~real, neg_fill(scores.dtype))
-        # equal to 1 in value; carries the gradient of every drawn weight to its sketch score
-        attn = scores.softmax(dim=-1) * (drawn - drawn.detach()).exp()
-        outs.append(einsum(attn, gather_keys(v, idx), "b h i k, b h i k e -> b h i e"))
+        real = None if mask is None else torch.take_along_dim(mask[:, None, None, :], idx, dim=-1)
+        outs.append(drawn_edge_attention(q[:, :, rows], k, v, idx, drawn, real, scale=scale))
     return torch.cat(outs, dim=2)
 
 
