@@ -144,17 +144,17 @@ def node_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     weight = q.new_ones(b, n) if mask is None else mask.to(q.dtype)
     keys = span_means(k, weight, ratio=ratio, levels=levels)
     values = span_means(v, weight, ratio=ratio, levels=levels)
-    levels = []
+    parts = []  # (level, block, window indices, keep) of every level a query reads
     for level, lo, hi in ranges:
         block = max(QUERY_BLOCK, ratio ** level)
         window = _window(lo, hi, block)
         if window is not None:
-            levels.append((level, block) + window)
-    rows = max(idx.shape[0] * block for _, block, idx, _ in levels)
+            parts.append((level, block) + window)
+    rows = max(idx.shape[0] * block for _, block, idx, _ in parts)
     q = F.pad(q, (0, 0, 0, rows - n))  # padded once: every level's query blocks are views
     # Two passes: scores and each query's maximum over all levels, then weights and sums.
     scores = []
-    for level, block, idx, keep in levels:
+    for level, block, idx, keep in parts:
         (k_mean, counts), size = keys[level], keys[level][1].shape[-1]
         node = idx.clamp(max=size - 1)
         keep = keep & (idx < size)[:, None, :] & (counts[:, node] > 0)[:, :, None, :]  # (b nb c w)
@@ -165,7 +165,7 @@ def node_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
                              value=neg_fill(s.dtype)) for s in scores]).amax(0)  # (b h rows)
     out = q.new_zeros(b, h, rows, values[0][0].shape[-1])
     norm = q.new_zeros(b, h, rows)
-    for (level, block, idx, _), s in zip(levels, scores, strict=True):
+    for (level, block, idx, _), s in zip(parts, scores, strict=True):
         node, rows_l = idx.clamp(max=values[level][1].shape[-1] - 1), idx.shape[0] * block
         weights = (s - rearrange(top[:, :, :rows_l], "b h (nb c) -> b h nb c 1", c=block)).exp()
         rearrange(norm[:, :, :rows_l], "b h (nb c) -> b h nb c", c=block).add_(weights.sum(-1))
