@@ -35,7 +35,7 @@ from zoo.checks import check_qkv, positive_int
 from zoo.masks import neg_fill
 from zoo.shell import MultiHead
 
-QUERY_BLOCK = 16  # queries that share one window of nodes at the finest levels
+QUERY_BLOCK = 8  # queries that share one window of nodes at the finest levels
 
 
 def _floor_half(t: torch.Tensor) -> torch.Tensor:
@@ -126,7 +126,7 @@ def node_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     """One softmax over span nodes of several levels, each query reading a range of nodes per level.
 
     A node of level l is an aligned span of ratio^l tokens whose key and value are the means over
-    its real tokens (`span_means`). Queries go in blocks of max(16, ratio^l): a block reads one
+    its real tokens (`span_means`). Queries go in blocks of max(8, ratio^l): a block reads one
     window of nodes (`_window`), so its scores are one batched matrix product.
 
     Args:
