@@ -1,0 +1,97 @@
+r"""Input-independent Attention Weights Are Expressive Enough: A Study of Attention in Self-supervised Audio Transformers.
+
+The paper finds that the attention maps of self-supervised audio transformers fall into a few
+recurring cases, from a frame attending to itself (diagonal) to broad averaging (global), and that
+fixed maps chosen from those cases, the same for every input, work as well as computed ones while
+skipping the query-key products. This reference fixes one family spanning that range: head $h$
+averages the values in a window of radius $r_h = \rho\, 2^h - 1$ around the query, so with
+$\rho = 1$ head 0 is the diagonal case, and each further head is twice as broad, approaching the
+global case. No queries or keys are computed; the map depends on positions only.
+
+$$ O^h_i = \frac{1}{|W^h_i|} \sum_{j \in W^h_i} v^h_j, \qquad
+   W^h_i = \{ j : |i - j| \le \rho\, 2^h - 1,\ j \text{ real} \} $$
+
+Because the weights are box windows, each output is a difference of two prefix sums: the layer
+is linear in the length, without any $n \times n$ map.
+
+Deviations from the paper:
+- The paper picks its fixed weights from the cases it observes in trained models; the box windows
+  of doubling width are this reference's hand-crafted family for those cases.
+- The paper's model is a bidirectional encoder, so there is no causal form.
+"""
+# ruff: noqa: E501 - the title on the docstring's first line is longer than a line; the rest is not.
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from zoo.checks import check_sequence, check_tensor, positive_int, refuse_causal
+from zoo.shell import MultiHead
+
+
+def head_radii(heads: int, radius: int = 1) -> torch.Tensor:
+    """`(h,)` window radius of each head: radius * 2^h - 1."""
+    return radius * 2 ** torch.arange(heads) - 1
+
+
+def hand_crafted_attention(v: torch.Tensor, mask: torch.Tensor | None = None, *,
+                           radius: int = 1) -> torch.Tensor:
+    """Fixed box-window averages, one width per head; no queries or keys.
+
+    Args:
+        v: `(b, h, n, e)`. mask: `(b, n)`, True = real token; padding is left out of every window.
+        radius: head h averages the tokens within `radius * 2^h - 1` of the query.
+
+    Returns:
+        `(b, h, n, e)`; a window with no real token gives 0.
+    """
+    check_tensor(v, "v")
+    b, h, n, _ = v.shape
+    # Prefix sums in float64: a window is the difference of two sums that grow with n, and in
+    # float32 the one-token window of head 0 would keep only about five digits at n = 8192.
+    work = torch.float64
+    weight = v.new_ones(b, n, dtype=work) if mask is None else mask.to(work)
+    weight = rearrange(weight, "b n -> b 1 n 1")
+    sums = F.pad((v.to(work) * weight).cumsum(2), (0, 0, 1, 0))  # (b h n+1 e): sum of j < index
+    counts = F.pad(weight.cumsum(2), (0, 0, 1, 0)).expand(b, h, n + 1, 1)
+    i, r = torch.arange(n, device=v.device), head_radii(h, radius).to(v.device)[:, None]
+    lo, hi = (i - r).clamp(min=0), (i + r + 1).clamp(max=n)  # (h n): the window is [lo, hi)
+
+    def window_sum(t):
+        index = rearrange(torch.stack([lo, hi]), "two h n -> two 1 h n 1").expand(2, b, h, n, t.shape[-1])
+        return t.gather(2, index[1]) - t.gather(2, index[0])
+
+    return (window_sum(sums) / window_sum(counts).clamp(min=1)).to(v.dtype)
+
+
+class HandCraftedAttention(MultiHead):
+    """Multi-head fixed-window attention. `(b, n, dim) -> (b, n, dim)`.
+
+    Only values are projected (`to_v`): the weights depend on positions, not on the input.
+
+    Args:
+        radius: head h averages the tokens within `radius * 2^h - 1` of the query (head 0 with
+            radius 1 is the token itself).
+    """
+
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None,
+                 causal: bool = False, radius: int = 1):
+        refuse_causal(type(self).__name__, causal)
+        super().__init__(dim, heads=heads, dim_head=dim_head, causal=False)
+        self.radius = positive_int(radius, "radius")
+        del self.to_qkv  # no queries or keys
+        self.to_v = nn.Linear(dim, heads * self.dim_head, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        check_sequence(x, self.dim, mask, name=type(self).__name__)
+        v = self.split_heads(self.to_v(x))
+        return self.to_out(self.merge_heads(hand_crafted_attention(v, mask, radius=self.radius)))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """q and k are ignored: the map is the same for every input."""
+        return hand_crafted_attention(v, mask, radius=self.radius)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, radius={self.radius}"

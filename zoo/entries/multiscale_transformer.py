@@ -1,0 +1,100 @@
+r"""Multi-scale Transformer Language Models.
+
+The paper studies language models that see text at several scales at once. Its retina model
+does it inside one attention layer, the way a retina sees: sharply at the centre, coarsely in the
+periphery. Keys and values are average-pooled into blocks of $r^s$ tokens for scales
+$s = 0, \dots, S-1$, and a query reads a window of $w$ positions on each side at every scale,
+so the near context is read token by token and the far context through ever larger block means.
+Every query reads $S (2w + 1)$ positions: the cost is linear in the length.
+
+$$ O_i = \sum_{s=0}^{S-1} \sum_{u \in W_s(i)}
+   \operatorname{softmax}_{(s, u)}\!\big(q_i^\top \bar k^s_u / \sqrt d\big)\, \bar v^s_u,
+   \qquad \bar k^s_u = \tfrac{1}{r^s} \sum_{j = u r^s}^{(u+1) r^s - 1} k_j $$
+
+$W_s(i) = \{c - w, \dots, c + w\}$ with $c = \lfloor i / r^s \rfloor$ the query's own block; when
+causal, $\{i - w, \dots, i\}$ at scale 0 and $\{c - w, \dots, c - 1\}$ (complete blocks only) above.
+With one scale and $w \ge n$ this is softmax attention.
+
+Deviations from the paper:
+- Only the retina model's attention is here; the paper's bottom-up and top-down models are whole
+  networks (pooling and upsampling between groups of layers), not one attention layer.
+- Where the windows sit is this reference's choice: aligned to each scale's grid of pooled blocks
+  and overlapping across scales (the near context is read at every scale), one softmax over all.
+- The windows of all scales share the machinery of `bp-transformer` (`node_attention`).
+"""
+
+import torch
+
+from zoo.checks import check_qkv, positive_int
+from zoo.entries.bp_transformer import node_attention
+from zoo.shell import MultiHead
+
+
+def retina_ranges(n: int, window: int, ratio: int, scales: int, *, causal: bool = False,
+                  device=None):
+    """Per scale, the range of pooled blocks each query reads.
+
+    Returns:
+        A list of `(scale, lo, hi)`, `lo` and `hi` `(n,)` inclusive block indices at that scale.
+    """
+    i = torch.arange(n, device=device)
+    out = []
+    for scale in range(scales):
+        size = -(-n // ratio ** scale)
+        own = i // ratio ** scale
+        if causal:
+            hi = i if scale == 0 else own - 1  # a coarse block is read once complete
+        else:
+            hi = own + window
+        out.append((scale, (own - window).clamp(min=0), hi.clamp(max=size - 1)))
+    return out
+
+
+def retina_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None = None, *, window: int = 8, ratio: int = 4,
+                     scales: int = 3, causal: bool = False,
+                     scale: float | None = None) -> torch.Tensor:
+    """Multi-scale (retina) attention.
+
+    Args:
+        q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
+        window: positions read on each side at every scale.
+        ratio: tokens per block grow by this factor from one scale to the next.
+        scales: number of scales (scale 0 is the tokens themselves).
+        causal: read only the token itself, earlier tokens and complete earlier blocks.
+        scale: score scale; None means `d ** -0.5`.
+
+    Returns:
+        `(b, h, n, e)`.
+    """
+    check_qkv(q, k, v, mask, name="retina_attention")
+    ranges = retina_ranges(q.shape[2], window, ratio, scales, causal=causal, device=q.device)
+    return node_attention(q, k, v, mask, ranges, ratio=ratio, levels=scales, scale=scale)
+
+
+class MultiscaleTransformer(MultiHead):
+    """Multi-head retina attention. `(b, n, dim) -> (b, n, dim)`.
+
+    Args:
+        window: positions read on each side at every scale.
+        ratio: pooling factor between consecutive scales (at least 2).
+        scales: number of scales; `scales=1` with `window >= n` is softmax attention.
+    """
+
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None,
+                 causal: bool = False, window: int = 8, ratio: int = 4, scales: int = 3):
+        super().__init__(dim, heads=heads, dim_head=dim_head, causal=causal)
+        self.window = positive_int(window, "window")
+        self.ratio = positive_int(ratio, "ratio")
+        if ratio < 2:
+            raise ValueError(f"ratio must be at least 2, got {ratio}")
+        self.scales = positive_int(scales, "scales")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        return retina_attention(q, k, v, mask, window=self.window, ratio=self.ratio,
+                                scales=self.scales, causal=self.causal)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, window={self.window}, ratio={self.ratio}, "
+                f"scales={self.scales}")

@@ -1,0 +1,122 @@
+r"""SAC: Accelerating and Structuring Self-Attention via Sparse Adaptive Connection.
+
+SAC treats the sequence as a graph and runs attention only along its edges, and it learns the
+edges: an edge predictor points from every node to the nodes it should read, and the attention
+of all heads then runs over that predicted graph, $k$ edges per node instead of $n$. Fixed
+patterns (local windows, strides, global tokens) are special edge sets; here they are
+predicted from the input. The prediction is discrete, so the paper trains the predictor with a
+policy gradient from the task loss.
+
+$$ \ell_{i,s,j} = \frac{(P_s\, q_i) \cdot (R\, k_j)}{\sqrt{d_e}}, \qquad
+   E(i) = \{ \operatorname{argmax}_j \ell_{i,s,j} : s = 1, \dots, k \}, \qquad
+   O^h_i = \sum_{j \in E(i)} \operatorname{softmax}_j\!\big(q^h_i \cdot k^h_j / \sqrt d\big)\, v^h_j $$
+
+Pointer $s$ of node $i$ picks one neighbour; two pointers that pick the same node give one edge.
+Causally a pointer only reaches $j \le i$. In training each pointer samples its node
+(Gumbel-max, fresh at every call); in eval mode it takes the argmax, so the graph is deterministic.
+
+Deviations from the paper:
+- The edge predictor is parallel: $k$ pointer heads per node score all nodes at once, where the
+  paper's LSTM predictor emits the edges one after another. Its time is quadratic (all pointer
+  logits), computed one block of nodes at a time so that memory stays linear.
+- The predictor reads the layer's own queries and keys (all heads concatenated), a linear map of
+  the input, so `attend(q, k, v)` holds the whole mechanism.
+- The policy gradient becomes a score-function surrogate: the drawn edges are weighted by
+  $\exp(\ell - \operatorname{sg}(\ell)) = 1$, which leaves the output unchanged and passes each
+  edge's share of the loss to its pointer logit (no baseline, no sampling of the loss).
+"""
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from zoo.checks import check_qkv, positive_int
+from zoo.entries.smart_bird import drawn_edge_attention
+from zoo.masks import neg_fill
+from zoo.shell import MultiHead
+
+CHUNK = 128  # nodes whose pointer logits are held at once
+
+
+def point(logits: torch.Tensor, *, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The node each pointer picks and its logit: `(b, i, s, j)` -> two `(b, i, s)` (Gumbel-max
+    samples when `sample`, else the argmax)."""
+    if not sample:
+        return logits.max(dim=-1)
+    uniform = torch.rand_like(logits).clamp(min=torch.finfo(logits.dtype).tiny)
+    idx = (logits - torch.log(-torch.log(uniform))).argmax(dim=-1)
+    return torch.take_along_dim(logits, idx[..., None], dim=-1)[..., 0], idx
+
+
+def sac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pointers: torch.Tensor,
+                  targets: torch.Tensor, mask: torch.Tensor | None = None, *,
+                  causal: bool = False, sample: bool = False,
+                  scale: float | None = None) -> torch.Tensor:
+    """Attention over a predicted graph: each node reads the nodes its pointers pick.
+
+    Args:
+        q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
+        pointers: `(b, n, s, f)`, the s pointer vectors of each node. targets: `(b, n, f)`.
+        causal: pointers reach only nodes `j <= i`.
+        sample: sample each pointer (training) instead of taking its argmax (eval).
+        scale: score scale; None means `d ** -0.5`.
+
+    Returns:
+        `(b, h, n, e)`.
+    """
+    check_qkv(q, k, v, mask, name="sac_attention")
+    b, h, n, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    slots = pointers.shape[2]
+    pointers = pointers * targets.shape[-1] ** -0.5
+    earlier = torch.ones(slots, slots, dtype=torch.bool, device=q.device).tril(-1)
+    outs = []
+    for start in range(0, n, CHUNK):
+        rows = slice(start, start + CHUNK)
+        i = torch.arange(start, min(start + CHUNK, n), device=q.device)
+        reach = int(i[-1]) + 1 if causal else n  # causally no pointer reaches past the block
+        logits = rearrange(rearrange(pointers[:, rows], "b i s f -> b (i s) f")
+                           @ targets[:, :reach].transpose(1, 2), "b (i s) j -> b i s j", s=slots)
+        if causal:
+            later = rearrange(torch.arange(reach, device=q.device) > i[:, None], "i j -> 1 i 1 j")
+            logits = logits.masked_fill(later, neg_fill(logits.dtype))
+        if mask is not None:
+            logits = logits.masked_fill(rearrange(~mask[:, :reach], "b j -> b 1 1 j"),
+                                        neg_fill(logits.dtype))
+        drawn, idx = point(logits, sample=sample)  # (b i s)
+        # an edge is kept once (the first pointer that picks it) and only to a node it may read
+        real = ~((idx[..., :, None] == idx[..., None, :]) & earlier).any(-1)
+        if causal:
+            real = real & (idx <= i[:, None])
+        if mask is not None:
+            real = real & torch.gather(mask, 1, idx.flatten(1)).view_as(idx)
+        outs.append(drawn_edge_attention(q[:, :, rows], k, v, idx[:, None], drawn[:, None],
+                                         real[:, None], scale=scale))
+    return torch.cat(outs, dim=2)
+
+
+class SAC(MultiHead):
+    """Multi-head attention over a graph predicted by SAC's edge pointers. `(b, n, dim) -> same`.
+
+    Args:
+        k: edges predicted per node (pointer heads).
+        pointer_dim: dimension of the pointer and target vectors.
+    """
+
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None,
+                 causal: bool = False, k: int = 4, pointer_dim: int = 16):
+        super().__init__(dim, heads=heads, dim_head=dim_head, causal=causal)
+        self.k = positive_int(k, "k")
+        self.pointer_dim = positive_int(pointer_dim, "pointer_dim")
+        self.to_pointers = nn.Linear(heads * self.dim_head, k * pointer_dim, bias=False)
+        self.to_targets = nn.Linear(heads * self.dim_head, pointer_dim, bias=False)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        pointers = rearrange(self.to_pointers(self.merge_heads(q)), "b n (s f) -> b n s f", s=self.k)
+        targets = self.to_targets(self.merge_heads(k))
+        return sac_attention(q, k, v, pointers, targets, mask, causal=self.causal,
+                             sample=self.training)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, k={self.k}, pointer_dim={self.pointer_dim}"
