@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ruff_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    proc = subprocess.run([ruff, "check", "zoo", "tests", "hubconf.py", "docs/hooks", "benchmarks"], cwd=ROOT,
-                          capture_output=True, text=True)
+    paths = ["zoo", "tests", "hubconf.py", "docs/hooks", "benchmarks"]
+    proc = subprocess.run([ruff, "check", *paths], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

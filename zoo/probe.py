@@ -100,8 +100,8 @@ def influence(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = Non
 
 
 class _LargestTensor(TorchDispatchMode):
-    """Records the element count of the largest tensor any op produces, and the total count of
-    elements all ops write (a cost measure that also sees index, sort and elementwise work, which
+    """Records the element count of the largest tensor any op produces (views excluded), and the
+    total count of elements all ops write (a cost measure that also sees index, sort and elementwise work, which
     the FLOP counter, counting matrix products only, does not)."""
 
     def __init__(self):
@@ -112,7 +112,8 @@ class _LargestTensor(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
+            # A view (expand, slice, transpose) allocates and writes nothing: it does not count.
+            if isinstance(t, torch.Tensor) and not t._is_view():
                 self.largest = max(self.largest, t.numel())
                 self.writes += t.numel()
         return out
