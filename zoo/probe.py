@@ -101,8 +101,8 @@ def influence(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = Non
 
 class _LargestTensor(TorchDispatchMode):
     """Records the element count of the largest tensor any op produces (views excluded), and the
-    total count of elements all ops write (a cost measure that also sees index, sort and elementwise work, which
-    the FLOP counter, counting matrix products only, does not)."""
+    total count of elements all ops write: a cost measure that also sees index, sort and
+    elementwise work, which the FLOP counter (matrix products only) does not."""
 
     def __init__(self):
         super().__init__()
