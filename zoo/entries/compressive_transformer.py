@@ -55,7 +55,7 @@ class CompressiveTransformer(MultiHead):
     """
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None, causal: bool = False,
-                 segment_len: int = 128, mem_len: int = 128, cmem_len: int = 128,
+                 segment_len: int = 64, mem_len: int = 64, cmem_len: int = 64,
                  compression_rate: int = 4):
         super().__init__(dim, heads=heads, dim_head=dim_head, causal=causal)
         for value, label in ((segment_len, "segment_len"), (mem_len, "mem_len"),
