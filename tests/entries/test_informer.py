@@ -1,0 +1,108 @@
+"""Informer (ProbSparse): the top-u queries by the sampled max-mean measurement get exact softmax
+attention, the others the mean (or, masked, the cumulative sum) of the values, checked against a
+query-by-query computation; the sample is seeded; the masked form is not causal."""
+
+import math
+
+import pytest
+import torch
+
+import zoo
+from zoo import probe
+from zoo.entries.informer import probsparse_attention
+from zoo.softmax import softmax_attention
+
+
+def tensors(n=37, b=2, h=2, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for _ in range(3))
+    sample = torch.randint(n, (n, 7), generator=g)
+    return q, k, v, sample
+
+
+def oracle(q, k, v, sample, mask, factor, masked):
+    """Query by query: the measurement over the sampled real keys, a sort, then each row."""
+    b, h, n, d = q.shape
+    mask = torch.ones(b, n, dtype=torch.bool) if mask is None else mask
+    u = min(n, max(1, factor * math.ceil(math.log(n))))
+    out = torch.empty_like(v)
+    for bi in range(b):
+        real = mask[bi].nonzero().flatten().tolist()
+        for hi in range(h):
+            gap = {}
+            for i in real:
+                s = [float(q[bi, hi, i] @ k[bi, hi, j]) / d ** 0.5 for j in sample[i].tolist() if j in real]
+                gap[i] = (max(s) - sum(s) / len(real)) if s else -math.inf
+            active = sorted(gap, key=gap.get, reverse=True)[:u]
+            for i in range(n):
+                seen = [j for j in real if not masked or j <= i]
+                if i in active:
+                    w = torch.stack([q[bi, hi, i] @ k[bi, hi, j] for j in seen]) / d ** 0.5
+                    out[bi, hi, i] = w.softmax(0) @ v[bi, hi, seen]
+                elif masked:
+                    out[bi, hi, i] = v[bi, hi, seen].sum(0) if seen else 0.0
+                else:
+                    out[bi, hi, i] = v[bi, hi, real].mean(0)
+    return out
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["encoder", "masked-decoder"])
+@pytest.mark.parametrize("factor", [1, 2])
+def test_active_queries_exact_others_mean_or_cumulative_sum(masked, factor):
+    q, k, v, sample = tensors()
+    out = probsparse_attention(q, k, v, sample, factor=factor, masked=masked)
+    torch.testing.assert_close(out, oracle(q, k, v, sample, None, factor, masked), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["encoder", "masked-decoder"])
+def test_padding_is_left_out_of_measurement_softmax_and_mean(masked):
+    q, k, v, sample = tensors()
+    mask = torch.ones(2, 37, dtype=torch.bool)
+    mask[0, 30:] = False
+    mask[1, ::3] = False
+    out = probsparse_attention(q, k, v, sample, mask, factor=1, masked=masked)
+    expected = oracle(q, k, v, sample, mask, 1, masked)
+    keep = mask[:, None, :, None].expand_as(out)
+    torch.testing.assert_close(out[keep], expected[keep], rtol=1e-12, atol=1e-12)
+
+
+def test_all_queries_active_is_softmax_attention():
+    q, k, v, sample = tensors()  # u = 10 * ceil(ln 37) = 40 >= 37
+    torch.testing.assert_close(probsparse_attention(q, k, v, sample, factor=10),
+                               softmax_attention(q, k, v), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(probsparse_attention(q, k, v, sample, factor=10, masked=True),
+                               softmax_attention(q, k, v, causal=True), rtol=1e-12, atol=1e-12)
+
+
+def test_effective_map_has_u_softmax_rows_and_uniform_rest():
+    layer = zoo.create("informer", dim=16, heads=2, factor=1).double().eval()
+    a = probe.attention_matrix(layer, n=30)  # u = ceil(ln 30) = 4
+    uniform = torch.isclose(a, torch.full_like(a, 1 / 30), rtol=0, atol=1e-15).all(-1)  # (h, n)
+    assert (uniform.sum(-1) == 26).all()
+    torch.testing.assert_close(a.sum(-1), torch.ones(2, 30, dtype=torch.float64))
+
+
+def test_key_sample_is_seeded_in_eval_and_fresh_in_training():
+    x = torch.randn(1, 50, 16)
+    a, b = (zoo.create("informer", dim=16, heads=2, factor=1, seed=s).eval() for s in (0, 1))
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(x), a(x)) and not torch.equal(a(x), b(x))
+    torch.manual_seed(0)
+    a.train()
+    assert not torch.equal(a(x), a(x))
+
+
+def test_masked_form_is_not_causal():
+    """Why autoregressive is false: changing only the last token changes an earlier output of the
+    masked form (the top-u selection ranks every query)."""
+    q, k, v, sample = tensors(n=16, b=1, h=1)
+    out = probsparse_attention(q, k, v, sample, factor=1, masked=True)
+    q2 = q.clone()
+    q2[..., -1, :] *= 50  # the last query now has the largest gap and takes an active slot
+    changed = probsparse_attention(q2, k, v, sample, factor=1, masked=True)
+    assert not torch.allclose(changed[..., :-1, :], out[..., :-1, :])
+
+
+def test_layer_refuses_causal():
+    with pytest.raises(ValueError, match="causal"):
+        zoo.create("informer", dim=16, causal=True)

@@ -1,0 +1,103 @@
+r"""Informer: Beyond Efficient Transformer for Long Sequence Time-Series Forecasting.
+
+ProbSparse self-attention. Most queries attend almost uniformly; only a few "active" ones have a
+peaked attention row. A query's sparsity is measured by the gap between its largest score and its
+mean score, estimated on a random sample of $c \lceil \ln n \rceil$ keys per query; only the
+$u = c \lceil \ln n \rceil$ queries with the largest gap get exact softmax attention, and every other
+query gets what a uniform row would give, the mean of the values. Time and memory are
+$\mathcal{O}(n \log n)$.
+
+$$ \bar M(q_i, K) = \max_{j \in S_i} \frac{q_i k_j^\top}{\sqrt d}
+   - \frac{1}{n} \sum_{j \in S_i} \frac{q_i k_j^\top}{\sqrt d}, \qquad
+   O_i = \begin{cases} \operatorname{softmax}\!\big(q_i K^\top / \sqrt d\big)\, V
+   & i \in \operatorname{top}_u \bar M \\ \tfrac{1}{n} \sum_j v_j & \text{otherwise} \end{cases} $$
+
+`masked=True` is the decoder's masked form: active queries see keys up to themselves and the
+others get the cumulative sum of the values, as in the authors' code. It is not causal: whether a
+query is active depends on the scores of later queries (the top-u ranks all of them) and on
+sampled later keys, so the layer refuses `causal=True`.
+
+Deviations from the paper:
+- the key sample is drawn per call from a generator seeded with `seed` in eval mode (so eval is
+  deterministic) and from the global generator in training mode; one sample serves the whole
+  batch and all heads, as in the authors' code;
+- at least one query is active and at least one key sampled (for n = 1, $\ln n = 0$);
+- with a padding mask, padded keys are left out of the measurement, the softmax and the mean
+  (whose divisor is then the number of real keys) and padded queries are never ranked first;
+- only the attention: no distilling convolutions between encoder layers, no generative decoder.
+"""
+
+import math
+
+import torch
+from einops import einsum, rearrange, repeat
+
+from zoo.checks import check_qkv, positive_int, refuse_causal
+from zoo.masks import neg_fill
+from zoo.shell import MultiHead
+
+
+def sample_size(n: int, factor: int) -> int:
+    """c * ceil(ln n), at least 1 and at most n: the number of active queries and of sampled keys."""
+    return min(n, max(1, factor * math.ceil(math.log(n))))
+
+
+def probsparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sample: torch.Tensor,
+                         mask: torch.Tensor | None = None, *, factor: int = 5,
+                         masked: bool = False) -> torch.Tensor:
+    """ProbSparse self-attention.
+
+    Args:
+        q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. sample: key indices `(n, s)` drawn per query.
+        mask: `(b, n)`, True = real token. factor: c, as in u = c ceil(ln n).
+        masked: the decoder's form (active queries see keys up to themselves; the others get the
+            cumulative sum of the values). Not causal; see the module docstring.
+
+    Returns:
+        `(b, h, n, e)`.
+    """
+    check_qkv(q, k, v, mask, name="probsparse_attention")
+    b, h, n, d = q.shape
+    scale, fill = d ** -0.5, neg_fill(q.dtype)
+    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
+    count = rearrange(real.sum(-1).clamp(min=1).to(q.dtype), "b -> b 1 1")
+    # eq. (4), on the sampled keys (the others count as 0 in the mean)
+    scores = einsum(q, k[:, :, sample], "b h i d, b h i s d -> b h i s") * scale
+    seen = rearrange(real[:, sample], "b i s -> b 1 i s")
+    gap = scores.masked_fill(~seen, fill).amax(-1) - (scores * seen).sum(-1) / count  # (b h i)
+    gap = gap.masked_fill(~rearrange(real, "b i -> b 1 i"), fill)
+    top = gap.topk(sample_size(n, factor), dim=-1).indices  # (b h u)
+    # eq. (3): exact attention for the active queries
+    active = einsum(q.gather(2, repeat(top, "b h u -> b h u d", d=d)), k,
+                    "b h u d, b h j d -> b h u j") * scale
+    allowed = rearrange(real, "b j -> b 1 1 j")
+    if masked:
+        allowed = allowed & (torch.arange(n, device=q.device) <= top[..., None])
+    attn = active.masked_fill(~allowed, fill).softmax(dim=-1)  # (b h u j)
+    active = einsum(attn, v, "b h u j, b h j e -> b h u e")
+    v = v * rearrange(real, "b j -> b 1 j 1").to(v.dtype)
+    lazy = v.cumsum(dim=2) if masked else repeat(v.sum(2) / count, "b h e -> b h n e", n=n)
+    return lazy.scatter(2, repeat(top, "b h u -> b h u e", e=v.shape[-1]), active)
+
+
+class Informer(MultiHead):
+    """Multi-head ProbSparse self-attention. `(b, n, dim) -> (b, n, dim)`.
+
+    Args:
+        factor: c: c ceil(ln n) active queries and sampled keys per query.
+        seed: seeds the key sample in eval mode.
+    """
+
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None, causal: bool = False,
+                 factor: int = 5, seed: int = 0):
+        refuse_causal(type(self).__name__, causal)
+        super().__init__(dim, heads=heads, dim_head=dim_head, causal=False)
+        self.factor = positive_int(factor, "factor")
+        self.seed = seed
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        n = k.shape[2]
+        g = None if self.training else torch.Generator().manual_seed(self.seed)
+        sample = torch.randint(n, (n, sample_size(n, self.factor)), generator=g).to(q.device)
+        return probsparse_attention(q, k, v, sample, mask, factor=self.factor)
