@@ -99,3 +99,13 @@ def test_report_covers_every_entry_and_marks_failures(tmp_path):
     wrong = dataclasses.replace(e, scaling={"time": 1, "memory": 1})
     rows = claims_report([wrong], cache_dir=tmp_path)
     assert rows[0]["time"]["held"] is False and rows[0]["memory"]["held"] is False
+
+
+def test_pointwise_claim_is_checked_both_ways():
+    """pointwise: true is a stronger claim than causality: no position may read another."""
+    mixing = dataclasses.replace(zoo.entry("softmax-attention"), pointwise=True)
+    check, _ = CLAIMS["autoregressive"]
+    with pytest.raises(ContractError, match="pointwise: true, yet outputs depend on other positions"):
+        check(mixing, factory(mixing))
+    pkm = zoo.entry("product-key-memory")
+    assert pkm.pointwise and check(pkm, factory(pkm)) == "pointwise: each position alone"

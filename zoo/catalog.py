@@ -78,6 +78,7 @@ class Entry:
     notes: str
     exact_when: Mapping[str, Any] | None = None
     budget: Mapping[str, Any] | None = None
+    pointwise: bool = False
     line: int = dataclasses.field(default=0, compare=False)
     key_lines: Mapping[str, int] = dataclasses.field(default_factory=dict, compare=False,
                                                      repr=False)
@@ -150,6 +151,8 @@ SCHEMA: dict[str, tuple[Any, str, bool]] = {
                   "a mapping {count: int, as_of: date} or null", True),
     "notes": (lambda v: isinstance(v, str), "a string (may be empty)", True),
     "exact_when": (lambda v: v is None or _dict(v), "a mapping of hyper-parameters, or null", False),
+    "pointwise": (_bool, "true or false (true: each position is processed on its own, no token "
+                  "mixing)", False),
     "budget": (lambda v: v is None or (_dict(v) and set(v) == {"param", "values"} and _str(v["param"])
                                        and isinstance(v["values"], list) and len(v["values"]) >= 3
                                        and all(_number(x) for x in v["values"])),

@@ -42,6 +42,12 @@ def claim_autoregressive(e: Entry, make: Make) -> str:
     layer = make(causal=True).double()
     inf = probe.influence(layer, sample(e, b=1, n=12))
     above, below = inf.triu(1).max().item(), inf.tril(-1).max().item()
+    if e.pointwise:  # a stronger claim: no position reads any other, so causality is trivial
+        off = (inf - inf.diag().diag()).abs().max().item()
+        if off > 0 or not bool((inf.diag() > 0).all()):
+            raise ContractError(f"pointwise: true, yet outputs depend on other positions "
+                                f"(largest off-diagonal influence {off:.3g}) or not on their own")
+        return "pointwise: each position alone"
     if above > 1e-12 * max(inf.max().item(), 1.0):
         i, j = divmod(int(inf.triu(1).argmax()), inf.shape[1])
         raise ContractError(f"causal=True, yet output {i} depends on later input {j} "

@@ -226,6 +226,10 @@ def catalogue_page(entries: list[Entry], rows: dict[str, dict] | None = None) ->
                       if any(e.family == f for e in entries))
     yes_no = '<option value="">any</option><option value="yes">yes</option><option value="no">no</option>'
     out = [
+        "---",
+        "hide: [navigation, toc]",  # the table needs the page's full width
+        "---",
+        "",
         "# Catalogue",
         "",
         f"All {len(entries)} entries of `catalog.yaml`. Filter with the controls, sort by clicking a "
