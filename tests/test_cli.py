@@ -61,3 +61,16 @@ def test_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "zoo", "list"], capture_output=True, text=True,
                          check=True).stdout
     assert "softmax-attention" in out
+
+
+def test_pattern_draws_the_causal_map_in_the_terminal(capsys, tmp_path):
+    assert main(["pattern", "linear-transformer", "--causal", "--n", "6",
+                 "--out", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines()[1:] if len(line) == 12]
+    assert len(rows) == 6
+    for i, row in enumerate(rows):  # nothing above the diagonal, something on it
+        assert row[2 * (i + 1):].strip() == "" and row[2 * i] != " "
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["pattern", "efficient-attention", "--causal"]) == 1
+    assert "not autoregressive" in capsys.readouterr().err

@@ -99,6 +99,31 @@ def _placeholders(e: Entry) -> list[str]:
     return out
 
 
+SHADES = " .:-=+*#%@"
+
+
+def cmd_pattern(args) -> int:
+    from zoo.figures import pattern_maps, pattern_png
+    from zoo.registry import entry
+
+    e = entry(args.id)
+    if args.causal and not e.autoregressive:
+        print(f"error: {e.id} is not autoregressive; it has no causal pattern", file=sys.stderr)
+        return 1
+    maps = pattern_maps(e, n=args.n)
+    for title, m in maps:
+        if ("causal" in title) != args.causal:
+            continue
+        m = m / m.amax(dim=1, keepdim=True).clamp(min=1e-30)
+        print(f"{e.id}: {title} (rows: outputs i, columns: inputs j; each row scaled to its max)")
+        for row in m.sqrt().tolist():  # square root, so weak links still show
+            print("".join(SHADES[min(int(v * len(SHADES)), len(SHADES) - 1)] * 2 for v in row))
+    if args.out:
+        args.out.write_bytes(pattern_png(e))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_new(args) -> int:
     from zoo.catalog import catalog_path
     from zoo.scaffold import new_entry
@@ -238,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip a length whose peak would exceed this (default 8192)")
     bench.add_argument("--out", type=Path, help="write the results as JSON")
     bench.set_defaults(run=cmd_bench)
+
+    pattern = sub.add_parser("pattern", help="an entry's attention pattern, drawn in the terminal")
+    pattern.add_argument("id")
+    pattern.add_argument("--causal", action="store_true", help="the causal pattern")
+    pattern.add_argument("--n", type=int, default=24, help="sequence length (default 24)")
+    pattern.add_argument("--out", type=Path, help="also write the picture the site shows (PNG)")
+    pattern.set_defaults(run=cmd_pattern)
 
     claims = sub.add_parser("claims", help="measure every catalogue claim (cached in .cache/)")
     claims.add_argument("ids", nargs="*", help="only these entries (default: all)")

@@ -56,7 +56,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def pattern_maps(e: Entry) -> list[tuple[str, torch.Tensor]]:
+def pattern_maps(e: Entry, n: int = PATTERN_N) -> list[tuple[str, torch.Tensor]]:
     """(title, (n, n) map) pairs: the attention matrix of head 0 for kernel entries, the influence
     map otherwise; causal too where the entry is autoregressive."""
     make = factory(e)
@@ -67,10 +67,10 @@ def pattern_maps(e: Entry) -> list[tuple[str, torch.Tensor]]:
     for label, kw in modes:
         layer = make(**kw).double()
         if e.kernel:
-            m = probe.attention_matrix(layer, PATTERN_N if e.input == "sequence" else 36)[0].abs()
+            m = probe.attention_matrix(layer, n if e.input == "sequence" else 36)[0].abs()
             title = f"attention matrix, {label}"
         else:
-            m = probe.influence(layer, sample(e, b=1, n=PATTERN_N if e.input == "sequence" else 36))
+            m = probe.influence(layer, sample(e, b=1, n=n if e.input == "sequence" else 36))
             title = f"influence |dy_i/dx_j|, {label}"
         out.append((title, m.detach()))
     return out
