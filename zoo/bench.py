@@ -2,9 +2,11 @@
 same way, against a multi-head layer built on `scaled_dot_product_attention` (id `sdpa`).
 
 How it measures:
-- Each entry runs in its own worker process (`python -m zoo.bench worker`), lengths in increasing
-  order, so a crash or an out-of-memory kill loses one entry's row, not the run.
-- Time: median of `repeats` forward (or forward + backward) passes after one warm-up pass.
+- Each entry runs in its own worker processes (`python -m zoo.bench worker`: one for peak memory,
+  one for time), lengths in increasing order, so a crash or an out-of-memory kill loses one
+  entry's row, not the run.
+- Time: median of `repeats` forward (or forward + backward) passes after one warm-up pass, in a
+  worker with the allocator as usual.
 - Peak memory (CPU): the process's resident-set high-water mark (`VmHWM`), reset before each
   measurement through `/proc/self/clear_refs`, minus the resident size just before the pass; it
   counts everything the pass allocates, torch's allocator and temporaries included. The worker
@@ -82,6 +84,9 @@ def _build(name: str, dim: int, heads: int, n: int):
         kwargs["heads"] = heads
     if "max_len" in accepted:
         kwargs["max_len"] = max(n, inspect.signature(cls).parameters["max_len"].default or 0)
+    if "max_size" in accepted and e.input == "image":  # image layers bound to a side length
+        side = round(math.sqrt(n))
+        kwargs["max_size"] = max(side, inspect.signature(cls).parameters["max_size"].default or 0)
     return cls(**kwargs), e.input
 
 
@@ -123,8 +128,8 @@ def measure(name: str, n: int, *, dim: int, heads: int, backward: bool, repeats:
         peak = _status_kb("VmHWM") * 1024 - before
     else:
         peak = None
-    times = []
-    for _ in range(repeats if first < 30 else 1):
+    times = [first] if repeats == 0 else []
+    for _ in range(repeats if first < 30 else min(repeats, 1)):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
@@ -137,6 +142,10 @@ def worker(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     prev = None
     for n in spec["ns"]:
+        if str(n) in spec.get("skip", {}):
+            prev = {"n": n, "status": spec["skip"][str(n)]}
+            print(json.dumps(prev), flush=True)
+            continue
         if prev is not None and prev["status"] == "ok":
             grow = n / prev["n"]
             t_pred = prev["time_s"] * grow ** max(spec["time_exp"], 1)
@@ -180,28 +189,40 @@ def machine() -> dict:
     }
 
 
-def run_entry(name: str, spec: dict, timeout: float) -> list[dict]:
-    """Run one entry's worker; whatever it did not report is recorded with the reason."""
+def _run_worker(name: str, spec: dict, timeout: float, env: dict) -> list[dict]:
+    """One worker process; whatever it did not report is recorded with the reason."""
     cmd = [sys.executable, "-m", "zoo.bench", "worker", json.dumps({**spec, "name": name})]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=WORKER_ENV)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         lines, reason = proc.stdout, (f"worker exited with {proc.returncode}"
                                       f"{' (killed: out of memory?)' if proc.returncode < 0 else ''}"
                                       f": {proc.stderr.strip()[-200:]}")
     except subprocess.TimeoutExpired as err:
         lines = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
         reason = f"over time budget (worker stopped after {timeout:.0f} s)"
-    points = [json.loads(line) for line in lines.splitlines() if line.startswith("{")]
-    done = {p["n"] for p in points}
-    side = lambda n: round(math.sqrt(n)) ** 2  # noqa: E731
+    points = {p["n"]: p for p in map(json.loads, filter(lambda s: s.startswith("{"),
+                                                           lines.splitlines()))}
+    out = []
     for n in spec["ns"]:
-        if n not in done and side(n) not in done:
-            points.append({"n": n, "status": reason})
-    return sorted(points, key=lambda p: p["n"])
+        p = points.get(n) or points.get(round(math.sqrt(n)) ** 2)
+        out.append(p or {"n": n, "status": reason})
+    return out
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
-    worker(json.loads(sys.argv[2]))
+def run_entry(name: str, spec: dict, timeout: float) -> list[dict]:
+    """Peak memory from one worker (glibc returning memory at once, one pass per length), then
+    time from another with the allocator as usual (returning memory at once slows the
+    allocation-heavy references, not SDPA's fused kernel). Lengths the first finds over budget,
+    or failing, are not run again."""
+    memory = _run_worker(name, {**spec, "repeats": 0}, timeout, WORKER_ENV)
+    skip = {str(n): p["status"] for n, p in zip(spec["ns"], memory, strict=True)
+            if p["status"] != "ok"}
+    timing = _run_worker(name, {**spec, "skip": skip}, timeout, dict(os.environ))
+    for m, p in zip(memory, timing, strict=True):
+        p["peak_bytes"] = m.get("peak_bytes") if m["status"] == "ok" else None
+    return timing
+
+
 
 
 def resolve_names(patterns: list[str]) -> list[str]:
@@ -275,3 +296,7 @@ def table_rows(data: dict) -> tuple[list[str], list[list[str]]]:
 def _short(p: dict) -> str:
     status = p.get("status", "not run")
     return "over budget" if status.startswith("over") else status.split(":")[0]
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    worker(json.loads(sys.argv[2]))
