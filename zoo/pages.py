@@ -363,7 +363,7 @@ def choose_page(entries: list[Entry], rows: dict[str, dict]) -> str:
     return "\n".join(out)
 
 
-def benchmarks_page(entries: list[Entry], data: dict | None) -> str:
+def benchmarks_page(entries: list[Entry], data: dict | None, public: dict | None = None) -> str:
     from zoo.bench import table_rows
 
     out = ["# Benchmarks", "",
@@ -382,6 +382,17 @@ def benchmarks_page(entries: list[Entry], data: dict | None) -> str:
     out += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     out.append("")
+    if public:
+        out += ["## Against public implementations", "",
+                "The same mechanism from public packages (not dependencies of the zoo), matched "
+                "hyper-parameters, timed side by side in one process (`make bench-public`, "
+                f"`benchmarks/compare_public.py`; {public['machine']['date'][:10]}). A ratio above "
+                "1 means the zoo's reference is faster.", "",
+                "| entry | n | settings | zoo (ms) | public (ms) | public / zoo |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        out += [f"| `{r['entry']}` | {r['n']} | {r['settings']} | {r['ours_s'] * 1e3:.1f} | "
+                f"{r['public_s'] * 1e3:.1f} | {r['ratio']:.2f} |" for r in public["rows"]]
+        out.append("")
     for fam in FAMILIES:
         if any(e.family == fam and e.id in data["results"] for e in entries):
             out += [f"## {FAMILY_TITLES[fam]}", "",

@@ -67,7 +67,9 @@ def on_files(files, config):
     add("taxonomy.md", taxonomy_page(entries))
     add("choose.md", choose_page(entries, rows))
     bench = json.loads(BENCH_RESULTS.read_text()) if BENCH_RESULTS.is_file() else None
-    add("benchmarks.md", benchmarks_page(entries, bench))
+    public_file = BENCH_RESULTS.with_name("public.json")
+    public = json.loads(public_file.read_text()) if public_file.is_file() else None
+    add("benchmarks.md", benchmarks_page(entries, bench, public))
     if bench:
         for fam in FAMILIES:
             members = [e.id for e in entries if e.family == fam and e.id in bench["results"]]
