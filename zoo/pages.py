@@ -366,7 +366,7 @@ def choose_page(entries: list[Entry], rows: dict[str, dict]) -> str:
 def benchmarks_page(entries: list[Entry], data: dict | None, public: dict | None = None) -> str:
     from zoo.bench import table_rows
 
-    out = ["# Benchmarks", "",
+    out = ["---", "hide: [navigation]", "---", "", "# Benchmarks", "",
            "Every entry on one harness (`zoo bench`, see `zoo/bench.py` for how time and peak "
            "memory are measured), against a multi-head layer of the same size built on torch's "
            "`scaled_dot_product_attention` (SDPA, in black). Regenerate with `make bench`.", ""]
