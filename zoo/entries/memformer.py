@@ -12,8 +12,9 @@ $$ Y_t = \operatorname{softmax}\!\big(Q_t\,[K(M_t); K_t]^\top / \sqrt{d} + M\big
    \hat m^i = \operatorname{softmax}\!\big(q(m^i_t)\,[k(m^i_t); k(Y_t)]^\top / \sqrt{d}\big)\,
    [v(m^i_t); v(Y_t)] $$
 
-`forward(x)` runs `step(segment, memory)` over the segments of `x`; `step` is the streaming form
-that takes and returns the memory `(b, num_slots, dim)`.
+`forward(x)` projects all tokens at once, then reads and writes the memory segment after segment
+(`read_write`); `step` is the streaming form that takes and returns the memory
+`(b, num_slots, dim)`, and runs the same `read_write` on one segment.
 
 Deviations from the paper:
 - one layer instead of the encoder-decoder: a segment's self-attention and its memory read share
