@@ -12,8 +12,9 @@ $$ Y_t = \operatorname{softmax}\!\big(Q_t\,[K(M_t); K_t]^\top / \sqrt{d} + M\big
    \hat m^i = \operatorname{softmax}\!\big(q(m^i_t)\,[k(m^i_t); k(Y_t)]^\top / \sqrt{d}\big)\,
    [v(m^i_t); v(Y_t)] $$
 
-`forward(x)` runs `step(segment, memory)` over the segments of `x`; `step` is the streaming form
-that takes and returns the memory `(b, num_slots, dim)`.
+`forward(x)` projects all tokens at once, then reads and writes the memory segment after segment
+(`read_write`); `step` is the streaming form that takes and returns the memory
+`(b, num_slots, dim)`, and runs the same `read_write` on one segment.
 
 Deviations from the paper:
 - one layer instead of the encoder-decoder: a segment's self-attention and its memory read share
@@ -58,12 +59,24 @@ class Memformer(MultiHead):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
-        masks = [None] * x.shape[1] if mask is None else mask.split(self.segment_len, dim=1)
-        outs, memory = [], None
-        for segment, segment_mask in zip(x.split(self.segment_len, dim=1), masks, strict=False):
-            out, memory = self.step(segment, memory, segment_mask)
+        keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask
+        # The tokens' queries, keys and values do not depend on the memory: one projection for
+        # all segments; only the read and the write run segment after segment.
+        tokens = zip(*(t.split(self.segment_len, dim=2) for t in self.token_qkv(x)), strict=True)
+        outs, memory = [], self.first_memory(x)
+        for (q, k, v), segment_keep in zip(tokens, keep.split(self.segment_len, dim=1), strict=True):
+            out, memory = self.read_write(q, k, v, memory, segment_keep)
             outs.append(out)
         return torch.cat(outs, dim=1)
+
+    def token_qkv(self, x: torch.Tensor):
+        """`(b, n, dim)` -> q (already scaled by $1/\\sqrt{d}$), k, v `(b, h, n, d)`."""
+        q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
+        return q * self.scale, k, v
+
+    def first_memory(self, x: torch.Tensor) -> torch.Tensor:
+        """The learned initial memory `(b, r, dim)`, a copy per sample (not a view)."""
+        return self.initial_memory.to(x.dtype).repeat(x.shape[0], 1, 1)
 
     def step(self, x: torch.Tensor, memory: torch.Tensor | None = None,
              mask: torch.Tensor | None = None):
@@ -77,18 +90,23 @@ class Memformer(MultiHead):
             `(out, memory)`: `(b, n, dim)` and the next memory `(b, r, dim)`.
         """
         check_sequence(x, self.dim, mask, name=type(self).__name__)
-        b, n = x.shape[:2]
-        if memory is None:
-            memory = self.initial_memory.to(x.dtype).repeat(b, 1, 1)  # a copy, not a view
-        keep = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
+        keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask
+        memory = self.first_memory(x) if memory is None else memory
+        return self.read_write(*self.token_qkv(x), memory, keep)
+
+    def read_write(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: torch.Tensor,
+                   keep: torch.Tensor):
+        """The segment's projected tokens q, k, v `(b, h, n, d)` read the memory `(b, r, dim)`;
+        then the memory is written. keep `(b, n)`, True = real token. Returns `(out, memory)`."""
+        n, inner = q.shape[2], self.heads * self.dim_head
         # Memory reading: each token attends to every slot and to its own segment.
-        q, k, v = map(self.split_heads, self.to_qkv(torch.cat([memory, x], dim=1)).chunk(3, dim=-1))
-        q = q[:, :, self.num_slots:]
+        k_m, v_m = map(self.split_heads, (memory @ self.to_qkv.weight[inner:].T).chunk(2, dim=-1))
+        k, v = torch.cat([k_m, k], dim=2), torch.cat([v_m, v], dim=2)  # (b h r+n d)
         allowed = rearrange(F.pad(keep, (self.num_slots, 0), value=True), "b j -> b 1 1 j")
         if self.causal:
             allowed = allowed & torch.ones(n, n + self.num_slots, dtype=torch.bool,
-                                           device=x.device).tril(self.num_slots)
-        scores = einsum(q, k, "b h i d, b h j d -> b h i j") * self.scale
+                                           device=q.device).tril(self.num_slots)
+        scores = einsum(q, k, "b h i d, b h j d -> b h i j")
         attn = scores.masked_fill(~allowed, neg_fill(scores.dtype)).softmax(dim=-1)
         out = self.to_out(self.merge_heads(einsum(attn, v, "b h i j, b h j e -> b h i e")))
         return out, self.write(memory, out, keep)
@@ -96,12 +114,15 @@ class Memformer(MultiHead):
     def write(self, memory: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Memory writing: slot i attends to [slot i; the segment's real outputs], then the
         forgetting step: add the slot's bias and normalise to unit length."""
-        q = self.split_heads(self.write_q(memory))  # (b h r d)
+        q = self.split_heads(self.write_q(memory)) * self.scale  # (b h r d)
         k_m, v_m = map(self.split_heads, self.write_kv(memory).chunk(2, dim=-1))  # (b h r d)
-        k_y, v_y = map(self.split_heads, self.write_kv(y).chunk(2, dim=-1))  # (b h n d)
+        w_k, w_v = (rearrange(w, "(h d) x -> h d x", h=self.heads) for w in self.write_kv.weight.chunk(2))
+        # r slots read n >> r tokens: fold the key weights into the slots' queries, and weight the
+        # tokens before the value weights, instead of projecting every token (same sums, ~r/n the work).
         own = einsum(q, k_m, "b h r d, b h r d -> b h r")[..., None]
-        tokens = einsum(q, k_y, "b h r d, b h n d -> b h r n")
+        tokens = einsum(einsum(q, w_k, "b h r d, h d x -> b h r x"), y, "b h r x, b n x -> b h r n")
         tokens = tokens.masked_fill(~rearrange(keep, "b n -> b 1 1 n"), neg_fill(tokens.dtype))
-        attn = (torch.cat([own, tokens], dim=-1) * self.scale).softmax(dim=-1)  # (b h r 1+n)
-        new = attn[..., :1] * v_m + einsum(attn[..., 1:], v_y, "b h r n, b h n e -> b h r e")
+        attn = torch.cat([own, tokens], dim=-1).softmax(dim=-1)  # (b h r 1+n)
+        read = einsum(attn[..., 1:], y, "b h r n, b n x -> b h r x")
+        new = attn[..., :1] * v_m + einsum(read, w_v, "b h r x, h e x -> b h r e")
         return F.normalize(self.write_out(self.merge_heads(new)) + self.memory_bias, dim=-1)
