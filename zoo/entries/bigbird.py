@@ -80,7 +80,8 @@ def bigbird_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     random = q.new_full((h, nb, 0), -1, dtype=torch.long) if random is None else random
     qp = qp * d ** -0.5  # scaled once here rather than every score
 
-    # S(B) of each non-global query block B as key-block indices: window, global, random
+    # S(B) of each non-global query block B (m = nb - g of them) as s = 3 + g + r key-block
+    # indices: window, global, random
     query = torch.arange(g, nb, device=q.device)[:, None]  # (m 1)
     near = query + torch.arange(-1, 2, device=q.device)  # (m 3)
     glob = torch.arange(g, device=q.device).expand(nb - g, g)  # (m g)
@@ -90,8 +91,8 @@ def bigbird_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ok = torch.cat([ok, random[:, g:] >= 0], -1)  # (h m s), False: no block there
     sel = sel.clamp(0, nb - 1)
     # Gather the key blocks by one index_select over the flattened (b h nb) blocks.
-    rows = rearrange(torch.arange(b * h, device=q.device), "(b h) -> b h 1 1", b=b) * nb + sel
-    kb, vb = (rearrange(t, "b h (m c) d -> (b h m) c d", c=block).index_select(0, rows.flatten())
+    flat = rearrange(torch.arange(b * h, device=q.device), "(b h) -> b h 1 1", b=b) * nb + sel
+    kb, vb = (rearrange(t, "b h (m c) d -> (b h m) c d", c=block).index_select(0, flat.flatten())
               for t in (kp, vp))
     kb, vb = (rearrange(t, "(b h m s) c d -> b h m (s c) d", b=b, h=h, s=sel.shape[-1])
               for t in (kb, vb))
