@@ -21,7 +21,6 @@ Deviations from the paper:
 import math
 
 import torch
-import torch.nn.functional as F
 from einops import einsum, rearrange
 
 from zoo.checks import check_qkv, positive_int, refuse_causal
@@ -77,45 +76,39 @@ def bigbird_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (qp, pad), (kp, _), (vp, _) = (pad_to_multiple(t, block) for t in (q, k, v))
     real = pad_mask(mask, b, n, pad, q.device)
     real = torch.ones(b, n, dtype=torch.bool, device=q.device) if real is None else real
-    nb, g, scale = qp.shape[2] // block, min(global_blocks, qp.shape[2] // block), d ** -0.5
+    nb, g = qp.shape[2] // block, min(global_blocks, qp.shape[2] // block)
     random = q.new_full((h, nb, 0), -1, dtype=torch.long) if random is None else random
-    qb, kb, vb = (rearrange(t, "b h (m c) d -> b h m c d", c=block) for t in (qp, kp, vp))
-    real_b = rearrange(real, "b (m c) -> b m c", c=block)
-    blocks = torch.arange(nb, device=q.device)
+    qp = qp * d ** -0.5  # scaled once here rather than every score
 
-    # window: blocks m-1, m, m+1 that exist and are not global
-    def window(t):
-        padded = F.pad(t, (0, 0, 0, 0, 1, 1))
-        return torch.cat([padded[:, :, o:o + nb] for o in range(3)], dim=3)  # (b h m 3c d)
-
-    near = blocks[:, None] + torch.arange(-1, 2, device=q.device)  # (m 3)
-    near_ok = ((near >= g) & (near < nb)).repeat_interleave(block, dim=1)  # (m 3c)
-    ok_w = near_ok & window(rearrange(real_b, "b m c -> b 1 m c 1").float())[:, 0, ..., 0].bool()
-    # global: the first g blocks; random: gathered per (head, query block)
-    kg, vg = kp[:, :, :g * block], vp[:, :, :g * block]
-    heads = torch.arange(h, device=q.device)[:, None, None]
-    kr, vr = (rearrange(t[:, heads, random.clamp(min=0)], "b h m r c d -> b h m (r c) d")
+    # S(B) of each non-global query block B (m = nb - g of them) as s = 3 + g + r key-block
+    # indices: window, global, random
+    query = torch.arange(g, nb, device=q.device)[:, None]  # (m 1)
+    near = query + torch.arange(-1, 2, device=q.device)  # (m 3)
+    glob = torch.arange(g, device=q.device).expand(nb - g, g)  # (m g)
+    sel = torch.cat([near, glob], -1).expand(h, -1, -1)  # (h m s)
+    sel = torch.cat([sel, random[:, g:]], -1)
+    ok = torch.cat([(near >= g) & (near < nb), glob >= 0], -1).expand(h, -1, -1)
+    ok = torch.cat([ok, random[:, g:] >= 0], -1)  # (h m s), False: no block there
+    sel = sel.clamp(0, nb - 1)
+    # Gather the key blocks by one index_select over the flattened (b h nb) blocks.
+    flat = rearrange(torch.arange(b * h, device=q.device), "(b h) -> b h 1 1", b=b) * nb + sel
+    kb, vb = (rearrange(t, "b h (m c) d -> (b h m) c d", c=block).index_select(0, flat.flatten())
+              for t in (kp, vp))
+    kb, vb = (rearrange(t, "(b h m s) c d -> b h m (s c) d", b=b, h=h, s=sel.shape[-1])
               for t in (kb, vb))
-    ok_r = (random >= 0)[None, ..., None] & real_b[:, random.clamp(min=0)]  # (b h m r c)
+    key_ok = ok[..., None] & rearrange(real, "b (m c) -> b m c", c=block)[:, sel]  # (b h m s c)
+    key_ok = rearrange(key_ok, "b h m s c -> b h m 1 (s c)")
 
-    parts = [(einsum(qb, window(kb), "b h m c d, b h m w d -> b h m c w"),
-              rearrange(ok_w, "b m w -> b 1 m 1 w")),
-             (einsum(qb, kg, "b h m c d, b h j d -> b h m c j"),
-              rearrange(real[:, :g * block], "b j -> b 1 1 1 j")),
-             (einsum(qb, kr, "b h m c d, b h m w d -> b h m c w"),
-              rearrange(ok_r, "b h m r c -> b h m 1 (r c)"))]
-    scores = torch.cat([(s * scale).masked_fill(~ok, neg_fill(s.dtype)) for s, ok in parts], -1)
-    attn = scores.softmax(dim=-1).split([p[0].shape[-1] for p in parts], dim=-1)
-    out = (einsum(attn[0], window(vb), "b h m c w, b h m w e -> b h m c e")
-           + einsum(attn[1], vg, "b h m c j, b h j e -> b h m c e")
-           + einsum(attn[2], vr, "b h m c w, b h m w e -> b h m c e"))
+    qb = rearrange(qp[:, :, g * block:], "b h (m c) d -> b h m c d", c=block)
+    scores = einsum(qb, kb, "b h m c d, b h m w d -> b h m c w").masked_fill_(~key_ok, neg_fill(q.dtype))
+    out = einsum(scores.softmax(dim=-1), vb, "b h m c w, b h m w e -> b h m c e")
     out = rearrange(out, "b h m c e -> b h (m c) e")
 
     # the global blocks attend to every key
-    rows = einsum(qp[:, :, :g * block], kp, "b h i d, b h j d -> b h i j") * scale
-    rows = rows.masked_fill(~rearrange(real, "b j -> b 1 1 j"), neg_fill(rows.dtype))
+    rows = einsum(qp[:, :, :g * block], kp, "b h i d, b h j d -> b h i j")
+    rows = rows.masked_fill_(~rearrange(real, "b j -> b 1 1 j"), neg_fill(rows.dtype))
     out_g = einsum(rows.softmax(dim=-1), vp, "b h i j, b h j e -> b h i e")
-    return torch.cat([out_g, out[:, :, g * block:]], dim=2)[:, :, :n]
+    return torch.cat([out_g, out], dim=2)[:, :, :n]
 
 
 class BigBird(MultiHead):

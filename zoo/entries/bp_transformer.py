@@ -120,6 +120,11 @@ def _window(lo: torch.Tensor, hi: torch.Tensor, block: int):
     return idx, keep
 
 
+def gather_nodes(t: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
+    """`t (b, h, m, d)`, `node (nb, w)` indices into m -> `(b, h, nb, w, d)` (one index_select)."""
+    return rearrange(t.index_select(2, node.flatten()), "b h (nb w) d -> b h nb w d", w=node.shape[1])
+
+
 def node_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    ranges, *, ratio: int, levels: int | None = None,
                    scale: float | None = None) -> torch.Tensor:
@@ -151,7 +156,7 @@ def node_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         if window is not None:
             parts.append((level, block) + window)
     rows = max(idx.shape[0] * block for _, block, idx, _ in parts)
-    q = F.pad(q, (0, 0, 0, rows - n))  # padded once: every level's query blocks are views
+    q = F.pad(q * scale, (0, 0, 0, rows - n))  # scaled and padded once: query blocks are views
     # Two passes: scores and each query's maximum over all levels, then weights and sums.
     scores = []
     for level, block, idx, keep in parts:
@@ -159,7 +164,7 @@ def node_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         node = idx.clamp(max=size - 1)
         keep = keep & (idx < size)[:, None, :] & (counts[:, node] > 0)[:, :, None, :]  # (b nb c w)
         q_blk = rearrange(q[:, :, :idx.shape[0] * block], "b h (nb c) d -> b h nb c d", c=block)
-        s = einsum(q_blk, k_mean[:, :, node], "b h nb c d, b h nb w d -> b h nb c w") * scale
+        s = einsum(q_blk, gather_nodes(k_mean, node), "b h nb c d, b h nb w d -> b h nb c w")
         scores.append(s.masked_fill(~keep[:, None], neg_fill(s.dtype)))
     top = torch.stack([F.pad(s.amax(-1).flatten(2), (0, rows - s.shape[2] * s.shape[3]),
                              value=neg_fill(s.dtype)) for s in scores]).amax(0)  # (b h rows)
@@ -170,7 +175,7 @@ def node_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         weights = (s - rearrange(top[:, :, :rows_l], "b h (nb c) -> b h nb c 1", c=block)).exp()
         rearrange(norm[:, :, :rows_l], "b h (nb c) -> b h nb c", c=block).add_(weights.sum(-1))
         rearrange(out[:, :, :rows_l], "b h (nb c) e -> b h nb c e", c=block).add_(
-            einsum(weights, values[level][0][:, :, node], "b h nb c w, b h nb w e -> b h nb c e"))
+            einsum(weights, gather_nodes(values[level][0], node), "b h nb c w, b h nb w e -> b h nb c e"))
     return out[:, :, :n] / norm[:, :, :n, None]
 
 

@@ -35,12 +35,11 @@ from zoo.shell import MultiHead
 PATTERNS = ("strided", "fixed")
 
 
-def neighbour_blocks(t: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """`(b, h, r, c, d)` -> `(b, h, r, w, d)`: each block with its `before`/`after` neighbours
-    (zero blocks past the ends), `w = (before + 1 + after) c`."""
-    padded = F.pad(t, (0, 0, 0, 0, before, after))
-    r = t.shape[2]
-    return torch.cat([padded[:, :, s:s + r] for s in range(before + 1 + after)], dim=3)
+def neighbour_blocks(t: torch.Tensor, l: int, before: int, after: int) -> torch.Tensor:  # noqa: E741
+    """`(..., n, d)` -> `(..., r, w, d)`, `n = r l`: each block of `l` with its `before`/`after`
+    neighbour blocks (zeros past the ends), `w = (before + 1 + after) l`; a view of `t` padded once."""
+    padded = F.pad(t.movedim(-2, -1), (before * l, after * l))  # (... d n+)
+    return padded.unfold(-1, (before + 1 + after) * l, l).movedim(-3, -1)
 
 
 def sparse_transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -66,30 +65,26 @@ def sparse_transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     (q, pad), (k, _), (v, _) = (pad_to_multiple(t, l) for t in (q, k, v))
     real = pad_mask(mask, b, n, pad, q.device)
     real = torch.ones(b, n, dtype=torch.bool, device=q.device) if real is None else real
-    q, k, v = (rearrange(t, "b h (r c) d -> b h r c d", c=l) for t in (q, k, v))
-    real = rearrange(real, "b (r c) -> b r c", c=l)
-    rows = torch.arange(q.shape[2], device=q.device)
-    i = rearrange(rows, "r -> r 1") * l + torch.arange(l, device=q.device)  # (r c)
+    q = q * d ** -0.5  # scaled once here rather than every score
 
     # A^(1): a band around the query, read from neighbouring blocks (eq. 2 / eq. 3)
     before, after = (1, 0 if causal else 1) if pattern == "strided" else (0, 0)
-    kw, vw = neighbour_blocks(k, before, after), neighbour_blocks(v, before, after)
-    offsets = torch.arange(-before, after + 1, device=q.device)
-    j_block = rearrange(rows, "r -> r 1") + offsets  # (r o)
-    j = rearrange(rearrange(j_block, "r o -> r o 1") * l + torch.arange(l, device=q.device),
-                  "r o c -> r (o c)")
-    inside = (j_block >= 0) & (j_block < q.shape[2])
-    key_ok = neighbour_blocks(rearrange(real, "b r c -> b 1 r c 1").float(), before, after)
-    key_ok = rearrange(key_ok, "b 1 r w 1 -> b 1 r 1 w") > 0
-    delta = rearrange(i, "r c -> r c 1") - rearrange(j, "r w -> r 1 w")  # (r c w)
+    kw, vw = neighbour_blocks(k, l, before, after), neighbour_blocks(v, l, before, after)
+    key_ok = rearrange(neighbour_blocks(real[..., None], l, before, after), "b r w 1 -> b 1 r 1 w")
+    # query c of a block minus key w of its window: the same for every block
+    delta = (torch.arange(l, device=q.device)[:, None] + before * l
+             - torch.arange((before + 1 + after) * l, device=q.device))  # (c w)
     near = delta.abs() <= l if pattern == "strided" else delta.abs() < l
-    near = near & rearrange(inside.repeat_interleave(l, dim=1), "r w -> r 1 w")
     if causal:
         near = near & (delta >= 0)
-    scores_w = einsum(q, kw, "b h r c d, b h r w d -> b h r c w") * d ** -0.5
-    scores_w = scores_w.masked_fill(~(near & key_ok), neg_fill(scores_w.dtype))
+    q = rearrange(q, "b h (r c) d -> b h r c d", c=l)
+    scores_w = einsum(q, kw, "b h r c d, b h r w d -> b h r c w")
+    scores_w = scores_w.masked_fill_(~(near & key_ok), neg_fill(scores_w.dtype))
 
     # A^(2), without the keys A^(1) already holds
+    k, v = (rearrange(t, "b h (r c) d -> b h r c d", c=l) for t in (k, v))
+    real = rearrange(real, "b (r c) -> b r c", c=l)
+    rows = torch.arange(q.shape[2], device=q.device)
     gap = rearrange(rows, "r -> r 1") - rows  # query row minus key row
     if pattern == "strided":  # every l-th position: the same column c, rows two or more away
         ks, vs = (rearrange(t, "b h r c d -> b h c r d") for t in (k, v))
@@ -105,7 +100,7 @@ def sparse_transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         allowed = (rearrange(other, "r j -> 1 1 r 1 j")
                    & rearrange(real[:, :, l - s:], "b r s -> b 1 1 1 (r s)"))
         spec = "b h r c j, b h j e -> b h r c e"
-    scores_x = (scores_x * d ** -0.5).masked_fill(~allowed, neg_fill(scores_x.dtype))
+    scores_x = scores_x.masked_fill_(~allowed, neg_fill(scores_x.dtype))
 
     attn = torch.cat([scores_w, scores_x], dim=-1).softmax(dim=-1)  # (b h r c w+j)
     attn_w, attn_x = attn.split([scores_w.shape[-1], scores_x.shape[-1]], dim=-1)
