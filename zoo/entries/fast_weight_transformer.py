@@ -63,10 +63,12 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
                for t in (q, k, v))
     beta = rearrange(pad_to_multiple(beta, c, dim=-1)[0], "b h (nc c) -> b h nc c 1", c=c)
     # With S the state at the chunk's start, the corrections U (c, e) of its tokens satisfy
-    # (I + diag(beta) tril(K K^T, -1)) U = diag(beta) (V - K S): solve for [V, K] once.
-    system = torch.eye(c, dtype=k.dtype, device=k.device) + beta * (k @ k.transpose(-1, -2)).tril(-1)
-    solved = solve_unit_lower(system, beta * torch.cat([v, k], dim=-1))
-    from_v, from_k = solved[..., :e], solved[..., e:]
+    # (I + diag(beta) tril(K K^T, -1)) U = diag(beta) (V - K S): invert the (c, c) system once
+    # (a triangular solve against the identity, cheaper than against the c x (e + f) [V, K]).
+    eye = torch.eye(c, dtype=k.dtype, device=k.device)
+    system = eye + beta * (k @ k.transpose(-1, -2)).tril(-1)  # (b h nc c c)
+    inverse = solve_unit_lower(system, eye.expand_as(system))
+    from_v, from_k = inverse @ (beta * v), inverse @ (beta * k)  # (b h nc c e), (b h nc c f)
     state = k.new_zeros(*k.shape[:2], k.shape[-1], e)  # (b h f e)
     starts, corrections = [], []
     for i in range(k.shape[2]):  # over chunks, not tokens
