@@ -60,7 +60,8 @@ def favor_plus_features(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor,
     proj_k = einsum(k, w, "b h n d, h m d -> b h n m")
     half_norm = k.square().sum(-1, keepdim=True) / 2  # (b h n 1)
     offset = half_norm + key_shift(proj_k.detach().amax(dim=-1, keepdim=True) - half_norm, mask)
-    if mask is not None:  # padded keys: exp(w^T k - largest finite number) = 0
+    # padded keys: exp(w^T k - the largest finite number) = 0
+    if mask is not None:
         offset = offset.masked_fill(~rearrange(mask, "b n -> b 1 n 1"), -neg_fill(offset.dtype))
     return phi_q, proj_k.sub_(offset).exp_()
 
