@@ -26,7 +26,9 @@ def causal_sum(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *, chu
     jacobian(vectorize=True)`) support inside a custom backward, as slim-performer's.
 
     Args:
-        phi_q, phi_k: `(b, h, n, f)`. v: `(b, h, n, e)`.
+        phi_q: `(b, h, n, f)`.
+        phi_k: `(b, h, n, f)`.
+        v: `(b, h, n, e)`.
         log_decay: `(b, h, n)`, `log g_t <= 0`; None means no decay (all `g = 1`).
 
     Returns:
@@ -101,7 +103,10 @@ def kernel_attention_step(phi_q, phi_k, v, state=None, *, gate=None):
     """One token of the recurrent form: `S = g S + phi_k v^T`, `z = g z + phi_k`, read by phi_q.
 
     Args:
-        phi_q, phi_k: `(b, h, f)`. v: `(b, h, e)`. gate: `(b, h)` decay of the old state, or None.
+        phi_q: `(b, h, f)`.
+        phi_k: `(b, h, f)`.
+        v: `(b, h, e)`.
+        gate: `(b, h)` decay of the old state, or None.
         state: `(S, z)`, `(b, h, f, e)` and `(b, h, f)`; None starts from zeros.
 
     Returns:
