@@ -27,11 +27,12 @@ Deviations from the paper:
 """
 
 import torch
-from einops import einsum
+from einops import einsum, rearrange
 
 from zoo.checks import check_qkv
-from zoo.entries.performer_favor import PerformerFavor, exp_over_keys
+from zoo.entries.performer_favor import PerformerFavor, key_shift
 from zoo.linear import kernel_attention
+from zoo.masks import neg_fill
 
 
 def softmax_kernel_exponent(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -53,9 +54,16 @@ def favor_plus_features(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor,
     get 0. Returns `(b, h, n, m)` twice.
     """
     q, k = q * q.shape[-1] ** -0.25, k * k.shape[-1] ** -0.25  # q'.k' = q.k / sqrt(d)
+    # each shift is an (n, 1) column subtracted once, then exp in place: two passes per tensor
     proj_q = einsum(q, w, "b h n d, h m d -> b h n m")
-    phi_q = (proj_q - proj_q.detach().amax(dim=-1, keepdim=True)).exp()
-    return phi_q, exp_over_keys(softmax_kernel_exponent(k, w), mask)
+    phi_q = proj_q.sub_(proj_q.detach().amax(dim=-1, keepdim=True)).exp_()
+    proj_k = einsum(k, w, "b h n d, h m d -> b h n m")
+    half_norm = k.square().sum(-1, keepdim=True) / 2  # (b h n 1)
+    offset = half_norm + key_shift(proj_k.detach().amax(dim=-1, keepdim=True) - half_norm, mask)
+    # padded keys: exp(w^T k - the largest finite number) = 0
+    if mask is not None:
+        offset = offset.masked_fill(~rearrange(mask, "b n -> b 1 n 1"), -neg_fill(offset.dtype))
+    return phi_q, proj_k.sub_(offset).exp_()
 
 
 def favor_plus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,

@@ -64,8 +64,11 @@ def trig_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
     Times `exp(|x|^2 / 2)` this is the paper's feature map of the softmax kernel.
     """
-    proj = einsum(x, w, "b h n d, h m d -> b h n m")
-    return torch.cat([proj.sin(), proj.cos()], dim=-1) / w.shape[-2] ** 0.5
+    m = w.shape[-2]
+    # one matmul and one cosine for both halves: sin(a) = cos(a - pi/2); in place, no copies
+    phase = torch.cat([w.new_full((m,), torch.pi / 2), w.new_zeros(m)])  # (2m)
+    proj = einsum(x, torch.cat([w, w], dim=-2), "b h n d, h m d -> b h n m")
+    return proj.sub_(phase).cos_().mul_(m ** -0.5)
 
 
 def exp_over_keys(exponent: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,8 +76,14 @@ def exp_over_keys(exponent: torch.Tensor, mask: torch.Tensor | None = None) -> t
     detached: it cancels in the ratio), and 0 at padded keys. exponent `(b, h, n, f)`."""
     if mask is not None:
         exponent = exponent.masked_fill(~rearrange(mask, "b n -> b 1 n 1"), neg_fill(exponent.dtype))
-    shift = reduce(exponent.detach(), "b h n f -> b h 1 1", "max")
-    return zero_padded((exponent - shift).exp(), mask)
+    return zero_padded((exponent - key_shift(exponent)).exp(), mask)
+
+
+def key_shift(exponent: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The largest of `exponent` `(b, h, n, f)` over the real keys, detached: `(b, h, 1, 1)`."""
+    if mask is not None:
+        exponent = exponent.masked_fill(~rearrange(mask, "b n -> b 1 n 1"), neg_fill(exponent.dtype))
+    return reduce(exponent.detach(), "b h n f -> b h 1 1", "max")
 
 
 def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
@@ -84,7 +93,7 @@ def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.
     check_qkv(q, k, v, mask, name="favor_attention")
     q, k = q * q.shape[-1] ** -0.25, k * k.shape[-1] ** -0.25  # q'.k' = q.k / sqrt(d)
     phi_q = trig_features(q, w)  # e^{|q|^2/2} cancels row by row
-    phi_k = trig_features(k, w) * exp_over_keys(k.square().sum(-1, keepdim=True) / 2, mask)
+    phi_k = trig_features(k, w).mul_(exp_over_keys(k.square().sum(-1, keepdim=True) / 2, mask))
     return kernel_attention(phi_q, phi_k, v, mask, causal=causal, chunk=chunk)
 
 
