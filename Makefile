@@ -31,7 +31,7 @@ clean:
 
 # The committed benchmark results for this machine kind (2 cores, no GPU); takes several minutes.
 bench: $(STAMP)
-	$(VENV)/bin/zoo bench --n 1024 4096 16384 --repeats 3 --out benchmarks/results.json
+	$(VENV)/bin/zoo bench --n 1024 4096 16384 --repeats 5 --out benchmarks/results.json
 
 # Side-by-side with public CPU implementations (not dependencies: installed into .cache/public).
 PUBLIC := performer-pytorch nystrom-attention linformer local-attention reformer-pytorch \

@@ -5,8 +5,8 @@ How it measures:
 - Each entry runs in its own worker processes (`python -m zoo.bench worker`: one for peak memory,
   one for time), lengths in increasing order, so a crash or an out-of-memory kill loses one
   entry's row, not the run.
-- Time: median of `repeats` forward (or forward + backward) passes after one warm-up pass, in a
-  worker with the allocator as usual.
+- Time: median of `repeats` forward (or forward + backward) passes after two warm-up passes (one
+  when a pass takes over 5 s), in a worker with the allocator as usual.
 - Peak memory (CPU): the process's resident-set high-water mark (`VmHWM`), reset before each
   measurement through `/proc/self/clear_refs`, minus the resident size just before the pass; it
   counts everything the pass allocates, torch's allocator and temporaries included. The worker
@@ -129,6 +129,8 @@ def measure(name: str, n: int, *, dim: int, heads: int, backward: bool, repeats:
     else:
         peak = None
     times = [first] if repeats == 0 else []
+    if 0 < repeats and first < 5:
+        run()  # a second warm-up: the allocator reaches its steady state (page faults settle)
     for _ in range(repeats if first < 30 else min(repeats, 1)):
         start = time.perf_counter()
         run()
