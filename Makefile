@@ -1,4 +1,6 @@
 # Two commands matter: `make serve` (the site on http://127.0.0.1:8000) and `make test`.
+# The tests run on two workers with one torch thread each: more threads than cores makes the
+# small-op-heavy references (segment loops, chunked scans) many times slower.
 # Both create .venv on first use and install everything the project needs into it.
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,7 +26,7 @@ docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup
 
 clean:
 	rm -rf site .pytest_cache .ruff_cache .cache

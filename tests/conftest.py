@@ -8,6 +8,11 @@ import torch
 
 import zoo
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One torch thread per worker: more threads than cores slows the small-op-heavy references
+    # many times over (make test sets OMP_NUM_THREADS=1 for the same reason).
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

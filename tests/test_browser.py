@@ -20,7 +20,8 @@ from tests.browser import (
     serve,
 )
 
-pytestmark = pytest.mark.docs
+# One worker builds the site once for all the site tests (make test runs --dist loadgroup).
+pytestmark = [pytest.mark.docs, pytest.mark.xdist_group("site")]
 ENTRY = "linear-transformer"
 
 

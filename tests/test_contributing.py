@@ -33,6 +33,7 @@ def copy_repo(dest: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("site")
 def test_walkthrough_adds_a_working_entry(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     env = {**os.environ, "PYTHONPATH": str(repo), "ZOO_CACHE": str(ROOT / ".cache"),

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.docs
+@pytest.mark.xdist_group("site")
 def test_every_entry_has_a_page_with_formula_and_source(site):
     for i in zoo.names():
         e = zoo.entry(i)
@@ -29,6 +30,7 @@ def test_every_entry_has_a_page_with_formula_and_source(site):
 
 
 @pytest.mark.docs
+@pytest.mark.xdist_group("site")
 def test_catalogue_page_links_every_entry(site):
     html = (site / "catalogue" / "index.html").read_text()
     for i in zoo.names():
@@ -36,6 +38,7 @@ def test_catalogue_page_links_every_entry(site):
 
 
 @pytest.mark.docs
+@pytest.mark.xdist_group("site")
 def test_nothing_is_loaded_from_another_host(site):
     loads = re.compile(r"<(?:script|img|link|iframe|source)\b[^>]*\b(?:src|href)="
                        r"""["']((?:https?:)?//[^"']+)""")
@@ -69,6 +72,7 @@ def test_readme_usage_runs():
 
 
 @pytest.mark.docs
+@pytest.mark.xdist_group("site")
 def test_home_claims_table_agrees_with_zoo_claims(site, capsys):
     from zoo.cli import main
 

@@ -150,7 +150,8 @@ def worker(spec: dict) -> None:
             continue
         if prev is not None and prev["status"] == "ok":
             grow = n / prev["n"]
-            t_pred = prev["time_s"] * grow ** max(spec["time_exp"], 1)
+            # The memory worker (repeats 0) times only a cold first pass: it judges memory only.
+            t_pred = prev["time_s"] * grow ** max(spec["time_exp"], 1) if spec["repeats"] else 0.0
             m_pred = (prev["peak_bytes"] or 0) * grow ** spec["mem_exp"]
             if t_pred > spec["max_time"]:
                 prev = {"n": n, "status": f"over time budget (predicted {t_pred:.0f} s)"}
