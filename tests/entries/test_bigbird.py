@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import zoo
+from tests.oracles import assert_equals_restricted_softmax, qkv
 from zoo import probe
 from zoo.entries.bigbird import bigbird_attention, draw_random_blocks
 from zoo.softmax import softmax_attention
@@ -21,16 +22,6 @@ def paper_pattern(n, c, g, random_blocks):
                 allowed[head, i, j] = (qb < g or kb < g or abs(qb - kb) <= 1
                                        or kb in random_blocks[head, qb].tolist())
     return allowed
-
-
-def outputs_and_grads(out, real, inputs):
-    """The output at real tokens and the gradients of its squared sum."""
-    return [out[real], *torch.autograd.grad((out[real] ** 2).sum(), inputs)]
-
-
-def qkv(n=37, b=2, h=2, d=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for _ in range(3)]
 
 
 CASES = [(4, 1, 2), (5, 2, 1), (3, 1, 3), (8, 2, 2)]
@@ -92,12 +83,7 @@ def test_output_and_gradients_equal_dense_softmax_on_the_pattern():
     mask[1, 9] = False
     out = bigbird_attention(q, k, v, mask, block=4, global_blocks=1, random=rand)
     keep = paper_pattern(37, 4, 1, rand) & mask[:, None, None, :]
-    scores = (q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~keep, torch.finfo(q.dtype).min)
-    ref = scores.softmax(-1) @ v
-    real = mask[:, None, :, None].expand_as(out)
-    for got, want in zip(outputs_and_grads(out, real, (q, k, v)),
-                         outputs_and_grads(ref, real, (q, k, v)), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert_equals_restricted_softmax(out, q, k, v, keep, mask)
 
 
 def test_one_block_covering_the_sequence_is_softmax_attention():

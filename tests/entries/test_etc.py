@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import zoo
+from tests.oracles import assert_equals_restricted_softmax, qkv
 from zoo import probe
 from zoo.entries.etc import etc_attention
 from zoo.softmax import softmax_attention
@@ -17,16 +18,6 @@ def paper_pattern(n, g, r):
         for j in range(n):
             allowed[i, j] = i < g or j < g or abs(i - j) <= r
     return allowed
-
-
-def outputs_and_grads(out, real, inputs):
-    """The output at real tokens and the gradients of its squared sum."""
-    return [out[real], *torch.autograd.grad((out[real] ** 2).sum(), inputs)]
-
-
-def qkv(n=37, b=2, h=2, d=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for _ in range(3)]
 
 
 CASES = [(1, 1), (2, 3), (3, 5), (4, 8)]
@@ -47,13 +38,7 @@ def test_output_and_gradients_equal_dense_softmax_on_the_pattern(g, r):
     mask[1, 30:] = False
     mask[1, [0, 12]] = False  # a padded global token too
     out = etc_attention(q, k, v, mask, global_tokens=g, radius=r)
-    keep = paper_pattern(37, g, r) & mask[:, None, None, :]
-    scores = (q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~keep, torch.finfo(q.dtype).min)
-    ref = scores.softmax(-1) @ v
-    real = mask[:, None, :, None].expand_as(out)
-    for got, want in zip(outputs_and_grads(out, real, (q, k, v)),
-                         outputs_and_grads(ref, real, (q, k, v)), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert_equals_restricted_softmax(out, q, k, v, paper_pattern(37, g, r) & mask[:, None, None, :], mask)
 
 
 def test_long_tokens_reach_each_other_through_the_global_tokens():
