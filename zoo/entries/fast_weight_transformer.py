@@ -68,18 +68,22 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
     system.diagonal(dim1=-2, dim2=-1).fill_(1)
     weights = solve_unit_lower(system, torch.diag_embed(beta))  # (b h nc c c)
     from_v, from_k = weights @ v, weights @ k  # (b h nc c e), (b h nc c f)
-    state = k.new_zeros(*k.shape[:2], k.shape[-1], e)  # (b h f e)
+    # (b h) as one batch axis, so each step below is one fused multiply-add
+    k_t, from_v, from_k = (t.flatten(0, 1) for t in (k.transpose(-1, -2), from_v, from_k))
+    state = k.new_zeros(k.shape[0] * k.shape[1], k.shape[-1], e)  # ((b h) f e)
     starts, corrections = [], []
     for i in range(k.shape[2]):  # over chunks, not tokens
         starts.append(state)
-        u = from_v[:, :, i] - from_k[:, :, i] @ state  # (b h c e)
-        state = state + k[:, :, i].transpose(-1, -2) @ u
+        u = torch.baddbmm(from_v[:, i], from_k[:, i], state, alpha=-1)  # U = T V - (T K) S
+        state = torch.baddbmm(state, k_t[:, i], u)  # S + K^T U
         corrections.append(u)
+    starts, corrections = (rearrange(torch.stack(t, dim=1), "(b h) nc x y -> b h nc x y",
+                                     b=k.shape[0]) for t in (starts, corrections))
+    state = state.view(*k.shape[:2], *state.shape[1:])
     if not causal:
         return q @ state  # (b h n e)
     q = rearrange(pad_to_multiple(q, c)[0], "b h (nc c) f -> b h nc c f", c=c)
-    starts, u = torch.stack(starts, dim=2), torch.stack(corrections, dim=2)
-    out = q @ starts + (q @ k.transpose(-1, -2)).tril() @ u  # (b h nc c e)
+    out = q @ starts + (q @ k.transpose(-1, -2)).tril() @ corrections  # (b h nc c e)
     return rearrange(out, "b h nc c e -> b h (nc c) e")[:, :, :n]
 
 
