@@ -8,6 +8,7 @@ the last of two equal keys; this loader refuses them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -50,6 +51,26 @@ def cache_root() -> Path:
     """Where measurements and pictures are cached: $ZOO_CACHE, else `.cache/` beside the catalogue.
     Entries are keyed by a fingerprint of their content, so a cache may be shared between copies."""
     return Path(os.environ.get("ZOO_CACHE") or catalog_path().parent / ".cache")
+
+
+def fingerprint(*parts: object) -> str:
+    """A cache key that changes whenever the core (zoo/*.py), torch or any of `parts` changes.
+    Paths count by their content, other parts by their repr."""
+    h = hashlib.sha256(torch_version().encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.read_bytes())
+    for p in parts:
+        h.update(p.read_bytes() if isinstance(p, Path) else repr(p).encode())
+    return h.hexdigest()[:20]
+
+
+def torch_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,6 @@ the whole catalogue; `zoo claims` and the docs home page show their results.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from zoo import probe
-from zoo.catalog import Entry, cache_root
+from zoo.catalog import Entry, cache_root, fingerprint
 from zoo.contract import (
     ContractError,
     Make,
@@ -215,24 +214,13 @@ def claims_row(e: Entry) -> dict:
     return row
 
 
-def _fingerprint(e: Entry) -> str:
-    """Changes whenever anything the row depends on changes: the record, its file, the core."""
-    h = hashlib.sha256()
-    h.update(repr(e).encode())
-    h.update(torch.__version__.encode())
-    root = Path(__file__).parent
-    for path in sorted([e.source, *root.glob("*.py")]):
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
 def claims_report(entries, *, cache_dir: Path | None = None, progress=None) -> list[dict]:
     """Rows for `entries`, reusing cached rows whose fingerprint is unchanged."""
     cache_dir = cache_dir or cache_root() / "claims"
     rows = []
     for e in entries:
         path = cache_dir / f"{e.id}.json"
-        key = _fingerprint(e)
+        key = fingerprint(e, e.source)  # the record, its file and the core
         cached = json.loads(path.read_text()) if path.is_file() else None
         if cached and cached.get("fingerprint") == key:
             rows.append(cached["row"])

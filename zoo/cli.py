@@ -36,15 +36,8 @@ def cmd_list(args) -> int:
     return 0
 
 
-def _usage(e: Entry) -> str:
-    kwargs = ", ".join(f"{k}={v!r}" for k, v in e.hparams.items())
-    args = "dim=64" + (f", {kwargs}" if kwargs else "")
-    if e.input == "image":
-        return f'layer = zoo.create("{e.id}", {args}); y = layer(torch.randn(2, 64, 16, 16))'
-    return f'layer = zoo.create("{e.id}", {args}); y = layer(torch.randn(2, 128, 64))'
-
-
 def cmd_show(args) -> int:
+    from zoo.pages import usage
     from zoo.registry import entry, load
 
     e = entry(args.id)
@@ -62,11 +55,13 @@ def cmd_show(args) -> int:
         ("masking", "yes" if e.masking else "no"), ("citations", cites),
         ("idea", " ".join(e.idea.split())), ("notes", " ".join(e.notes.split()) or "none"),
         ("layer", f"{e.module}.{cls.__name__}({params})"),
-        ("source", str(e.source)), ("usage", _usage(e)),
+        ("source", str(e.source)),
     ]
     width = max(len(k) for k, _ in fields)
     for k, v in fields:
         print(f"{k.rjust(width)}  {v}")
+    # the same snippet the entry's page shows and the tests run
+    print(f"{'usage'.rjust(width)}  " + usage(e).replace("\n", "\n" + " " * (width + 2)))
     return 0
 
 

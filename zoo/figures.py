@@ -6,7 +6,6 @@ fingerprint of everything they depend on, so a rebuild with nothing changed is f
 
 from __future__ import annotations
 
-import hashlib
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -14,26 +13,16 @@ from pathlib import Path
 import torch
 
 from zoo import probe
-from zoo.catalog import Entry, cache_root
+from zoo.catalog import Entry, cache_root, fingerprint
 from zoo.contract import factory, sample
 
 PATTERN_N = 24
 
 
-def _fingerprint(*parts: object) -> str:
-    h = hashlib.sha256()
-    root = Path(__file__).parent
-    for path in sorted(root.glob("*.py")):
-        h.update(path.read_bytes())
-    for p in parts:
-        h.update(p.read_bytes() if isinstance(p, Path) else repr(p).encode())
-    return h.hexdigest()[:20]
-
-
 def cached_png(name: str, key_parts: tuple, render: Callable[[], bytes],
                cache_dir: Path | None = None) -> bytes:
     cache_dir = cache_dir or cache_root() / "figures"
-    path = cache_dir / f"{name}-{_fingerprint(*key_parts)}.png"
+    path = cache_dir / f"{name}-{fingerprint(*key_parts)}.png"
     if path.is_file():
         return path.read_bytes()
     data = render()

@@ -269,16 +269,15 @@ def catalogue_page(entries: list[Entry], rows: dict[str, dict] | None = None) ->
             measured = ""
         cites = e.citations["count"] if e.citations else ""
         text = html.escape(" ".join([e.id, e.title, e.idea, e.family]).lower(), quote=True)
-        yn = lambda b: "yes" if b else "no"  # noqa: E731
         out.append(
             f'<tr data-id="{e.id}" data-family="{e.family}" data-year="{e.year}" '
             f'data-citations="{cites}" data-declared="{e.scaling["time"]}" '
-            f'data-measured="{measured}" data-autoregressive="{yn(e.autoregressive)}" '
-            f'data-masking="{yn(e.masking)}" data-input="{e.input}" data-text="{text}">'
+            f'data-measured="{measured}" data-autoregressive="{_yes(e.autoregressive)}" '
+            f'data-masking="{_yes(e.masking)}" data-input="{e.input}" data-text="{text}">'
             f'<td><a href="../entries/{e.id}/">{html.escape(e.title)}</a><br><code>{e.id}</code></td>'
             f"<td>{e.family}</td><td>{e.year}</td><td>{cites}</td>"
             f"<td>{_math(e.complexity['time'])}</td><td>{e.scaling['time']}</td>"
-            f"<td>{measured or '-'}</td><td>{yn(e.autoregressive)}</td><td>{yn(e.masking)}</td>"
+            f"<td>{measured or '-'}</td><td>{_yes(e.autoregressive)}</td><td>{_yes(e.masking)}</td>"
             f"<td>{e.input}</td></tr>"
         )
     out += ["</tbody>", "</table>", ""]
