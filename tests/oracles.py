@@ -24,3 +24,11 @@ def assert_equals_restricted_softmax(out, q, k, v, keep, mask, *, rtol=1e-10, at
     for got, want in zip(outputs_and_grads(out, real, (q, k, v)),
                          outputs_and_grads(ref, real, (q, k, v)), strict=True):
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+def assert_same_outputs_and_grads(out, ref, inputs, *, rtol=1e-10, atol=1e-12):
+    """`out` equals `ref`, and so do the gradients of their squared sums w.r.t. `inputs`."""
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+    grads = torch.autograd.grad(out.square().sum(), inputs)
+    for got, want in zip(grads, torch.autograd.grad(ref.square().sum(), inputs), strict=True):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)

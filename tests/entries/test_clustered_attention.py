@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.oracles import assert_same_outputs_and_grads
 from zoo.entries.clustered_attention import ClusteredAttention
 from zoo.probe import qkv_for
 
@@ -69,11 +70,8 @@ def test_matches_the_token_by_token_oracle(variant):
 def test_improved_with_every_key_is_softmax_attention_with_gradients():
     layer = ClusteredAttention(32, heads=2, n_clusters=3, variant="improved", topk=64).double()
     q, k, v = (t.requires_grad_() for t in qkv_for(layer, 21, b=2, seed=2))
-    out, ref = layer.attend(q, k, v), F.scaled_dot_product_attention(q, k, v)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-    for a, b in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v)), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_same_outputs_and_grads(layer.attend(q, k, v), F.scaled_dot_product_attention(q, k, v),
+                                  (q, k, v))
 
 
 def test_hyperplanes_and_initial_centroids_are_seeded_buffers():

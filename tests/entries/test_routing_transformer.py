@@ -4,6 +4,7 @@ moving average in training mode only, and one cluster is softmax attention."""
 import torch
 import torch.nn.functional as F
 
+from tests.oracles import assert_same_outputs_and_grads
 from zoo.entries.routing_transformer import RoutingTransformer
 from zoo.probe import attention_matrix
 
@@ -36,11 +37,7 @@ def test_one_cluster_is_softmax_attention_with_shared_qk_and_its_gradients():
     q, v = qv_of(layer, x)
     ref = F.scaled_dot_product_attention(q, q, v, is_causal=True)
     ref = layer.to_out(ref.transpose(1, 2).flatten(2))
-    out = layer(x)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    grad, = torch.autograd.grad(out.square().sum(), x)
-    grad_ref, = torch.autograd.grad(ref.square().sum(), x)
-    torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
+    assert_same_outputs_and_grads(layer(x), ref, (x,))
 
 
 def test_training_moves_centroids_by_the_moving_average():

@@ -4,6 +4,7 @@ key cluster, merged over rounds, against an oracle that sorts and clusters token
 import torch
 import torch.nn.functional as F
 
+from tests.oracles import assert_same_outputs_and_grads
 from zoo.entries.smyrf import Smyrf, asymmetric_lift
 from zoo.probe import qkv_for
 
@@ -61,11 +62,8 @@ def test_clusters_attend_only_to_their_matched_key_cluster_and_rounds_merge():
 def test_one_cluster_is_softmax_attention_with_gradients():
     layer = Smyrf(32, heads=2, n_hashes=2, cluster_size=64).double()
     q, k, v = (t.requires_grad_() for t in qkv_for(layer, 23, b=2, seed=1))
-    out, ref = layer.attend(q, k, v), F.scaled_dot_product_attention(q, k, v)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-    for a, b in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v)), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_same_outputs_and_grads(layer.attend(q, k, v), F.scaled_dot_product_attention(q, k, v),
+                                  (q, k, v))
 
 
 def test_projections_are_seeded_buffers():
