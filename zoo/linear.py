@@ -70,11 +70,18 @@ def decayed_cumsum(u: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
 
 def kernel_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
                      mask: torch.Tensor | None = None, *, causal: bool = False, chunk: int = 64,
-                     log_decay: torch.Tensor | None = None) -> torch.Tensor:
+                     log_decay: torch.Tensor | None = None,
+                     key_weight: torch.Tensor | None = None) -> torch.Tensor:
     """`O_i = phi_q_i^T S / phi_q_i^T z` with `S = sum_j phi_k_j v_j^T`, `z = sum_j phi_k_j`
-    (over `j <= i` when causal). phi `(b, h, n, f)`, v `(b, h, n, e)` -> `(b, h, n, e)`."""
+    (over `j <= i` when causal). phi `(b, h, n, f)`, v `(b, h, n, e)` -> `(b, h, n, e)`.
+
+    `key_weight` `(b, h, n, 1)`, a scalar factor of each key's features (`phi_k_j a_j`), is applied
+    to the `(e + 1)`-wide values instead of the wider features: the same sums, fewer elements.
+    """
     phi_k = zero_padded(phi_k, mask)
     v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # the last column sums the normaliser
+    if key_weight is not None:
+        v = v * key_weight
     if causal:
         num = causal_sum(phi_q, phi_k, v, chunk=chunk, log_decay=log_decay)
     else:

@@ -111,10 +111,17 @@ class _LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            # A view (expand, slice, transpose) allocates and writes nothing: it does not count.
-            if isinstance(t, torch.Tensor) and not t._is_view():
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for t, ret in zip(outs, func._schema.returns):
+            if not isinstance(t, torch.Tensor):
+                continue
+            # The schema says what an output is: new memory (no alias), a view of an input (expand,
+            # slice, transpose: allocates and writes nothing, not counted) or an input written in
+            # place (`cos_`, `out=`: counted as writes, allocates nothing).
+            alias = ret.alias_info
+            if alias is None:
                 self.largest = max(self.largest, t.numel())
+            if alias is None or alias.is_write:
                 self.writes += t.numel()
         return out
 

@@ -33,7 +33,7 @@ Deviations from the paper:
 """
 
 import torch
-from einops import einsum, rearrange, reduce
+from einops import rearrange, reduce, repeat
 
 from zoo.checks import check_qkv, positive_int
 from zoo.linear import kernel_attention
@@ -59,16 +59,19 @@ def gaussian_projection(m: int, d: int, *, orthogonal: bool = True,
     return rows * lengths
 
 
-def trig_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def trig_features(x: torch.Tensor, w: torch.Tensor, *, normalise: bool = True) -> torch.Tensor:
     """`[sin(W x), cos(W x)] / sqrt(m)`: x `(b, h, n, d)`, w `(h, m, d)` -> `(b, h, n, 2m)`.
 
-    Times `exp(|x|^2 / 2)` this is the paper's feature map of the softmax kernel.
+    Times `exp(|x|^2 / 2)` this is the paper's feature map of the softmax kernel. Attention leaves
+    out the constant `1 / sqrt(m)` (`normalise=False`): it cancels in every row's ratio.
     """
-    m = w.shape[-2]
-    # one matmul and one cosine for both halves: sin(a) = cos(a - pi/2); in place, no copies
-    phase = torch.cat([w.new_full((m,), torch.pi / 2), w.new_zeros(m)])  # (2m)
-    proj = einsum(x, torch.cat([w, w], dim=-2), "b h n d, h m d -> b h n m")
-    return proj.sub_(phase).cos_().mul_(m ** -0.5)
+    b, m = x.shape[0], w.shape[-2]
+    # one matmul and one cosine for both halves: sin(a) = cos(a - pi/2), the matmul adding the phase
+    phase = torch.cat([w.new_full((m,), -torch.pi / 2), w.new_zeros(m)])  # (2m)
+    proj = torch.baddbmm(phase, rearrange(x, "b h n d -> (b h) n d"),
+                         repeat(torch.cat([w, w], dim=-2), "h m d -> (b h) d m", b=b))
+    features = rearrange(proj, "(b h) n m -> b h n m", b=b).cos_()
+    return features.mul_(m ** -0.5) if normalise else features
 
 
 def exp_over_keys(exponent: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,10 +94,13 @@ def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.
                     chunk: int = 64) -> torch.Tensor:
     """FAVOR with trigonometric features. q, k `(b, h, n, d)`, v `(b, h, n, e)`, w `(h, m, d)`."""
     check_qkv(q, k, v, mask, name="favor_attention")
-    q, k = q * q.shape[-1] ** -0.25, k * k.shape[-1] ** -0.25  # q'.k' = q.k / sqrt(d)
-    phi_q = trig_features(q, w)  # e^{|q|^2/2} cancels row by row
-    phi_k = trig_features(k, w).mul_(exp_over_keys(k.square().sum(-1, keepdim=True) / 2, mask))
-    return kernel_attention(phi_q, phi_k, v, mask, causal=causal, chunk=chunk)
+    d = q.shape[-1]
+    w = w * d ** -0.25  # W q' = W q d^{-1/4}, so that q'.k' = q.k / sqrt(d)
+    # 1/sqrt(m) and e^{|q'|^2/2} cancel row by row; e^{|k'|^2/2} is a scalar per key, applied to the
+    # narrower values by kernel_attention
+    phi_q, phi_k = trig_features(q, w, normalise=False), trig_features(k, w, normalise=False)
+    weight = exp_over_keys(k.square().sum(-1, keepdim=True) / (2 * d ** 0.5), mask)  # (b h n 1)
+    return kernel_attention(phi_q, phi_k, v, mask, causal=causal, chunk=chunk, key_weight=weight)
 
 
 class RandomFeatureHeads(MultiHead):

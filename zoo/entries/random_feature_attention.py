@@ -52,16 +52,18 @@ def random_feature_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         `(b, h, n, e)`.
     """
     check_qkv(q, k, v, mask, name="random_feature_attention")
-    phi_q, phi_k = trig_features(F.normalize(q, dim=-1), w), trig_features(F.normalize(k, dim=-1), w)
-    log_decay = None
+    # the features' 1/sqrt(m) cancels in every row's ratio
+    phi_q, phi_k = (trig_features(F.normalize(t, dim=-1), w, normalise=False) for t in (q, k))
+    log_decay = write = None
     if gate_logits is not None:
         if not causal:
             raise ValueError("random_feature_attention: the gate is defined for causal=True only")
         log_decay = F.logsigmoid(gate_logits)  # log g_t
         if mask is not None:
             log_decay = log_decay.masked_fill(~rearrange(mask, "b n -> b 1 n"), 0.0)
-        phi_k = phi_k * rearrange(torch.sigmoid(-gate_logits), "b h n -> b h n 1")  # 1 - g_t
-    return kernel_attention(phi_q, phi_k, v, mask, causal=causal, chunk=chunk, log_decay=log_decay)
+        write = rearrange(torch.sigmoid(-gate_logits), "b h n -> b h n 1")  # 1 - g_t, per key
+    return kernel_attention(phi_q, phi_k, v, mask, causal=causal, chunk=chunk, log_decay=log_decay,
+                            key_weight=write)
 
 
 class RandomFeatureAttention(RandomFeatureHeads):
