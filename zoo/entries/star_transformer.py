@@ -94,9 +94,11 @@ def satellite_update(h: torch.Tensor, e: torch.Tensor, s: torch.Tensor, prev: to
     keys, values = zip(*(rearrange(t, "b n (two h d) -> two b n h d", two=2, h=heads)
                          for t in context), strict=True)
     scale = q.shape[-1] ** -0.5
-    scores = torch.stack([einsum(q, k, "b n h d, b n h d -> b n h") for k in keys], dim=-1) * scale
-    attn = scores.softmax(dim=-1)  # (b n h c), c = 5
-    out = sum(attn[..., c, None] * v for c, v in enumerate(values))  # (b n h e)
+    scores = torch.stack([torch.linalg.vecdot(q, k) for k in keys], dim=-1) * scale
+    attn = rearrange(scores.softmax(dim=-1), "b n h c -> c b n h 1")  # c = 5
+    out = attn[0] * values[0]  # (b n h e), then += a_c v_c for the other four, in place
+    for a, v in zip(attn[1:], values[1:], strict=True):
+        out.addcmul_(a, v)
     return att.finish(rearrange(out, "b n h e -> b n (h e)"))
 
 
