@@ -28,6 +28,7 @@ Deviations from the paper:
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from zoo.checks import check_image, positive_int
@@ -37,6 +38,12 @@ def fractal_tanimoto(p: torch.Tensor, l: torch.Tensor, *, depth: int = 5, dim=-1
                      smooth: float = 0.0) -> torch.Tensor:
     """The fractal Tanimoto similarity of depth d, reducing over `dim` (kept, size 1)."""
     pl, pp, ll = ((a * b).sum(dim=dim, keepdim=True) for a, b in ((p, l), (p, p), (l, l)))
+    return tanimoto_of_sums(pl, pp, ll, depth=depth, smooth=smooth)
+
+
+def tanimoto_of_sums(pl: torch.Tensor, pp: torch.Tensor, ll: torch.Tensor, *, depth: int,
+                     smooth: float) -> torch.Tensor:
+    """The similarity from the three dot products `p.l`, `p.p`, `l.l`."""
     inverse = sum(1 / (2 ** i * (pp + ll) - (2 ** (i + 1) - 1) * pl + smooth)
                   for i in range(positive_int(depth, "depth")))
     return (pl + smooth) * inverse / depth
@@ -47,6 +54,20 @@ def fractal_tanimoto_complement(p: torch.Tensor, l: torch.Tensor, *, depth: int 
     """The similarity with its complement: the mean of T(p, l) and T(1 - p, 1 - l)."""
     return 0.5 * (fractal_tanimoto(p, l, depth=depth, dim=dim, smooth=smooth)
                   + fractal_tanimoto(1 - p, 1 - l, depth=depth, dim=dim, smooth=smooth))
+
+
+def spatial_and_channel(q: torch.Tensor, k: torch.Tensor, *, depth: int, smooth: float):
+    """`fractal_tanimoto_complement` over the channels `(b, 1, y, x)` and over the pixels
+    `(b, c, 1, 1)` of q, k `(b, c, y, x)`: each elementwise product is formed once and summed both
+    ways."""
+    spatial = channel = 0.0
+    for p, l in ((q, k), (1 - q, 1 - k)):
+        products = [a * b for a, b in ((p, l), (p, p), (l, l))]  # (b c y x) each
+        spatial = spatial + tanimoto_of_sums(*(t.sum(1, keepdim=True) for t in products),
+                                             depth=depth, smooth=smooth)
+        channel = channel + tanimoto_of_sums(*(t.sum((2, 3), keepdim=True) for t in products),
+                                             depth=depth, smooth=smooth)
+    return 0.5 * spatial, 0.5 * channel
 
 
 class FractalTanimotoAttention(nn.Module):
@@ -71,12 +92,13 @@ class FractalTanimotoAttention(nn.Module):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """A `(b, dim, y, x)`."""
-        q, k, v = (torch.sigmoid(f(x)) for f in (self.to_q, self.to_k, self.to_v))
-        sim = dict(depth=self.depth, smooth=self.smooth)
-        spatial = fractal_tanimoto_complement(q, k, dim=1, **sim)  # (b 1 y x)
-        channel = fractal_tanimoto_complement(q, k, dim=(2, 3), **sim)  # (b c 1 1)
-        return 0.5 * (channel * v + spatial * v)
+        convs = (self.to_q, self.to_k, self.to_v)  # run as one convolution with stacked weights
+        qkv = F.conv2d(x, torch.cat([c.weight for c in convs]), torch.cat([c.bias for c in convs]),
+                       padding=self.to_q.padding)
+        q, k, v = qkv.sigmoid_().chunk(3, dim=1)
+        spatial, channel = spatial_and_channel(q, k, depth=self.depth, smooth=self.smooth)
+        return (spatial + channel).mul_(0.5).mul_(v)  # (b 1 y x) + (b c 1 1): (b c y x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image(x, self.dim, name=type(self).__name__)
-        return x * (1 + self.gamma * self.attention(x))
+        return torch.addcmul(x, self.gamma * self.attention(x), x)  # x (1 + gamma A)
