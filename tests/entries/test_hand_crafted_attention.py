@@ -62,7 +62,7 @@ def test_gradient_equals_transposed_map():
     torch.testing.assert_close(grad[0], expected, rtol=1e-12, atol=1e-13)
 
 
-def test_prefix_sums_stay_accurate_on_long_float32_inputs():
+def test_window_means_stay_accurate_on_long_float32_inputs():
     g = torch.Generator().manual_seed(2)
     v = torch.randn(1, 8, 8192, 16, generator=g, dtype=torch.float64)
     exact = hand_crafted_attention(v)

@@ -11,8 +11,8 @@ global case. No queries or keys are computed; the map depends on positions only.
 $$ O^h_i = \frac{1}{|W^h_i|} \sum_{j \in W^h_i} v^h_j, \qquad
    W^h_i = \{ j : |i - j| \le \rho\, 2^h - 1,\ j \text{ real} \} $$
 
-Because the weights are box windows, each output is a difference of two prefix sums: the layer
-is linear in the length, without any $n \times n$ map.
+Because the weights are box windows, each head is a sliding average (an average pool of width
+$2 r_h + 1$): the layer is linear in the length, without any $n \times n$ map.
 
 Deviations from the paper:
 - The paper picks its fixed weights from the cases it observes in trained models; the box windows
@@ -35,6 +35,11 @@ def head_radii(heads: int, radius: int = 1) -> torch.Tensor:
     return radius * 2 ** torch.arange(heads) - 1
 
 
+def window_mean(t: torch.Tensor, r: int) -> torch.Tensor:
+    """`(b, c, n)` means over the positions within `r` of each position that lie in the sequence."""
+    return F.avg_pool1d(t, 2 * r + 1, stride=1, padding=r, count_include_pad=False)
+
+
 def hand_crafted_attention(v: torch.Tensor, mask: torch.Tensor | None = None, *,
                            radius: int = 1) -> torch.Tensor:
     """Fixed box-window averages, one width per head; no queries or keys.
@@ -47,22 +52,17 @@ def hand_crafted_attention(v: torch.Tensor, mask: torch.Tensor | None = None, *,
         `(b, h, n, e)`; a window with no real token gives 0.
     """
     check_tensor(v, "v")
-    b, h, n, _ = v.shape
-    # Prefix sums in float64: a window is the difference of two sums that grow with n, and in
-    # float32 the one-token window of head 0 would keep only about five digits at n = 8192.
-    work = torch.float64
-    weight = v.new_ones(b, n, dtype=work) if mask is None else mask.to(work)
-    weight = rearrange(weight, "b n -> b 1 n 1")
-    sums = F.pad((v.to(work) * weight).cumsum(2), (0, 0, 1, 0))  # (b h n+1 e): sum of j < index
-    counts = F.pad(weight.cumsum(2), (0, 0, 1, 0)).expand(b, h, n + 1, 1)
-    i, r = torch.arange(n, device=v.device), head_radii(h, radius).to(v.device)[:, None]
-    lo, hi = (i - r).clamp(min=0), (i + r + 1).clamp(max=n)  # (h n): the window is [lo, hi)
-
-    def window_sum(t):
-        index = rearrange(torch.stack([lo, hi]), "two h n -> two 1 h n 1").expand(2, b, h, n, t.shape[-1])
-        return t.gather(2, index[1]) - t.gather(2, index[0])
-
-    return (window_sum(sums) / window_sum(counts).clamp(min=1)).to(v.dtype)
+    h, n = v.shape[1:3]
+    weight = None if mask is None else rearrange(mask.to(v.dtype), "b n -> b 1 n")
+    heads = []
+    for head, r in enumerate(head_radii(h, radius).clamp(max=n - 1).tolist()):
+        x = rearrange(v[:, head], "b n e -> b e n")
+        if weight is None:
+            heads.append(window_mean(x, r))
+        else:  # the mean over real tokens: mean of the masked values over the mean of the mask
+            share = window_mean(weight, r)  # (b 1 n), 0 where the window holds no real token
+            heads.append(window_mean(x * weight, r) / share.masked_fill(share == 0, 1))
+    return rearrange(torch.stack(heads, dim=1), "b h e n -> b h n e")
 
 
 class HandCraftedAttention(MultiHead):
