@@ -30,11 +30,12 @@ from zoo.masks import neg_fill, pad_mask, pad_to_multiple
 from zoo.shell import MultiHead
 
 
-def _with_neighbours(t: torch.Tensor, after: int) -> torch.Tensor:
-    """`(b, s, m, c, d)` -> `(b, s, m, w, d)`: block m with blocks m-1 .. m+after (zeros past the
-    ends), `w = (2 + after) c`."""
-    padded = F.pad(t, (0, 0, 0, 0, 1, after))
-    return torch.cat([padded[:, :, o:o + t.shape[2]] for o in range(2 + after)], dim=3)
+def _with_neighbours(t: torch.Tensor, c: int, after: int) -> torch.Tensor:
+    """`(B, s, L, d)`, L a multiple of c -> `(B, s, L // c, w, d)`: block m of c rows with blocks
+    m-1 .. m+after (zeros past the ends), `w = (2 + after) c`. One padded copy, then windows
+    that overlap as views of it."""
+    padded = F.pad(t, (0, 0, c, after * c))
+    return padded.unfold(2, (2 + after) * c, c).movedim(-1, -2)
 
 
 def longformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -64,29 +65,32 @@ def longformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     pos = torch.arange(real.shape[1], device=q.device)
 
     # The window: residue s = i mod delta holds an undilated band over m = i // delta (eq. 1).
-    def blocks(t):
-        return rearrange(t, "b h (m c s) d -> (b h) s m c d", c=c, s=dilation)
+    def blocks(t):  # (b h n x) -> (bh s m c x)
+        return rearrange(t, "b h (m c s) x -> (b h) s m c x", c=c, s=dilation)
+
+    def residues(t):  # (b h n x) -> (bh s L x), L = n / delta
+        return rearrange(t, "b h (L s) x -> (b h) s L x", s=dilation)
 
     after = 0 if causal else 1
-    qb = blocks(qp)
-    kw, vw = (_with_neighbours(blocks(t), after) for t in (kp, vp))
-    i = blocks(rearrange(pos, "n -> 1 1 n 1"))[0, ..., 0]  # (s m c)
-    j = _with_neighbours(blocks(rearrange(pos + 1, "n -> 1 1 n 1")), after)[0, ..., 0] - 1
-    key_ok = _with_neighbours(blocks(rearrange(real & (pos >= g), "b n -> b 1 n 1").float()),
-                              after)[..., 0] > 0  # (b s m w): real, not global, not past the ends
-    steps = (rearrange(i, "s m c -> s m c 1") - rearrange(j, "s m w -> s m 1 w")) // dilation
-    band = (steps >= 0) & (steps <= r) if causal else steps.abs() <= r
-    ok_w = rearrange(band, "s m c w -> 1 1 s m c w") & rearrange(key_ok, "b s m w -> b 1 s m 1 w")
-    scores_w = einsum(qb, kw, "bh s m c d, bh s m w d -> bh s m c w") * scale
+    qb = blocks(qp * scale)
+    kw, vw = (_with_neighbours(residues(t), c, after) for t in (kp, vp))  # (bh s m w x)
+    key_ok = _with_neighbours(residues(rearrange(real & (pos >= g), "b n -> b 1 n 1").float()),
+                              c, after)[..., 0] > 0  # (b s m w): real, not global, not past the ends
+    # Query ci of a block and key wj of its window are c + ci - wj steps apart, in every block.
+    steps = c + torch.arange(c, device=q.device)[:, None] - torch.arange(kw.shape[3], device=q.device)
+    band = (steps >= 0) & (steps <= r) if causal else steps.abs() <= r  # (c w)
+    ok_w = band & rearrange(key_ok, "b s m w -> b 1 s m 1 w")
+    scores_w = einsum(qb, kw, "bh s m c d, bh s m w d -> bh s m c w")
     scores_w = rearrange(scores_w, "(b h) s m c w -> b h s m c w", b=b)
     scores_w = scores_w.masked_fill(~ok_w, neg_fill(q.dtype))
 
     # Every token attends to the global tokens (with the local projections).
     kg = rearrange(kp[:, :, :g], "b h g d -> (b h) g d")
-    scores_g = einsum(qb, kg, "bh s m c d, bh g d -> bh s m c g") * scale
+    scores_g = einsum(qb, kg, "bh s m c d, bh g d -> bh s m c g")
     scores_g = rearrange(scores_g, "(b h) s m c g -> b h s m c g", b=b)
     ok_g = rearrange(real[:, :g], "b g -> b 1 1 1 1 g")
     if causal:
+        i = blocks(rearrange(pos, "n -> 1 1 n 1"))[0, ..., 0]  # (s m c): each query's position
         ok_g = ok_g & (rearrange(i, "s m c -> s m c 1") >= torch.arange(g, device=q.device))
     scores_g = scores_g.masked_fill(~ok_g, neg_fill(q.dtype))
 
@@ -142,8 +146,10 @@ class Longformer(MultiHead):
         check_sequence(x, self.dim, mask, name=type(self).__name__)
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         global_qkv = None
-        if self.global_tokens:
-            global_qkv = tuple(map(self.split_heads, self.to_qkv_global(x).chunk(3, dim=-1)))
+        if self.global_tokens:  # global queries only for the global rows; their keys for all
+            w_q, w_kv = self.to_qkv_global.weight.tensor_split([self.heads * self.dim_head])
+            q_g = F.linear(x[:, :self.global_tokens], w_q)
+            global_qkv = tuple(map(self.split_heads, (q_g, *F.linear(x, w_kv).chunk(2, dim=-1))))
         out = longformer_attention(q, k, v, mask, window=self.window, dilation=self.dilation,
                                    global_tokens=self.global_tokens, causal=self.causal,
                                    global_qkv=global_qkv)
