@@ -56,11 +56,13 @@ def axial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     real = torch.ones(b, n, dtype=torch.bool, device=q.device) if real is None else real
     q, k, v = (rearrange(t, AXES[axis], c=width) for t in (q, k, v))  # (b h g t d), g lines
     real = rearrange(real[:, None, :, None], AXES[axis], c=width)[:, 0, ..., 0]  # (b g t)
-    scores = einsum(q, k, "b h g i d, b h g j d -> b h g i j") * d ** -0.5
-    ok = rearrange(real, "b g j -> b 1 g 1 j")
-    if causal:
-        ok = ok & causal_mask(q.shape[3], q.shape[3], q.device)
-    attn = scores.masked_fill(~ok, neg_fill(scores.dtype)).softmax(dim=-1)
+    scores = einsum(q * d ** -0.5, k, "b h g i d, b h g j d -> b h g i j")
+    if mask is not None or pad or causal:  # else every key is allowed: nothing to mask
+        ok = rearrange(real, "b g j -> b 1 g 1 j")
+        if causal:
+            ok = ok & causal_mask(q.shape[3], q.shape[3], q.device)
+        scores = scores.masked_fill(~ok, neg_fill(scores.dtype))
+    attn = scores.softmax(dim=-1)
     out = einsum(attn, v, "b h g i j, b h g j e -> b h g i e")
     back = " -> ".join(reversed(AXES[axis].split(" -> ")))
     return rearrange(out, back.replace(" d", " e"), c=width)[:, :, :n]

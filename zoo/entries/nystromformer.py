@@ -78,11 +78,14 @@ def segment_means(t: torch.Tensor, m: int, mask: torch.Tensor | None):
 
 def _softmax(scores: torch.Tensor, keys: torch.Tensor | None,
              rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax over keys with masked `keys` `(b, j)` left out and masked `rows` `(b, i)` zeroed."""
-    if keys is not None:
+    """Softmax over keys with masked `keys` `(b, j)` left out and masked `rows` `(b, i)` zeroed
+    (no pass over the scores where nothing is masked)."""
+    if keys is not None and not keys.all():
         scores = scores.masked_fill(~rearrange(keys, "b j -> b 1 1 j"), neg_fill(scores.dtype))
     attn = scores.softmax(dim=-1)
-    return attn if rows is None else attn * rearrange(rows, "b i -> b 1 i 1").to(attn.dtype)
+    if rows is None or rows.all():
+        return attn
+    return attn * rearrange(rows, "b i -> b 1 i 1").to(attn.dtype)
 
 
 def nystrom_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
