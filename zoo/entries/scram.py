@@ -48,8 +48,8 @@ def weyl(n: int, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def flat_rows(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """Key indices `idx` `(b, h, m, c)` into `(b, h, n)` as row numbers of the `(b h n)` rows:
-    `((b h m), c)`."""
+    """Indices `idx` `(b, h, m, c)` among the n keys of each head as row numbers of the keys
+    flattened to `((b h n), d)`: `((b h m), c)`."""
     b, h = idx.shape[:2]
     return rearrange(idx + torch.arange(b * h, device=idx.device).reshape(b, h, 1, 1) * n,
                      "b h m c -> (b h m) c")
@@ -57,8 +57,8 @@ def flat_rows(idx: torch.Tensor, n: int) -> torch.Tensor:
 
 def real_at(mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Whether the keys `idx` `(b, h, n, c)` are real tokens of `mask` `(b, n)`: `(b, h, n, c)`."""
-    b, h, n, c = idx.shape
-    real = rearrange(mask, "b n -> b 1 n").expand(b, h, mask.shape[1])
+    b, h = idx.shape[:2]
+    real = rearrange(mask, "b n -> b 1 n").expand(b, h, -1)
     return real.gather(2, rearrange(idx, "b h n c -> b h (n c)")).view_as(idx)
 
 
@@ -79,9 +79,10 @@ def scores_at(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, block: int = 
     rows = flat_rows(idx, n)  # ((b h n), c)
     q, k = (rearrange(t, "b h n d -> (b h n) d") for t in (q, k))
     step = max(block // c, 1)  # queries per block
-    scores = [einsum(q[s:s + step], rearrange(k.index_select(0, rows[s:s + step].flatten()),
-                                                "(r c) d -> r c d", c=c), "r d, r c d -> r c")
-              for s in range(0, b * h * n, step)]
+    scores = []
+    for s in range(0, b * h * n, step):
+        keys = rearrange(k.index_select(0, rows[s:s + step].flatten()), "(r c) d -> r c d", c=c)
+        scores.append(einsum(q[s:s + step], keys, "r d, r c d -> r c"))
     return rearrange(torch.cat(scores), "(b h n) c -> b h n c", b=b, h=h)
 
 
