@@ -5,8 +5,11 @@ Attention maps are sparse (most weight sits near the best-matching key) and spat
 compatible key with PatchMatch, a randomized correspondence search: start from random matches,
 then repeatedly try the matches of neighbouring queries shifted by their offset (propagation) and
 random keys at exponentially shrinking distances around the current match (random search), keeping
-whichever scores higher. Then attend only to the window of keys around that argmax. With
-$O(\log n)$ candidates per query and iteration, the cost is $O(n \log n)$.
+whichever scores higher. As in PatchMatch (Barnes et al. 2009, $u_l = v_0 + w \alpha^l R_l$), the
+random-search candidates of one search are all drawn around the match $v_0$ it starts from, so they
+are scored together and the best of them (the first, on a tie) replaces $v_0$ if it scores higher.
+Then attend only to the window of keys around that argmax. With $O(\log n)$ candidates per query
+and iteration, the cost is $O(n \log n)$.
 
 $$ m_i \approx \arg\max_j q_i^\top k_j, \qquad
    O_i = \sum_{j \in W(m_i)} \operatorname{softmax}_j\big(s\, q_i^\top k_j\big)\, v_j $$
@@ -28,12 +31,12 @@ Deviations from the paper:
 import math
 
 import torch
+import torch.nn.functional as F
 from einops import einsum, rearrange
 
 from zoo.checks import check_qkv, positive_int, refuse_causal
 from zoo.masks import neg_fill
 from zoo.shell import MultiHead
-from zoo.sorting import chunk_softmax, gather_sorted
 
 PRIME = 2_147_483_647  # 2^31 - 1, the modulus of the Weyl sequences
 
@@ -44,6 +47,46 @@ def weyl(n: int, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return ((a * i + c) % PRIME).double() / PRIME
 
 
+def flat_rows(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices `idx` `(b, h, m, c)` among the n keys of each head as row numbers of the keys
+    flattened to `((b h n), d)`: `((b h m), c)`."""
+    b, h = idx.shape[:2]
+    return rearrange(idx + torch.arange(b * h, device=idx.device).reshape(b, h, 1, 1) * n,
+                     "b h m c -> (b h m) c")
+
+
+def real_at(mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Whether the keys `idx` `(b, h, n, c)` are real tokens of `mask` `(b, n)`: `(b, h, n, c)`."""
+    b, h = idx.shape[:2]
+    real = rearrange(mask, "b n -> b 1 n").expand(b, h, -1)
+    return real.gather(2, rearrange(idx, "b h n c -> b h (n c)")).view_as(idx)
+
+
+def scores_at(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, block: int = 32768) -> torch.Tensor:
+    """Scores `q_i . k_j` of each query against its own keys `j = idx[b, h, i, :]`.
+
+    The keys are gathered in blocks of about `block` rows, so that each gathered block stays in
+    cache instead of a full `(b, h, n, c, d)` copy going through memory.
+
+    Args:
+        q, k: `(b, h, n, d)`. idx: `(b, h, n, c)` key indices.
+
+    Returns:
+        `(b, h, n, c)`.
+    """
+    b, h, n, d = q.shape
+    c = idx.shape[-1]
+    rows = flat_rows(idx, n)  # ((b h n), c)
+    q, k = (rearrange(t, "b h n d -> (b h n) d") for t in (q, k))
+    step = max(block // c, 1)  # queries per block
+    scores = []
+    for s in range(0, b * h * n, step):
+        keys = rearrange(k.index_select(0, rows[s:s + step].flatten()), "(r c) d -> r c d", c=c)
+        scores.append(einsum(q[s:s + step], keys, "r d, r c d -> r c"))
+    return rearrange(torch.cat(scores), "(b h n) c -> b h n c", b=b, h=h)
+
+
+@torch.no_grad()  # the match is an index: no gradient flows through the search
 def patchmatch(q: torch.Tensor, k: torch.Tensor, draws: torch.Tensor,
                mask: torch.Tensor | None = None, *, iterations: int,
                min_radius: float = 1.0) -> torch.Tensor:
@@ -59,40 +102,43 @@ def patchmatch(q: torch.Tensor, k: torch.Tensor, draws: torch.Tensor,
         `m` `(b, h, n)`: key indices, each scoring at least as high as every candidate it met.
     """
     b, h, n, d = q.shape
+    q, k = q.contiguous(), k.contiguous()  # every scoring pass reads them as rows
     levels = max(math.ceil(math.log2(n)), 1)
+    searches = max(math.ceil(math.log2(n / min_radius)), 1)  # random-search radii n / 2^level
+    radii = n / 2 ** torch.arange(searches, dtype=torch.float64, device=q.device)
     pos = torch.arange(n, device=q.device)
-    real = torch.ones(b, 1, n, dtype=torch.bool, device=q.device) if mask is None else \
-        rearrange(mask, "b n -> b 1 n")
 
-    def score(idx):  # q_i . k_idx(i), the most negative value where the key is padded
-        s = (q * gather_sorted(k, idx)).sum(dim=-1)
-        if mask is None:
-            return s
-        return s.masked_fill(~gather_sorted(real.expand(b, h, n), idx), neg_fill(s.dtype))
+    def score(idx):  # (b h n c): q_i . k_idx(i), the most negative value where the key is padded
+        s = scores_at(q, k, idx)
+        return s if mask is None else s.masked_fill(~real_at(mask, idx), neg_fill(s.dtype))
 
     m = (weyl(n, *draws[0, 0]) * n).long().clamp(max=n - 1).expand(b, h, n)  # random start
-    best = score(m)
+    best = rearrange(score(rearrange(m, "b h n -> b h n 1")), "b h n 1 -> b h n")
 
-    def consider(candidate):
+    def consider(candidates):  # (b h n c): keep the best of the current match and the candidates
         nonlocal m, best
-        candidate = candidate.clamp(0, n - 1)
-        s = score(candidate)
-        better = s > best
-        m, best = torch.where(better, candidate, m), torch.where(better, s, best)
+        candidates = candidates.clamp(0, n - 1)
+        s = score(candidates)
+        pick = s.argmax(dim=-1, keepdim=True)  # the first best candidate
+        top, found = (rearrange(t.gather(-1, pick), "b h n 1 -> b h n") for t in (s, candidates))
+        better = top > best  # a tie keeps the current match
+        m, best = torch.where(better, found, m), torch.where(better, top, best)
 
     for t in range(1, iterations + 1):
-        for level in range(max(math.ceil(math.log2(n / min_radius)), 1)):
-            u = weyl(n, *draws[t, level]) * 2 - 1  # random search at radius n / 2^level
-            consider(m + (u * n / 2 ** level).round().long())
+        # Random search: one candidate at each radius n, n/2, n/4, ..., all around the match v0
+        # the search starts from (u_l = v0 + radius_l R_l), scored together.
+        u = torch.stack([weyl(n, *draws[t, level]) for level in range(searches)], dim=-1) * 2 - 1
+        consider(rearrange(m, "b h n -> b h n 1") + (u * radii).round().long())  # (b h n levels)
         # Propagation from the queries delta = 1, 2, 4, ... before (odd iterations) or after
         # (even ones), as PatchMatch alternates its scan direction: their match, shifted by delta.
         for level in range(levels):
             shift = 2 ** level if t % 2 else -(2 ** level)
-            src = pos - shift
-            ok = (src >= 0) & (src < n)
-            src = src.clamp(0, n - 1).expand(b, h, n)
-            passed = ok & real.expand(b, h, n).gather(2, src)
-            consider(torch.where(passed, m.gather(2, src) + shift, m))
+            src = pos - shift  # (n)
+            passed = (src >= 0) & (src < n)
+            src = src.clamp(0, n - 1)
+            if mask is not None:  # a padded query passes nothing on
+                passed = passed & rearrange(mask[:, src], "b n -> b 1 n")
+            consider(rearrange(torch.where(passed, m[..., src] + shift, m), "b h n -> b h n 1"))
     return m
 
 
@@ -113,18 +159,22 @@ def scram_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draws: to
     b, h, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     w = min(window, n)
+    q, k = q.contiguous(), k.contiguous()  # every scoring pass reads them as rows
     # The window covers the match's neighbourhood: random search stops at its radius.
     m = patchmatch(q, k, draws, mask, iterations=iterations, min_radius=max(w / 2, 1))
     start = (m - w // 2).clamp(0, n - w)
-    idx = rearrange(start, "b h n -> b h n 1") + torch.arange(w, device=q.device)
-    flat = rearrange(idx, "b h n w -> b h (n w)")
-    kw, vw = (rearrange(gather_sorted(t, flat), "b h (n w) d -> b h n 1 w d", w=w) for t in (k, v))
-    keep = torch.ones(1, dtype=torch.bool, device=q.device) if mask is None else rearrange(
-        gather_sorted(rearrange(mask, "b n -> b 1 n").expand(b, h, n), flat),
-        "b h (n w) -> b h n 1 w", w=w)
-    scores = einsum(q, kw, "b h n d, b h n i w d -> b h n i w") * scale  # i = 1: one query a row
-    out, _ = chunk_softmax(scores, keep, rearrange(vw, "b h n 1 w e -> b h n w e"))
-    return rearrange(out, "b h n 1 e -> b h n e")
+    idx = rearrange(start, "b h n -> b h n 1") + torch.arange(w, device=q.device)  # (b h n w)
+    scores = scores_at(q, k, idx) * scale  # (b h n w)
+    if mask is None:
+        attn = scores.softmax(dim=-1)
+    else:  # padded keys get no weight; a query whose window is all padding gets zeros
+        keep = real_at(mask, idx)  # (b h n w)
+        attn = scores.masked_fill(~keep, neg_fill(scores.dtype)).softmax(dim=-1) * keep
+    # O_i = sum_j attn_ij v_j over the window: embedding_bag sums each query's w value rows,
+    # weighted by attn, without gathering a (b, h, n, w, e) copy of them.
+    out = F.embedding_bag(flat_rows(idx, n), rearrange(v, "b h n e -> (b h n) e"),
+                          per_sample_weights=rearrange(attn, "b h n w -> (b h n) w"), mode="sum")
+    return rearrange(out, "(b h n) e -> b h n e", b=b, h=h)
 
 
 class Scram(MultiHead):
