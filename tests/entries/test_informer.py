@@ -1,6 +1,7 @@
 """Informer (ProbSparse): the top-u queries by the sampled max-mean measurement get exact softmax
 attention, the others the mean (or, masked, the cumulative sum) of the values, checked against a
-query-by-query computation; the sample is seeded; the masked form is not causal."""
+query-by-query computation; a block of queries sharing one sample is the per-query form with that
+sample repeated; the sample is seeded; the masked form is not causal."""
 
 import math
 
@@ -9,7 +10,7 @@ import torch
 
 import zoo
 from zoo import probe
-from zoo.entries.informer import probsparse_attention
+from zoo.entries.informer import probsparse_attention, sample_size, sampled_scores
 from zoo.softmax import softmax_attention
 
 
@@ -72,6 +73,67 @@ def test_all_queries_active_is_softmax_attention():
                                softmax_attention(q, k, v), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(probsparse_attention(q, k, v, sample, factor=10, masked=True),
                                softmax_attention(q, k, v, causal=True), rtol=1e-12, atol=1e-12)
+
+
+def per_query(sample, block, n):
+    """Query i's keys under a block-shared sample: row i // block."""
+    return sample.repeat_interleave(block, dim=0)[:n]
+
+
+@pytest.mark.parametrize("block", [4, 5, 64], ids=["whole-blocks", "partial-last-block", "one-block"])
+def test_block_shared_scores_are_the_per_query_scores(block):
+    q, k, _, _ = tensors()
+    g = torch.Generator().manual_seed(1)
+    sample = torch.randint(37, (-(-37 // block), 7), generator=g)
+    keys = k[:, :, per_query(sample, block, 37)]  # (b h i s d): each query's keys, gathered one by one
+    torch.testing.assert_close(sampled_scores(q, k, sample, block),
+                               torch.einsum("bhid,bhisd->bhis", q, keys), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["encoder", "masked-decoder"])
+@pytest.mark.parametrize("block", [4, 5, 64], ids=["whole-blocks", "partial-last-block", "one-block"])
+def test_block_shared_sample_is_the_per_query_form_with_that_sample(masked, block):
+    q, k, v, _ = tensors()
+    g = torch.Generator().manual_seed(1)
+    sample = torch.randint(37, (-(-37 // block), 7), generator=g)
+    mask = torch.ones(2, 37, dtype=torch.bool)
+    mask[1, ::3] = False
+    for m in (None, mask):
+        out = probsparse_attention(q, k, v, sample, m, factor=1, masked=masked, block=block)
+        expected = oracle(q, k, v, per_query(sample, block, 37), m, 1, masked)
+        keep = (torch.ones(2, 37, dtype=torch.bool) if m is None else m)[:, None, :, None].expand_as(out)
+        torch.testing.assert_close(out[keep], expected[keep], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [1, 8])
+def test_sampling_every_key_picks_the_queries_with_the_largest_exact_gap(block):
+    """With every key in every block's sample the measurement is exact: the active queries are the
+    top u by max minus mean of their full score row, and only they get softmax rows."""
+    q, k, v, _ = tensors(n=40, b=1, h=2)
+    q = q * torch.linspace(0.1, 3, 40, dtype=q.dtype)[:, None]  # spread the gaps
+    sample = torch.arange(40).expand(-(-40 // block), 40)
+    out = probsparse_attention(q, k, v, sample, factor=2, block=block)
+    scores = q @ k.transpose(-1, -2) / 2  # d = 4
+    top = (scores.amax(-1) - scores.mean(-1)).topk(sample_size(40, 2), dim=-1).indices  # (b h u)
+    active = torch.zeros(1, 2, 40, dtype=torch.bool).scatter(-1, top, True)[..., None]
+    expected = torch.where(active, softmax_attention(q, k, v), v.mean(2, keepdim=True))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [1, 64])
+def test_layer_draws_one_seeded_sample_per_block(block):
+    layer = zoo.create("informer", dim=16, heads=2, factor=1, block=block, seed=3).double().eval()
+    q, k, v, _ = tensors(n=100)
+    s = sample_size(100, 1)
+    sample = torch.randint(100, (-(-100 // block), s), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(layer.attend(q, k, v), oracle(q, k, v, per_query(sample, block, 100), None, 1,
+                                                             False), rtol=1e-12, atol=1e-12)
+
+
+def test_sample_rows_must_match_the_blocks():
+    q, k, v, sample = tensors()  # 37 rows
+    with pytest.raises(ValueError, match="ceil"):
+        probsparse_attention(q, k, v, sample, block=4)
 
 
 def test_effective_map_has_u_softmax_rows_and_uniform_rest():

@@ -18,6 +18,11 @@ query is active depends on the scores of later queries (the top-u ranks all of t
 sampled later keys, so the layer refuses `causal=True`.
 
 Deviations from the paper:
+- `block` consecutive queries (64 in the layer) share one key sample, so the measurement is a batched
+  matrix product over `(b, h, n / block, s, d)` gathered keys instead of a `(b, h, n, s, d)` gather
+  (840 MB at n = 16384); each query's sample is still $c \lceil \ln n \rceil$ keys drawn uniformly
+  with replacement, only its draw is shared with its neighbours. `block=1` is the paper's per-query
+  sample;
 - the key sample is drawn per call from a generator seeded with `seed` in eval mode (so eval is
   deterministic) and from the global generator in training mode; one sample serves the whole
   batch and all heads, as in the authors' code;
@@ -30,10 +35,11 @@ Deviations from the paper:
 import math
 
 import torch
+import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
 
 from zoo.checks import check_qkv, positive_int, refuse_causal
-from zoo.masks import neg_fill
+from zoo.masks import masked_fill_scores, neg_fill
 from zoo.shell import MultiHead
 
 
@@ -42,13 +48,32 @@ def sample_size(n: int, factor: int) -> int:
     return min(n, max(1, factor * math.ceil(math.log(n))))
 
 
+def sampled_scores(q: torch.Tensor, k: torch.Tensor, sample: torch.Tensor, block: int) -> torch.Tensor:
+    """`(b, h, n, s)`: $q_i k_j^\top$ for the s keys j sampled for query i.
+
+    Query i uses row i // block of `sample` `(ceil(n / block), s)`: a block of queries shares one
+    sample, so its scores are one `(block, d) x (d, s)` matrix product and only
+    `(b, h, n / block, s, d)` keys are gathered (block = 1: one sample per query, as in the paper).
+    """
+    b, h, n, d = q.shape
+    pad = sample.shape[0] * block - n
+    if pad:  # the last block is partial: fill it with zero queries, dropped below
+        q = F.pad(q, (0, 0, 0, pad))
+    keys = k[:, :, sample]  # (b h c s d)
+    scores = einsum(rearrange(q, "b h (c w) d -> b h c w d", w=block), keys,
+                    "b h c w d, b h c s d -> b h c w s")
+    return rearrange(scores, "b h c w s -> b h (c w) s")[:, :, :n]
+
+
 def probsparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sample: torch.Tensor,
-                         mask: torch.Tensor | None = None, *, factor: int = 5,
-                         masked: bool = False) -> torch.Tensor:
+                         mask: torch.Tensor | None = None, *, factor: int = 5, masked: bool = False,
+                         block: int = 1) -> torch.Tensor:
     """ProbSparse self-attention.
 
     Args:
-        q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. sample: key indices `(n, s)` drawn per query.
+        q, k: `(b, h, n, d)`. v: `(b, h, n, e)`.
+        sample: key indices `(ceil(n / block), s)`, one row per block of `block` consecutive queries
+            (block = 1: a sample per query, as in the paper).
         mask: `(b, n)`, True = real token. factor: c, as in u = c ceil(ln n).
         masked: the decoder's form (active queries see keys up to themselves; the others get the
             cumulative sum of the values). Not causal; see the module docstring.
@@ -58,24 +83,32 @@ def probsparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, samp
     """
     check_qkv(q, k, v, mask, name="probsparse_attention")
     b, h, n, d = q.shape
+    if sample.shape[0] != -(-n // block):
+        raise ValueError(f"probsparse_attention: expected a sample of ceil(n / block) = {-(-n // block)} "
+                         f"rows, got {sample.shape[0]}")
     scale, fill = d ** -0.5, neg_fill(q.dtype)
-    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
-    count = rearrange(real.sum(-1).clamp(min=1).to(q.dtype), "b -> b 1 1")
-    # eq. (4), on the sampled keys (the others count as 0 in the mean)
-    scores = einsum(q, k[:, :, sample], "b h i d, b h i s d -> b h i s") * scale
-    seen = rearrange(real[:, sample], "b i s -> b 1 i s")
-    gap = scores.masked_fill(~seen, fill).amax(-1) - (scores * seen).sum(-1) / count  # (b h i)
-    gap = gap.masked_fill(~rearrange(real, "b i -> b 1 i"), fill)
+    count = n if mask is None else rearrange(mask.sum(-1).clamp(min=1).to(q.dtype), "b -> b 1 1")
+    # eq. (4), on the sampled keys (the others count as 0 in the mean); the scale taken out of both
+    scores = sampled_scores(q, k, sample, block)  # (b h i s)
+    if mask is None:
+        gap = (scores.amax(-1) - scores.sum(-1) / count) * scale  # (b h i)
+    else:  # padded keys are left out of the max and the sum; padded queries are ranked last
+        per_query = repeat(sample, "c s -> (c w) s", w=block)[:n]  # query i's sample: row i // block
+        seen = rearrange(mask[:, per_query], "b i s -> b 1 i s")
+        gap = (scores.masked_fill(~seen, fill).amax(-1) - (scores * seen).sum(-1) / count) * scale
+        gap = gap.masked_fill(~rearrange(mask, "b i -> b 1 i"), fill)
     top = gap.topk(sample_size(n, factor), dim=-1).indices  # (b h u)
     # eq. (3): exact attention for the active queries
-    active = einsum(q.gather(2, repeat(top, "b h u -> b h u d", d=d)), k,
-                    "b h u d, b h j d -> b h u j") * scale
-    allowed = rearrange(real, "b j -> b 1 1 j")
+    active = einsum(q.gather(2, repeat(top, "b h u -> b h u d", d=d)) * scale, k,
+                    "b h u d, b h j d -> b h u j")
+    allowed = None if mask is None else rearrange(mask, "b j -> b 1 1 j")
     if masked:
-        allowed = allowed & (torch.arange(n, device=q.device) <= top[..., None])
-    attn = active.masked_fill(~allowed, fill).softmax(dim=-1)  # (b h u j)
+        before = torch.arange(n, device=q.device) <= top[..., None]  # (b h u j)
+        allowed = before if allowed is None else allowed & before
+    attn = masked_fill_scores(active, allowed).softmax(dim=-1)  # (b h u j)
     active = einsum(attn, v, "b h u j, b h j e -> b h u e")
-    v = v * rearrange(real, "b j -> b 1 j 1").to(v.dtype)
+    if mask is not None:
+        v = v * rearrange(mask, "b j -> b 1 j 1").to(v.dtype)  # padded values count as 0
     lazy = v.cumsum(dim=2) if masked else repeat(v.sum(2) / count, "b h e -> b h n e", n=n)
     return lazy.scatter(2, repeat(top, "b h u -> b h u e", e=v.shape[-1]), active)
 
@@ -85,19 +118,22 @@ class Informer(MultiHead):
 
     Args:
         factor: c: c ceil(ln n) active queries and sampled keys per query.
+        block: consecutive queries that share one key sample (1: a sample per query, as in the paper).
         seed: seeds the key sample in eval mode.
     """
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None, causal: bool = False,
-                 factor: int = 5, seed: int = 0):
+                 factor: int = 5, block: int = 64, seed: int = 0):
         refuse_causal(type(self).__name__, causal)
         super().__init__(dim, heads=heads, dim_head=dim_head, causal=False)
         self.factor = positive_int(factor, "factor")
+        self.block = positive_int(block, "block")
         self.seed = seed
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         n = k.shape[2]
         g = None if self.training else torch.Generator().manual_seed(self.seed)
-        sample = torch.randint(n, (n, sample_size(n, self.factor)), generator=g).to(q.device)
-        return probsparse_attention(q, k, v, sample, mask, factor=self.factor)
+        blocks = -(-n // self.block)  # ceil(n / block)
+        sample = torch.randint(n, (blocks, sample_size(n, self.factor)), generator=g).to(q.device)
+        return probsparse_attention(q, k, v, sample, mask, factor=self.factor, block=self.block)
