@@ -14,8 +14,9 @@ $$ O_i = \sum_{u \in \mathcal{C}_k(i)} \operatorname{softmax}_u\!\big(q_i^\top \
 
 $\mathcal{C}_k(i)$ is token $i$ itself plus its contextual nodes (the paper's contextual edges).
 Each level's nodes of a query form one contiguous range of node indices, so a block of queries
-reads one window of nodes per level: the attention is a few batched matrix products per level,
-not a gather per query.
+reads one window of nodes per level, and the windows of all levels side by side are the block's
+keys: the attention is one batched matrix product, one softmax and one product per chunk of
+blocks, not a gather per query.
 
 Deviations from the paper:
 - One layer, tokens in and tokens out. In the paper span nodes are graph nodes with their own
@@ -29,13 +30,14 @@ Deviations from the paper:
 
 import torch
 import torch.nn.functional as F
-from einops import einsum, rearrange, reduce
+from einops import rearrange, reduce
 
 from zoo.checks import check_qkv, positive_int
-from zoo.masks import neg_fill
+from zoo.masks import neg_fill, pad_to_multiple
 from zoo.shell import MultiHead
 
-QUERY_BLOCK = 8  # queries that share one window of nodes at the finest levels
+QUERY_BLOCK = 32  # queries that share one window of nodes per level
+CHUNK = 8  # query blocks per pass: their nodes, scores and weights stay in cache
 
 
 def _floor_half(t: torch.Tensor) -> torch.Tensor:
@@ -78,26 +80,30 @@ def contextual_ranges(n: int, k: int, *, causal: bool = False, device=None):
     return out
 
 
-def span_means(t: torch.Tensor, weight: torch.Tensor, *, ratio: int = 2,
-               levels: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def span_means(t: torch.Tensor, weight: torch.Tensor | None, *, ratio: int = 2,
+               levels: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Mean and real-token count of aligned spans: level l holds spans of ratio^l tokens.
 
     Args:
-        t: `(b, h, n, d)`. weight: `(b, n)`, 1 for real tokens and 0 for padding.
+        t: `(b, h, n, d)`. weight: `(b, n)`, 1 for real tokens and 0 for padding; None: all real.
         ratio: tokens of level l - 1 per span of level l.
         levels: how many levels; None means until one span holds everything.
 
     Returns:
-        Per level, `(means (b, h, n_l, d), counts (b, n_l))`; a span with no real token has mean 0.
+        All levels in one table, level after level: `means (b, h, nodes, d)`, `counts (b, nodes)`
+        and `sizes`, the spans of each level. A span with no real token has mean 0.
     """
-    sums, counts = t * rearrange(weight, "b n -> b 1 n 1"), weight
-    out = [(sums, counts)]
-    while (counts.shape[-1] > 1) if levels is None else (len(out) < levels):
-        pad = (-counts.shape[-1]) % ratio
-        sums = reduce(F.pad(sums, (0, 0, 0, pad)), "b h (m r) d -> b h m d", "sum", r=ratio)
-        counts = reduce(F.pad(counts, (0, pad)), "b (m r) -> b m", "sum", r=ratio)
-        out.append((sums, counts))
-    return [(s / rearrange(c.clamp(min=1), "b m -> b 1 m 1"), c) for s, c in out]
+    sums = t if weight is None else t * rearrange(weight, "b n -> b 1 n 1")
+    counts = t.new_ones(t.shape[0], t.shape[2]) if weight is None else weight
+    level_sums, level_counts = [sums], [counts]
+    while (counts.shape[-1] > 1) if levels is None else (len(level_sums) < levels):
+        sums = reduce(pad_to_multiple(sums, ratio)[0], "b h (m r) d -> b h m d", "sum", r=ratio)
+        counts = reduce(pad_to_multiple(counts, ratio, dim=-1)[0], "b (m r) -> b m", "sum", r=ratio)
+        level_sums.append(sums)
+        level_counts.append(counts)
+    counts = torch.cat(level_counts, -1)
+    means = torch.cat(level_sums, 2) / rearrange(counts.clamp(min=1), "b m -> b 1 m 1")
+    return means, counts, [c.shape[-1] for c in level_counts]
 
 
 def _window(lo: torch.Tensor, hi: torch.Tensor, block: int):
@@ -120,19 +126,15 @@ def _window(lo: torch.Tensor, hi: torch.Tensor, block: int):
     return idx, keep
 
 
-def gather_nodes(t: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
-    """`t (b, h, m, d)`, `node (nb, w)` indices into m -> `(b, h, nb, w, d)` (one index_select)."""
-    return rearrange(t.index_select(2, node.flatten()), "b h (nb w) d -> b h nb w d", w=node.shape[1])
-
-
 def node_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    ranges, *, ratio: int, levels: int | None = None,
                    scale: float | None = None) -> torch.Tensor:
     """One softmax over span nodes of several levels, each query reading a range of nodes per level.
 
     A node of level l is an aligned span of ratio^l tokens whose key and value are the means over
-    its real tokens (`span_means`). Queries go in blocks of max(8, ratio^l): a block reads one
-    window of nodes (`_window`), so its scores are one batched matrix product.
+    its real tokens (`span_means`). Queries go in blocks of QUERY_BLOCK: per level, a block reads
+    one window of nodes covering its queries' ranges (`_window`), and the windows of all levels side
+    by side are the block's keys, so its scores are one batched matrix product and one softmax.
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
@@ -142,41 +144,41 @@ def node_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         scale: score scale; None means `d ** -0.5`.
 
     Returns:
-        `(b, h, n, e)`; a query with no node at all gets the mean of its window's values.
+        `(b, h, n, e)`; a query with no node at all gets the mean of its block's node values.
     """
     b, h, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
-    weight = q.new_ones(b, n) if mask is None else mask.to(q.dtype)
-    keys = span_means(k, weight, ratio=ratio, levels=levels)
-    values = span_means(v, weight, ratio=ratio, levels=levels)
-    parts = []  # (level, block, window indices, keep) of every level a query reads
+    weight = None if mask is None else mask.to(q.dtype)
+    # All levels' nodes in one table: node u of level l is row first[l] + u.
+    k_all, counts, sizes = span_means(k, weight, ratio=ratio, levels=levels)  # (b h nodes d)
+    v_all = span_means(v, weight, ratio=ratio, levels=levels)[0]
+    first = [sum(sizes[:level]) for level in range(len(sizes))]
+    real = counts > 0  # (b nodes)
+    # Per block, the windows of every level side by side: w node rows, and which queries keep them.
+    node, keep = [], []
     for level, lo, hi in ranges:
-        block = max(QUERY_BLOCK, ratio ** level)
-        window = _window(lo, hi, block)
+        window = _window(lo, hi, QUERY_BLOCK)
         if window is not None:
-            parts.append((level, block) + window)
-    rows = max(idx.shape[0] * block for _, block, idx, _ in parts)
-    q = F.pad(q * scale, (0, 0, 0, rows - n))  # scaled and padded once: query blocks are views
-    # Two passes: scores and each query's maximum over all levels, then weights and sums.
-    scores = []
-    for level, block, idx, keep in parts:
-        (k_mean, counts), size = keys[level], keys[level][1].shape[-1]
-        node = idx.clamp(max=size - 1)
-        keep = keep & (idx < size)[:, None, :] & (counts[:, node] > 0)[:, :, None, :]  # (b nb c w)
-        q_blk = rearrange(q[:, :, :idx.shape[0] * block], "b h (nb c) d -> b h nb c d", c=block)
-        s = einsum(q_blk, gather_nodes(k_mean, node), "b h nb c d, b h nb w d -> b h nb c w")
-        scores.append(s.masked_fill(~keep[:, None], neg_fill(s.dtype)))
-    top = torch.stack([F.pad(s.amax(-1).flatten(2), (0, rows - s.shape[2] * s.shape[3]),
-                             value=neg_fill(s.dtype)) for s in scores]).amax(0)  # (b h rows)
-    out = q.new_zeros(b, h, rows, values[0][0].shape[-1])
-    norm = q.new_zeros(b, h, rows)
-    for (level, block, idx, _), s in zip(parts, scores, strict=True):
-        node, rows_l = idx.clamp(max=values[level][1].shape[-1] - 1), idx.shape[0] * block
-        weights = (s - rearrange(top[:, :, :rows_l], "b h (nb c) -> b h nb c 1", c=block)).exp()
-        rearrange(norm[:, :, :rows_l], "b h (nb c) -> b h nb c", c=block).add_(weights.sum(-1))
-        rearrange(out[:, :, :rows_l], "b h (nb c) e -> b h nb c e", c=block).add_(
-            einsum(weights, gather_nodes(values[level][0], node), "b h nb c w, b h nb w e -> b h nb c e"))
-    return out[:, :, :n] / norm[:, :, :n, None]
+            idx, inside = window
+            node.append(first[level] + idx.clamp(max=sizes[level] - 1))
+            keep.append(inside & (idx < sizes[level])[:, None, :])
+    node, keep = torch.cat(node, -1), torch.cat(keep, -1)  # (nb w), (nb c w)
+    keep = keep & real[:, node][:, :, None, :]  # (b nb c w)
+    bias = (~keep).to(q.dtype) * neg_fill(q.dtype)  # added to the scores: 0 or the most negative
+    nb, w = node.shape
+    q = rearrange(F.pad(q * scale, (0, 0, 0, nb * QUERY_BLOCK - n)), "b h (nb c) d -> b h nb c d",
+                  c=QUERY_BLOCK)
+    # node rows of the flattened (b h nodes) table, so that a gather copies whole rows
+    rows = rearrange(torch.arange(b * h, device=q.device) * k_all.shape[2], "bh -> bh 1 1") + node
+    k_all, v_all = (rearrange(t, "b h m d -> (b h m) d") for t in (k_all, v_all))
+    out = []
+    for i in range(0, nb, CHUNK):  # over chunks of query blocks, not tokens
+        blocks = slice(i, i + CHUNK)
+        k_w, v_w = (rearrange(t.index_select(0, rows[:, blocks].flatten()), "(b h B w) d -> b h B w d",
+                              b=b, h=h, w=w) for t in (k_all, v_all))
+        scores = (q[:, :, blocks] @ k_w.transpose(-1, -2)).add_(bias[:, None, blocks])  # (b h B c w)
+        out.append(scores.softmax(dim=-1) @ v_w)  # (b h B c e)
+    return rearrange(torch.cat(out, dim=2), "b h nb c e -> b h (nb c) e")[:, :, :n]
 
 
 def bp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
