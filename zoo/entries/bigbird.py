@@ -28,7 +28,7 @@ from zoo.checks import check_qkv, positive_int, refuse_causal
 from zoo.masks import neg_fill, pad_mask, pad_to_multiple
 from zoo.shell import MultiHead
 
-CHUNK = 16  # query blocks per pass of the block attention
+CHUNK = 8  # query blocks per pass of the block attention
 
 
 def draw_random_blocks(draw: torch.Tensor, nb: int, global_blocks: int) -> torch.Tensor:
@@ -80,46 +80,45 @@ def bigbird_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     real = pad_mask(mask, b, n, pad, q.device)
     nb, g = qp.shape[2] // block, min(global_blocks, qp.shape[2] // block)
     random = q.new_full((h, nb, 0), -1, dtype=torch.long) if random is None else random
-    qp = qp * d ** -0.5  # scaled once here rather than every score
+    scale = d ** -0.5
 
-    # S(B) of each non-global query block B (m = nb - g of them) as s = 3 + g + r key-block
-    # indices: window, global, random
-    query = torch.arange(g, nb, device=q.device)[:, None]  # (m 1)
-    near = query + torch.arange(-1, 2, device=q.device)  # (m 3)
-    glob = torch.arange(g, device=q.device).expand(nb - g, g)  # (m g)
-    sel = torch.cat([near, glob], -1).expand(h, -1, -1)  # (h m s)
-    sel = torch.cat([sel, random[:, g:]], -1)
+    # S(B) of each query block B as s = 3 + g + r key-block indices: window, global, random. The
+    # global query blocks get one too, to keep the blocks a plain view; their rows are replaced.
+    query = torch.arange(nb, device=q.device)[:, None]  # (nb 1)
+    near = query + torch.arange(-1, 2, device=q.device)  # (nb 3)
+    glob = torch.arange(g, device=q.device).expand(nb, g)  # (nb g)
+    sel = torch.cat([near, glob], -1).expand(h, -1, -1)  # (h nb s)
+    sel = torch.cat([sel, random], -1)
     ok = torch.cat([(near >= g) & (near < nb), glob >= 0], -1).expand(h, -1, -1)
-    ok = torch.cat([ok, random[:, g:] >= 0], -1)  # (h m s), False: no block there
+    ok = torch.cat([ok, random >= 0], -1)  # (h nb s), False: no block there
     sel, s = sel.clamp(0, nb - 1), sel.shape[-1]
     # S(B) as indices into the flattened (b h nb) key blocks, and an additive mask on its scores:
     # 0 on the keys of S(B), the most negative number on missing blocks and padding
     flat = rearrange(torch.arange(b * h, device=q.device) * nb, "(b h) -> b h 1 1", b=b) + sel
-    flat = rearrange(flat, "b h m s -> (b h m) s")
-    key_ok = repeat(ok, "h m s -> b h m s c", b=b, c=block)
+    flat = rearrange(flat, "b h nb s -> (b h nb) s")
+    key_ok = repeat(ok, "h nb s -> b h nb s c", b=b, c=block)
     if real is not None:
-        key_ok = key_ok & rearrange(real, "b (m c) -> b m c", c=block)[:, sel]
-    bias = q.new_zeros(key_ok.shape).masked_fill_(~key_ok, neg_fill(q.dtype))
-    bias = rearrange(bias, "b h m s c -> (b h m) 1 (s c)")
+        key_ok = key_ok & rearrange(real, "b (nb c) -> b nb c", c=block)[:, sel]
+    bias = rearrange((~key_ok).to(q.dtype) * neg_fill(q.dtype), "b h nb s c -> (b h nb) 1 (s c)")
 
     # Query blocks in chunks of CHUNK: a chunk's gathered keys and values, scores and weights
-    # stay in cache, and no (b h m c (s c)) tensor is built.
-    q_blk = rearrange(qp[:, :, g * block:], "b h (m c) d -> (b h m) c d", c=block)
-    k_blk, v_blk = (rearrange(t, "b h (nb c) d -> (b h nb) c d", c=block) for t in (kp, vp))
+    # stay in cache, and no (b h nb c (s c)) tensor is built.
+    q_blk, k_blk, v_blk = (rearrange(t, "b h (nb c) d -> (b h nb) c d", c=block) for t in (qp, kp, vp))
     out = [q.new_empty(0, block, v.shape[-1])]  # then one (B c e) per chunk of B query blocks
     for i in range(0, q_blk.shape[0], CHUNK):  # over chunks of query blocks, not tokens
         blocks = slice(i, i + CHUNK)
         k_s, v_s = (rearrange(t.index_select(0, flat[blocks].flatten()), "(B s) c d -> B (s c) d", s=s)
                     for t in (k_blk, v_blk))  # K_S(B), V_S(B)
-        scores = torch.baddbmm(bias[blocks], q_blk[blocks], k_s.transpose(1, 2))  # (B c w)
+        scores = torch.baddbmm(bias[blocks], q_blk[blocks], k_s.transpose(1, 2), alpha=scale)  # (B c w)
         out.append(torch.bmm(scores.softmax(dim=-1), v_s))  # (B c e)
-    out = rearrange(torch.cat(out), "(b h m) c e -> b h (m c) e", b=b, h=h)
+    out = rearrange(torch.cat(out), "(b h nb) c e -> b h (nb c) e", b=b, h=h)
 
     # the global blocks attend to every key: softmax attention, by torch's fused kernel
     key_bias = None if real is None else rearrange(
-        q.new_zeros(real.shape).masked_fill_(~real, neg_fill(q.dtype)), "b j -> b 1 1 j")
-    out_g = F.scaled_dot_product_attention(qp[:, :, :g * block], kp, vp, attn_mask=key_bias, scale=1.0)
-    return torch.cat([out_g, out], dim=2)[:, :, :n]
+        (~real).to(q.dtype) * neg_fill(q.dtype), "b j -> b 1 1 j")
+    out[:, :, :g * block] = F.scaled_dot_product_attention(qp[:, :, :g * block], kp, vp,
+                                                           attn_mask=key_bias, scale=scale)
+    return out[:, :, :n]
 
 
 class BigBird(MultiHead):
