@@ -28,6 +28,8 @@ Deviations from the paper:
   past the end of the sequence is left out (the builder wraps it to a node of the level above).
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce
@@ -44,6 +46,14 @@ def _floor_half(t: torch.Tensor) -> torch.Tensor:
     return torch.div(t, 2, rounding_mode="floor")
 
 
+def level_sizes(n: int, ratio: int, levels: int | None = None) -> list[int]:
+    """Spans per level when level l holds spans of ratio^l tokens; None levels: until one span."""
+    sizes = [n]
+    while (sizes[-1] > 1) if levels is None else (len(sizes) < levels):
+        sizes.append(-(-sizes[-1] // ratio))
+    return sizes
+
+
 def contextual_ranges(n: int, k: int, *, causal: bool = False, device=None):
     """Per level, the contiguous range of nodes each query reads.
 
@@ -53,9 +63,7 @@ def contextual_ranges(n: int, k: int, *, causal: bool = False, device=None):
         level once for the left side and, unless causal, once for the right side.
     """
     i = torch.arange(n, device=device)
-    sizes = [n]
-    while sizes[-1] > 1:
-        sizes.append((sizes[-1] + 1) // 2)
+    sizes = level_sizes(n, 2)
     out = []
     ptr, ovl = i - 1, torch.zeros_like(i, dtype=torch.bool)  # left side, walking down to 0
     for level in range(len(sizes)):
@@ -81,7 +89,7 @@ def contextual_ranges(n: int, k: int, *, causal: bool = False, device=None):
 
 
 def span_means(t: torch.Tensor, weight: torch.Tensor | None, *, ratio: int = 2,
-               levels: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+               levels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and real-token count of aligned spans: level l holds spans of ratio^l tokens.
 
     Args:
@@ -90,8 +98,8 @@ def span_means(t: torch.Tensor, weight: torch.Tensor | None, *, ratio: int = 2,
         levels: how many levels; None means until one span holds everything.
 
     Returns:
-        All levels in one table, level after level: `means (b, h, nodes, d)`, `counts (b, nodes)`
-        and `sizes`, the spans of each level. A span with no real token has mean 0.
+        All levels in one table, level after level (`level_sizes` spans each): `means (b, h, nodes,
+        d)` and `counts (b, nodes)`. A span with no real token has mean 0.
     """
     sums = t if weight is None else t * rearrange(weight, "b n -> b 1 n 1")
     counts = t.new_ones(t.shape[0], t.shape[2]) if weight is None else weight
@@ -103,7 +111,7 @@ def span_means(t: torch.Tensor, weight: torch.Tensor | None, *, ratio: int = 2,
         level_counts.append(counts)
     counts = torch.cat(level_counts, -1)
     means = torch.cat(level_sums, 2) / rearrange(counts.clamp(min=1), "b m -> b 1 m 1")
-    return means, counts, [c.shape[-1] for c in level_counts]
+    return means, counts
 
 
 def _window(lo: torch.Tensor, hi: torch.Tensor, block: int):
@@ -126,15 +134,33 @@ def _window(lo: torch.Tensor, hi: torch.Tensor, block: int):
     return idx, keep
 
 
+def level_windows(ranges, sizes: list[int], block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of queries, the windows of every level side by side (`_window` for each level).
+
+    Args:
+        ranges: `(level, lo, hi)` with `lo`, `hi` `(n,)` inclusive node indices.
+        sizes: nodes per level (`level_sizes`).
+        block: queries per block.
+
+    Returns:
+        `node (nb, w)`, rows of the all-level node table (`span_means`), and `keep (nb, block, w)`,
+        True where the node is in the query's own range.
+    """
+    first = [sum(sizes[:level]) for level in range(len(sizes))]  # node u of level l: row first[l] + u
+    node, keep = [], []
+    for level, lo, hi in ranges:
+        window = _window(lo, hi, block)
+        if window is not None:
+            idx, inside = window
+            node.append(first[level] + idx.clamp(max=sizes[level] - 1))
+            keep.append(inside & (idx < sizes[level])[:, None, :])
+    return torch.cat(node, -1), torch.cat(keep, -1)
+
+
 def node_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    ranges, *, ratio: int, levels: int | None = None,
                    scale: float | None = None) -> torch.Tensor:
     """One softmax over span nodes of several levels, each query reading a range of nodes per level.
-
-    A node of level l is an aligned span of ratio^l tokens whose key and value are the means over
-    its real tokens (`span_means`). Queries go in blocks of QUERY_BLOCK: per level, a block reads
-    one window of nodes covering its queries' ranges (`_window`), and the windows of all levels side
-    by side are the block's keys, so its scores are one batched matrix product and one softmax.
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
@@ -144,30 +170,40 @@ def node_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         scale: score scale; None means `d ** -0.5`.
 
     Returns:
+        `(b, h, n, e)`, as `window_attention`.
+    """
+    node, keep = level_windows(ranges, level_sizes(q.shape[2], ratio, levels), QUERY_BLOCK)
+    return window_attention(q, k, v, mask, node, keep, ratio=ratio, levels=levels, scale=scale)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     node: torch.Tensor, keep: torch.Tensor, *, ratio: int, levels: int | None = None,
+                     scale: float | None = None) -> torch.Tensor:
+    """One softmax over the span nodes each block of queries reads (`level_windows`).
+
+    A node of level l is an aligned span of ratio^l tokens whose key and value are the means over
+    its real tokens (`span_means`). A block's keys are the windows of all levels side by side, so
+    its scores are one batched matrix product and one softmax.
+
+    Args:
+        q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
+        node: `(nb, w)` rows of the all-level node table. keep: `(nb, c, w)`, True where query
+            c of a block reads the node; nodes without a real token are left out.
+        ratio, levels: the spans, as in `span_means`.
+        scale: score scale; None means `d ** -0.5`.
+
+    Returns:
         `(b, h, n, e)`; a query with no node at all gets the mean of its block's node values.
     """
     b, h, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     weight = None if mask is None else mask.to(q.dtype)
-    # All levels' nodes in one table: node u of level l is row first[l] + u.
-    k_all, counts, sizes = span_means(k, weight, ratio=ratio, levels=levels)  # (b h nodes d)
+    k_all, counts = span_means(k, weight, ratio=ratio, levels=levels)  # (b h nodes d), (b nodes)
     v_all = span_means(v, weight, ratio=ratio, levels=levels)[0]
-    first = [sum(sizes[:level]) for level in range(len(sizes))]
-    real = counts > 0  # (b nodes)
-    # Per block, the windows of every level side by side: w node rows, and which queries keep them.
-    node, keep = [], []
-    for level, lo, hi in ranges:
-        window = _window(lo, hi, QUERY_BLOCK)
-        if window is not None:
-            idx, inside = window
-            node.append(first[level] + idx.clamp(max=sizes[level] - 1))
-            keep.append(inside & (idx < sizes[level])[:, None, :])
-    node, keep = torch.cat(node, -1), torch.cat(keep, -1)  # (nb w), (nb c w)
-    keep = keep & real[:, node][:, :, None, :]  # (b nb c w)
+    keep = keep & (counts > 0)[:, node][:, :, None, :]  # (b nb c w)
     bias = (~keep).to(q.dtype) * neg_fill(q.dtype)  # added to the scores: 0 or the most negative
-    nb, w = node.shape
-    q = rearrange(F.pad(q * scale, (0, 0, 0, nb * QUERY_BLOCK - n)), "b h (nb c) d -> b h nb c d",
-                  c=QUERY_BLOCK)
+    nb, c, w = keep.shape[1:]
+    q = rearrange(F.pad(q * scale, (0, 0, 0, nb * c - n)), "b h (nb c) d -> b h nb c d", c=c)
     # node rows of the flattened (b h nodes) table, so that a gather copies whole rows
     rows = rearrange(torch.arange(b * h, device=q.device) * k_all.shape[2], "bh -> bh 1 1") + node
     k_all, v_all = (rearrange(t, "b h m d -> (b h m) d") for t in (k_all, v_all))
@@ -179,6 +215,14 @@ def node_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         scores = (q[:, :, blocks] @ k_w.transpose(-1, -2)).add_(bias[:, None, blocks])  # (b h B c w)
         out.append(scores.softmax(dim=-1) @ v_w)  # (b h B c e)
     return rearrange(torch.cat(out, dim=2), "b h nb c e -> b h (nb c) e")[:, :, :n]
+
+
+@functools.lru_cache(maxsize=8)
+def contextual_windows(n: int, k: int, causal: bool, block: int, device: torch.device):
+    """`level_windows` of `contextual_ranges`: they depend on the length, not on the tokens, so
+    they are built once per length (a memo of up to 8 lengths)."""
+    ranges = contextual_ranges(n, k, causal=causal, device=device)
+    return level_windows(ranges, level_sizes(n, 2), block)
 
 
 def bp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -196,8 +240,8 @@ def bp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         `(b, h, n, e)`.
     """
     check_qkv(q, k, v, mask, name="bp_attention")
-    ranges = contextual_ranges(q.shape[2], k_per_level, causal=causal, device=q.device)
-    return node_attention(q, k, v, mask, ranges, ratio=2, scale=scale)
+    node, keep = contextual_windows(q.shape[2], k_per_level, causal, QUERY_BLOCK, q.device)
+    return window_attention(q, k, v, mask, node, keep, ratio=2, scale=scale)
 
 
 class BPTransformer(MultiHead):
