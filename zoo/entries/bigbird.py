@@ -113,7 +113,9 @@ def bigbird_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out.append(torch.bmm(scores.softmax(dim=-1), v_s))  # (B c e)
     out = rearrange(torch.cat(out), "(b h nb) c e -> b h (nb c) e", b=b, h=h)
 
-    # the global blocks attend to every key: softmax attention, by torch's fused kernel
+    # the global blocks attend to every key: softmax attention, by torch's fused kernel (on the
+    # blocks' contiguous copies of q, k, v)
+    qp, kp, vp = (rearrange(t, "(b h nb) c d -> b h (nb c) d", b=b, h=h) for t in (q_blk, k_blk, v_blk))
     key_bias = None if real is None else rearrange(
         (~real).to(q.dtype) * neg_fill(q.dtype), "b j -> b 1 1 j")
     out[:, :, :g * block] = F.scaled_dot_product_attention(qp[:, :, :g * block], kp, vp,
