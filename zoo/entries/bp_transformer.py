@@ -101,7 +101,8 @@ def span_means(t: torch.Tensor, weight: torch.Tensor | None, *, ratio: int = 2,
         All levels in one table, level after level (`level_sizes` spans each): `means (b, h, nodes,
         d)` and `counts (b, nodes)`. A span with no real token has mean 0.
     """
-    sums = t if weight is None else t * rearrange(weight, "b n -> b 1 n 1")
+    # contiguous first: summing neighbours of a strided view (the heads of a projection) is slow
+    sums = (t if weight is None else t * rearrange(weight, "b n -> b 1 n 1")).contiguous()
     counts = t.new_ones(t.shape[0], t.shape[2]) if weight is None else weight
     level_sums, level_counts = [sums], [counts]
     while (counts.shape[-1] > 1) if levels is None else (len(level_sums) < levels):
@@ -110,7 +111,7 @@ def span_means(t: torch.Tensor, weight: torch.Tensor | None, *, ratio: int = 2,
         level_sums.append(sums)
         level_counts.append(counts)
     counts = torch.cat(level_counts, -1)
-    means = torch.cat(level_sums, 2) / rearrange(counts.clamp(min=1), "b m -> b 1 m 1")
+    means = torch.cat(level_sums, 2).div_(rearrange(counts.clamp(min=1), "b m -> b 1 m 1"))
     return means, counts
 
 
@@ -203,7 +204,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     keep = keep & (counts > 0)[:, node][:, :, None, :]  # (b nb c w)
     bias = (~keep).to(q.dtype) * neg_fill(q.dtype)  # added to the scores: 0 or the most negative
     nb, c, w = keep.shape[1:]
-    q = rearrange(F.pad(q * scale, (0, 0, 0, nb * c - n)), "b h (nb c) d -> b h nb c d", c=c)
+    q = rearrange(pad_to_multiple(q * scale, c)[0], "b h (nb c) d -> b h nb c d", c=c)
     # node rows of the flattened (b h nodes) table, so that a gather copies whole rows
     rows = rearrange(torch.arange(b * h, device=q.device) * k_all.shape[2], "bh -> bh 1 1") + node
     k_all, v_all = (rearrange(t, "b h m d -> (b h m) d") for t in (k_all, v_all))
