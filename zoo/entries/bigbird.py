@@ -28,7 +28,7 @@ from zoo.checks import check_qkv, positive_int, refuse_causal
 from zoo.masks import neg_fill, pad_mask, pad_to_multiple
 from zoo.shell import MultiHead
 
-CHUNK = 8  # query blocks per pass of the block attention
+CHUNK = 16  # query blocks per pass of the block attention
 
 
 def draw_random_blocks(draw: torch.Tensor, nb: int, global_blocks: int) -> torch.Tensor:
