@@ -149,3 +149,22 @@ def test_gradients_match_node_oracle():
     ref = torch.autograd.grad(dense_oracle(q, kk, v, nodes)[0].square().sum(), (q, kk, v))
     for a, b in zip(grads, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_blocks_and_chunks_of_queries_change_nothing(monkeypatch, causal):
+    """Small query blocks in chunks of one block: the windows of many blocks, each chunk on its
+    own, still give the oracle's output, padding included."""
+    import zoo.entries.bp_transformer as bp
+
+    monkeypatch.setattr(bp, "QUERY_BLOCK", 4)
+    monkeypatch.setattr(bp, "CHUNK", 1)
+    n, k = 37, 2
+    q, kk, v = qkv(n=n)
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[0, 30:] = False
+    mask[1, 1::3] = False  # token 0 real: causally, every real query has a real node
+    expected, _ = dense_oracle(q, kk, v, [oracle_nodes(n, k, i, causal) for i in range(n)], mask)
+    out = bp_attention(q, kk, v, mask, k_per_level=k, causal=causal)
+    real = mask[:, None].expand(-1, 2, -1)
+    torch.testing.assert_close(out[real], expected[real], rtol=1e-12, atol=1e-13)

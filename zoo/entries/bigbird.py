@@ -21,11 +21,14 @@ Deviations from the paper:
 import math
 
 import torch
-from einops import einsum, rearrange
+import torch.nn.functional as F
+from einops import rearrange, repeat
 
 from zoo.checks import check_qkv, positive_int, refuse_causal
 from zoo.masks import neg_fill, pad_mask, pad_to_multiple
 from zoo.shell import MultiHead
+
+CHUNK = 16  # query blocks per pass of the block attention
 
 
 def draw_random_blocks(draw: torch.Tensor, nb: int, global_blocks: int) -> torch.Tensor:
@@ -75,40 +78,49 @@ def bigbird_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     b, h, n, d = q.shape
     (qp, pad), (kp, _), (vp, _) = (pad_to_multiple(t, block) for t in (q, k, v))
     real = pad_mask(mask, b, n, pad, q.device)
-    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if real is None else real
     nb, g = qp.shape[2] // block, min(global_blocks, qp.shape[2] // block)
     random = q.new_full((h, nb, 0), -1, dtype=torch.long) if random is None else random
-    qp = qp * d ** -0.5  # scaled once here rather than every score
+    scale = d ** -0.5
 
-    # S(B) of each non-global query block B (m = nb - g of them) as s = 3 + g + r key-block
-    # indices: window, global, random
-    query = torch.arange(g, nb, device=q.device)[:, None]  # (m 1)
-    near = query + torch.arange(-1, 2, device=q.device)  # (m 3)
-    glob = torch.arange(g, device=q.device).expand(nb - g, g)  # (m g)
-    sel = torch.cat([near, glob], -1).expand(h, -1, -1)  # (h m s)
-    sel = torch.cat([sel, random[:, g:]], -1)
+    # S(B) of each query block B as s = 3 + g + r key-block indices: window, global, random. The
+    # global query blocks get one too, to keep the blocks a plain view; their rows are replaced.
+    query = torch.arange(nb, device=q.device)[:, None]  # (nb 1)
+    near = query + torch.arange(-1, 2, device=q.device)  # (nb 3)
+    glob = torch.arange(g, device=q.device).expand(nb, g)  # (nb g)
+    sel = torch.cat([near, glob], -1).expand(h, -1, -1)  # (h nb s)
+    sel = torch.cat([sel, random], -1)
     ok = torch.cat([(near >= g) & (near < nb), glob >= 0], -1).expand(h, -1, -1)
-    ok = torch.cat([ok, random[:, g:] >= 0], -1)  # (h m s), False: no block there
-    sel = sel.clamp(0, nb - 1)
-    # Gather the key blocks by one index_select over the flattened (b h nb) blocks.
-    flat = rearrange(torch.arange(b * h, device=q.device), "(b h) -> b h 1 1", b=b) * nb + sel
-    kb, vb = (rearrange(t, "b h (m c) d -> (b h m) c d", c=block).index_select(0, flat.flatten())
-              for t in (kp, vp))
-    kb, vb = (rearrange(t, "(b h m s) c d -> b h m (s c) d", b=b, h=h, s=sel.shape[-1])
-              for t in (kb, vb))
-    key_ok = ok[..., None] & rearrange(real, "b (m c) -> b m c", c=block)[:, sel]  # (b h m s c)
-    key_ok = rearrange(key_ok, "b h m s c -> b h m 1 (s c)")
+    ok = torch.cat([ok, random >= 0], -1)  # (h nb s), False: no block there
+    sel, s = sel.clamp(0, nb - 1), sel.shape[-1]
+    # S(B) as indices into the flattened (b h nb) key blocks, and an additive mask on its scores:
+    # 0 on the keys of S(B), the most negative number on missing blocks and padding
+    flat = rearrange(torch.arange(b * h, device=q.device) * nb, "(b h) -> b h 1 1", b=b) + sel
+    flat = rearrange(flat, "b h nb s -> (b h nb) s")
+    key_ok = repeat(ok, "h nb s -> b h nb s c", b=b, c=block)
+    if real is not None:
+        key_ok = key_ok & rearrange(real, "b (nb c) -> b nb c", c=block)[:, sel]
+    bias = rearrange((~key_ok).to(q.dtype) * neg_fill(q.dtype), "b h nb s c -> (b h nb) 1 (s c)")
 
-    qb = rearrange(qp[:, :, g * block:], "b h (m c) d -> b h m c d", c=block)
-    scores = einsum(qb, kb, "b h m c d, b h m w d -> b h m c w").masked_fill_(~key_ok, neg_fill(q.dtype))
-    out = einsum(scores.softmax(dim=-1), vb, "b h m c w, b h m w e -> b h m c e")
-    out = rearrange(out, "b h m c e -> b h (m c) e")
+    # Query blocks in chunks of CHUNK: a chunk's gathered keys and values, scores and weights
+    # stay in cache, and no (b h nb c (s c)) tensor is built.
+    q_blk, k_blk, v_blk = (rearrange(t, "b h (nb c) d -> (b h nb) c d", c=block) for t in (qp, kp, vp))
+    out = [q.new_empty(0, block, v.shape[-1])]  # then one (B c e) per chunk of B query blocks
+    for i in range(0, q_blk.shape[0], CHUNK):  # over chunks of query blocks, not tokens
+        blocks = slice(i, i + CHUNK)
+        k_s, v_s = (rearrange(t.index_select(0, flat[blocks].flatten()), "(B s) c d -> B (s c) d", s=s)
+                    for t in (k_blk, v_blk))  # K_S(B), V_S(B)
+        scores = torch.baddbmm(bias[blocks], q_blk[blocks], k_s.transpose(1, 2), alpha=scale)  # (B c w)
+        out.append(torch.bmm(scores.softmax(dim=-1), v_s))  # (B c e)
+    out = rearrange(torch.cat(out), "(b h nb) c e -> b h (nb c) e", b=b, h=h)
 
-    # the global blocks attend to every key
-    rows = einsum(qp[:, :, :g * block], kp, "b h i d, b h j d -> b h i j")
-    rows = rows.masked_fill_(~rearrange(real, "b j -> b 1 1 j"), neg_fill(rows.dtype))
-    out_g = einsum(rows.softmax(dim=-1), vp, "b h i j, b h j e -> b h i e")
-    return torch.cat([out_g, out], dim=2)[:, :, :n]
+    # the global blocks attend to every key: softmax attention, by torch's fused kernel (on the
+    # blocks' contiguous copies of q, k, v)
+    qp, kp, vp = (rearrange(t, "(b h nb) c d -> b h (nb c) d", b=b, h=h) for t in (q_blk, k_blk, v_blk))
+    key_bias = None if real is None else rearrange(
+        (~real).to(q.dtype) * neg_fill(q.dtype), "b j -> b 1 1 j")
+    out[:, :, :g * block] = F.scaled_dot_product_attention(qp[:, :, :g * block], kp, vp,
+                                                           attn_mask=key_bias, scale=scale)
+    return out[:, :, :n]
 
 
 class BigBird(MultiHead):

@@ -14,8 +14,9 @@ $$ O_i = \sum_{u \in \mathcal{C}_k(i)} \operatorname{softmax}_u\!\big(q_i^\top \
 
 $\mathcal{C}_k(i)$ is token $i$ itself plus its contextual nodes (the paper's contextual edges).
 Each level's nodes of a query form one contiguous range of node indices, so a block of queries
-reads one window of nodes per level: the attention is a few batched matrix products per level,
-not a gather per query.
+reads one window of nodes per level, and the windows of all levels side by side are the block's
+keys: the attention is one batched matrix product, one softmax and one product per chunk of
+blocks, not a gather per query.
 
 Deviations from the paper:
 - One layer, tokens in and tokens out. In the paper span nodes are graph nodes with their own
@@ -27,19 +28,30 @@ Deviations from the paper:
   past the end of the sequence is left out (the builder wraps it to a node of the level above).
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
-from einops import einsum, rearrange, reduce
+from einops import rearrange, reduce
 
 from zoo.checks import check_qkv, positive_int
-from zoo.masks import neg_fill
+from zoo.masks import neg_fill, pad_to_multiple
 from zoo.shell import MultiHead
 
-QUERY_BLOCK = 8  # queries that share one window of nodes at the finest levels
+QUERY_BLOCK = 32  # queries that share one window of nodes per level
+CHUNK = 8  # query blocks per pass: their nodes, scores and weights stay in cache
 
 
 def _floor_half(t: torch.Tensor) -> torch.Tensor:
     return torch.div(t, 2, rounding_mode="floor")
+
+
+def level_sizes(n: int, ratio: int, levels: int | None = None) -> list[int]:
+    """Spans per level when level l holds spans of ratio^l tokens; None levels: until one span."""
+    sizes = [n]
+    while (sizes[-1] > 1) if levels is None else (len(sizes) < levels):
+        sizes.append(-(-sizes[-1] // ratio))
+    return sizes
 
 
 def contextual_ranges(n: int, k: int, *, causal: bool = False, device=None):
@@ -51,9 +63,7 @@ def contextual_ranges(n: int, k: int, *, causal: bool = False, device=None):
         level once for the left side and, unless causal, once for the right side.
     """
     i = torch.arange(n, device=device)
-    sizes = [n]
-    while sizes[-1] > 1:
-        sizes.append((sizes[-1] + 1) // 2)
+    sizes = level_sizes(n, 2)
     out = []
     ptr, ovl = i - 1, torch.zeros_like(i, dtype=torch.bool)  # left side, walking down to 0
     for level in range(len(sizes)):
@@ -78,26 +88,31 @@ def contextual_ranges(n: int, k: int, *, causal: bool = False, device=None):
     return out
 
 
-def span_means(t: torch.Tensor, weight: torch.Tensor, *, ratio: int = 2,
-               levels: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def span_means(t: torch.Tensor, weight: torch.Tensor | None, *, ratio: int = 2,
+               levels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and real-token count of aligned spans: level l holds spans of ratio^l tokens.
 
     Args:
-        t: `(b, h, n, d)`. weight: `(b, n)`, 1 for real tokens and 0 for padding.
+        t: `(b, h, n, d)`. weight: `(b, n)`, 1 for real tokens and 0 for padding; None: all real.
         ratio: tokens of level l - 1 per span of level l.
         levels: how many levels; None means until one span holds everything.
 
     Returns:
-        Per level, `(means (b, h, n_l, d), counts (b, n_l))`; a span with no real token has mean 0.
+        All levels in one table, level after level (`level_sizes` spans each): `means (b, h, nodes,
+        d)` and `counts (b, nodes)`. A span with no real token has mean 0.
     """
-    sums, counts = t * rearrange(weight, "b n -> b 1 n 1"), weight
-    out = [(sums, counts)]
-    while (counts.shape[-1] > 1) if levels is None else (len(out) < levels):
-        pad = (-counts.shape[-1]) % ratio
-        sums = reduce(F.pad(sums, (0, 0, 0, pad)), "b h (m r) d -> b h m d", "sum", r=ratio)
-        counts = reduce(F.pad(counts, (0, pad)), "b (m r) -> b m", "sum", r=ratio)
-        out.append((sums, counts))
-    return [(s / rearrange(c.clamp(min=1), "b m -> b 1 m 1"), c) for s, c in out]
+    # contiguous first: summing neighbours of a strided view (the heads of a projection) is slow
+    sums = (t if weight is None else t * rearrange(weight, "b n -> b 1 n 1")).contiguous()
+    counts = t.new_ones(t.shape[0], t.shape[2]) if weight is None else weight
+    level_sums, level_counts = [sums], [counts]
+    while (counts.shape[-1] > 1) if levels is None else (len(level_sums) < levels):
+        sums = reduce(pad_to_multiple(sums, ratio)[0], "b h (m r) d -> b h m d", "sum", r=ratio)
+        counts = reduce(pad_to_multiple(counts, ratio, dim=-1)[0], "b (m r) -> b m", "sum", r=ratio)
+        level_sums.append(sums)
+        level_counts.append(counts)
+    counts = torch.cat(level_counts, -1)
+    means = torch.cat(level_sums, 2).div_(rearrange(counts.clamp(min=1), "b m -> b 1 m 1"))
+    return means, counts
 
 
 def _window(lo: torch.Tensor, hi: torch.Tensor, block: int):
@@ -120,19 +135,33 @@ def _window(lo: torch.Tensor, hi: torch.Tensor, block: int):
     return idx, keep
 
 
-def gather_nodes(t: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
-    """`t (b, h, m, d)`, `node (nb, w)` indices into m -> `(b, h, nb, w, d)` (one index_select)."""
-    return rearrange(t.index_select(2, node.flatten()), "b h (nb w) d -> b h nb w d", w=node.shape[1])
+def level_windows(ranges, sizes: list[int], block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of queries, the windows of every level side by side (`_window` for each level).
+
+    Args:
+        ranges: `(level, lo, hi)` with `lo`, `hi` `(n,)` inclusive node indices.
+        sizes: nodes per level (`level_sizes`).
+        block: queries per block.
+
+    Returns:
+        `node (nb, w)`, rows of the all-level node table (`span_means`), and `keep (nb, block, w)`,
+        True where the node is in the query's own range.
+    """
+    first = [sum(sizes[:level]) for level in range(len(sizes))]  # node u of level l: row first[l] + u
+    node, keep = [], []
+    for level, lo, hi in ranges:
+        window = _window(lo, hi, block)
+        if window is not None:
+            idx, inside = window
+            node.append(first[level] + idx.clamp(max=sizes[level] - 1))
+            keep.append(inside & (idx < sizes[level])[:, None, :])
+    return torch.cat(node, -1), torch.cat(keep, -1)
 
 
 def node_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    ranges, *, ratio: int, levels: int | None = None,
                    scale: float | None = None) -> torch.Tensor:
     """One softmax over span nodes of several levels, each query reading a range of nodes per level.
-
-    A node of level l is an aligned span of ratio^l tokens whose key and value are the means over
-    its real tokens (`span_means`). Queries go in blocks of max(8, ratio^l): a block reads one
-    window of nodes (`_window`), so its scores are one batched matrix product.
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
@@ -142,41 +171,59 @@ def node_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         scale: score scale; None means `d ** -0.5`.
 
     Returns:
-        `(b, h, n, e)`; a query with no node at all gets the mean of its window's values.
+        `(b, h, n, e)`, as `window_attention`.
+    """
+    node, keep = level_windows(ranges, level_sizes(q.shape[2], ratio, levels), QUERY_BLOCK)
+    return window_attention(q, k, v, mask, node, keep, ratio=ratio, levels=levels, scale=scale)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     node: torch.Tensor, keep: torch.Tensor, *, ratio: int, levels: int | None = None,
+                     scale: float | None = None) -> torch.Tensor:
+    """One softmax over the span nodes each block of queries reads (`level_windows`).
+
+    A node of level l is an aligned span of ratio^l tokens whose key and value are the means over
+    its real tokens (`span_means`). A block's keys are the windows of all levels side by side, so
+    its scores are one batched matrix product and one softmax.
+
+    Args:
+        q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
+        node: `(nb, w)` rows of the all-level node table. keep: `(nb, c, w)`, True where query
+            c of a block reads the node; nodes without a real token are left out.
+        ratio, levels: the spans, as in `span_means`.
+        scale: score scale; None means `d ** -0.5`.
+
+    Returns:
+        `(b, h, n, e)`; a query with no node at all gets the mean of its block's node values.
     """
     b, h, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
-    weight = q.new_ones(b, n) if mask is None else mask.to(q.dtype)
-    keys = span_means(k, weight, ratio=ratio, levels=levels)
-    values = span_means(v, weight, ratio=ratio, levels=levels)
-    parts = []  # (level, block, window indices, keep) of every level a query reads
-    for level, lo, hi in ranges:
-        block = max(QUERY_BLOCK, ratio ** level)
-        window = _window(lo, hi, block)
-        if window is not None:
-            parts.append((level, block) + window)
-    rows = max(idx.shape[0] * block for _, block, idx, _ in parts)
-    q = F.pad(q * scale, (0, 0, 0, rows - n))  # scaled and padded once: query blocks are views
-    # Two passes: scores and each query's maximum over all levels, then weights and sums.
-    scores = []
-    for level, block, idx, keep in parts:
-        (k_mean, counts), size = keys[level], keys[level][1].shape[-1]
-        node = idx.clamp(max=size - 1)
-        keep = keep & (idx < size)[:, None, :] & (counts[:, node] > 0)[:, :, None, :]  # (b nb c w)
-        q_blk = rearrange(q[:, :, :idx.shape[0] * block], "b h (nb c) d -> b h nb c d", c=block)
-        s = einsum(q_blk, gather_nodes(k_mean, node), "b h nb c d, b h nb w d -> b h nb c w")
-        scores.append(s.masked_fill(~keep[:, None], neg_fill(s.dtype)))
-    top = torch.stack([F.pad(s.amax(-1).flatten(2), (0, rows - s.shape[2] * s.shape[3]),
-                             value=neg_fill(s.dtype)) for s in scores]).amax(0)  # (b h rows)
-    out = q.new_zeros(b, h, rows, values[0][0].shape[-1])
-    norm = q.new_zeros(b, h, rows)
-    for (level, block, idx, _), s in zip(parts, scores, strict=True):
-        node, rows_l = idx.clamp(max=values[level][1].shape[-1] - 1), idx.shape[0] * block
-        weights = (s - rearrange(top[:, :, :rows_l], "b h (nb c) -> b h nb c 1", c=block)).exp()
-        rearrange(norm[:, :, :rows_l], "b h (nb c) -> b h nb c", c=block).add_(weights.sum(-1))
-        rearrange(out[:, :, :rows_l], "b h (nb c) e -> b h nb c e", c=block).add_(
-            einsum(weights, gather_nodes(values[level][0], node), "b h nb c w, b h nb w e -> b h nb c e"))
-    return out[:, :, :n] / norm[:, :, :n, None]
+    weight = None if mask is None else mask.to(q.dtype)
+    k_all, counts = span_means(k, weight, ratio=ratio, levels=levels)  # (b h nodes d), (b nodes)
+    v_all = span_means(v, weight, ratio=ratio, levels=levels)[0]
+    keep = keep & (counts > 0)[:, node][:, :, None, :]  # (b nb c w)
+    bias = (~keep).to(q.dtype) * neg_fill(q.dtype)  # added to the scores: 0 or the most negative
+    nb, c, w = keep.shape[1:]
+    q = rearrange(pad_to_multiple(q * scale, c)[0], "b h (nb c) d -> b h nb c d", c=c)
+    # node rows of the flattened (b h nodes) table, so that a gather copies whole rows
+    rows = rearrange(torch.arange(b * h, device=q.device) * k_all.shape[2], "bh -> bh 1 1") + node
+    k_all, v_all = (rearrange(t, "b h m d -> (b h m) d") for t in (k_all, v_all))
+    out = []
+    for i in range(0, nb, CHUNK):  # over chunks of query blocks, not tokens
+        blocks = slice(i, i + CHUNK)
+        k_w, v_w = (rearrange(t.index_select(0, rows[:, blocks].flatten()), "(b h B w) d -> b h B w d",
+                              b=b, h=h, w=w) for t in (k_all, v_all))
+        scores = (q[:, :, blocks] @ k_w.transpose(-1, -2)).add_(bias[:, None, blocks])  # (b h B c w)
+        out.append(scores.softmax(dim=-1) @ v_w)  # (b h B c e)
+    return rearrange(torch.cat(out, dim=2), "b h nb c e -> b h (nb c) e")[:, :, :n]
+
+
+@functools.lru_cache(maxsize=8)
+def contextual_windows(n: int, k: int, causal: bool, block: int, device: torch.device):
+    """`level_windows` of `contextual_ranges`: they depend on the length, not on the tokens, so
+    they are built once per length (a memo of up to 8 lengths)."""
+    ranges = contextual_ranges(n, k, causal=causal, device=device)
+    return level_windows(ranges, level_sizes(n, 2), block)
 
 
 def bp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -194,8 +241,8 @@ def bp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         `(b, h, n, e)`.
     """
     check_qkv(q, k, v, mask, name="bp_attention")
-    ranges = contextual_ranges(q.shape[2], k_per_level, causal=causal, device=q.device)
-    return node_attention(q, k, v, mask, ranges, ratio=2, scale=scale)
+    node, keep = contextual_windows(q.shape[2], k_per_level, causal, QUERY_BLOCK, q.device)
+    return window_attention(q, k, v, mask, node, keep, ratio=2, scale=scale)
 
 
 class BPTransformer(MultiHead):
