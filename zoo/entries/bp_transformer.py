@@ -18,6 +18,10 @@ reads one window of nodes per level, and the windows of all levels side by side 
 keys: the attention is one batched matrix product, one softmax and one product per chunk of
 blocks, not a gather per query.
 
+The file runs past 250 lines because the tiling rule (which span of which level a query reads,
+both sides, causal or not, near the ends) is built here as index windows, with the padding of
+partial spans; the attention itself is the short `window_attention`.
+
 Deviations from the paper:
 - One layer, tokens in and tokens out. In the paper span nodes are graph nodes with their own
   state, updated through the affiliated edges in every layer; here a span's key and value are the
