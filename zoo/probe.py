@@ -112,7 +112,8 @@ class _LargestTensor(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         outs = out if isinstance(out, (tuple, list)) else (out,)
-        for t, ret in zip(outs, func._schema.returns):
+        returns = func._schema.returns  # one per output, or one `Tensor[]` for a list of them
+        for t, ret in zip(outs, returns * len(outs) if len(returns) == 1 else returns, strict=True):
             if not isinstance(t, torch.Tensor):
                 continue
             # The schema says what an output is: new memory (no alias), a view of an input (expand,
