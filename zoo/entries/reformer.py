@@ -30,7 +30,7 @@ Deviations from the paper:
 
 import torch
 import torch.nn.functional as F
-from einops import einsum
+from einops import rearrange
 from torch import nn
 
 from zoo.checks import check_qkv, check_sequence, positive_int
@@ -43,28 +43,35 @@ from zoo.sorting import bucket_attention
 def lsh_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Angular LSH, $h(x) = \\arg\\max[xR; -xR]$: x `(b, h, n, d)`, rotations `(r, d, nb/2)` ->
     buckets `(b, h, n, r)` in `[0, nb)`; one bucket when there are no rotation columns."""
-    if rotations.shape[-1] == 0:
-        return x.new_zeros(*x.shape[:3], rotations.shape[0], dtype=torch.long)
-    rotated = einsum(x, rotations, "b h n d, r d f -> b h n r f")
-    return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+    r, _, f = rotations.shape
+    if f == 0:
+        return x.new_zeros(*x.shape[:3], r, dtype=torch.long)
+    rotated = rearrange(x @ rearrange(rotations, "r d f -> d (r f)"), "... (r f) -> ... r f", r=r)
+    # argmax over [xR; -xR] without building it: the largest |xR|, in the second half if negative
+    top = rotated.abs().argmax(dim=-1, keepdim=True)  # (b h n r 1)
+    return (top + f * (rotated.gather(-1, top) < 0)).squeeze(-1)
 
 
 def reformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor,
                        mask: torch.Tensor | None = None, *, chunk_size: int, causal: bool = False,
-                       scale: float | None = None) -> torch.Tensor:
+                       scale: float | None = None, shared_qk: bool = False) -> torch.Tensor:
     """Multi-round LSH attention (Sec. 2): hash, sort, attend in chunks, merge rounds.
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. rotations: `(r, d, nb/2)`, one per hash round.
         mask: `(b, n)`, True = real token. chunk_size: sorted chunk length `c`.
         causal: query `i` sees keys `j <= i` only.
+        shared_qk: `k` is `q / |q|` (the layer's shared QK): the hash of `q` serves both, as the
+            argmax does not see the scale.
 
     Returns:
         `(b, h, n, e)`.
     """
     check_qkv(q, k, v, mask, name="reformer_attention")
-    return bucket_attention(q, k, v, lsh_buckets(q, rotations), lsh_buckets(k, rotations), mask,
-                            chunk_size=chunk_size, causal=causal, exclude_self=True, scale=scale)
+    q_buckets = lsh_buckets(q, rotations)
+    k_buckets = q_buckets if shared_qk else lsh_buckets(k, rotations)
+    return bucket_attention(q, k, v, q_buckets, k_buckets, mask, chunk_size=chunk_size,
+                            causal=causal, exclude_self=True, scale=scale)
 
 
 class Reformer(MultiHead):
@@ -94,9 +101,11 @@ class Reformer(MultiHead):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
         q, v = map(self.split_heads, self.to_qv(x).chunk(2, dim=-1))
-        return self.to_out(self.merge_heads(self.attend(q, F.normalize(q, dim=-1), v, mask)))
+        return self.to_out(self.merge_heads(self.attend(q, F.normalize(q, dim=-1), v, mask,
+                                                        shared_qk=True)))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
+               mask: torch.Tensor | None = None, *, shared_qk: bool = False) -> torch.Tensor:
         return reformer_attention(q, k, v, self.rotations.to(q.dtype), mask,
-                                  chunk_size=self.chunk_size, causal=self.causal)
+                                  chunk_size=self.chunk_size, causal=self.causal,
+                                  shared_qk=shared_qk)
