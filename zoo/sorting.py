@@ -24,12 +24,26 @@ from zoo.masks import neg_fill, pad_mask, pad_to_multiple
 LOG2E = 1 / math.log(2)  # natural scores times LOG2E are scores in log2 units: e^s = 2^(s LOG2E)
 
 
+def storage_rows(t: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`t` `(b, h, n, ...)` as a matrix of rows `(R, f)` over its storage (f the trailing size),
+    and the row of `t[b, h, order[b, h, s]]` for each `(b, h, s)` of `order`. No copy when each
+    trailing block is contiguous and starts at a multiple of f: heads split off a projection,
+    an expanded mask."""
+    b, h, n = t.shape[:3]
+    f = math.prod(t.shape[3:])
+    if not (t[0, 0, 0].is_contiguous() and all(s % f == 0 for s in t.stride()[:3])):
+        t = t.contiguous()
+    sb, sh, sn = (s // f for s in t.stride()[:3])
+    rows = t.as_strided(((b - 1) * sb + (h - 1) * sh + (n - 1) * sn + 1, f), (f, 1))
+    start = (torch.arange(b, device=t.device).reshape(b, 1, 1) * sb
+             + torch.arange(h, device=t.device).reshape(1, h, 1) * sh)  # (b h 1)
+    return rows, start + order * sn
+
+
 def gather_sorted(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """Rows of `t` `(b, h, n, ...)` picked along n by `order` `(b, h, m)`: `(b, h, m, ...)`."""
-    b, h, n = t.shape[:3]
-    offset = torch.arange(b * h, device=t.device).reshape(b, h, 1) * n
-    rows = t.reshape(b * h * n, -1).index_select(0, (order + offset).flatten())
-    return rows.reshape(*order.shape, *t.shape[3:])
+    rows, index = storage_rows(t, order)
+    return rows.index_select(0, index.flatten()).reshape(*order.shape, *t.shape[3:])
 
 
 def inverse(order: torch.Tensor) -> torch.Tensor:
@@ -52,10 +66,9 @@ def sorted_rows(t: torch.Tensor, order: torch.Tensor, front: int = 0) -> torch.T
     """Rows of `t` `(b, h, n, ...)` taken along n in `order` `(b, h, n)`, flattened over `(b h n)`:
     `(front + b h n, ...)`. The `front` leading rows (copies of the first sorted rows) stand before
     the first chunk, so that `look_back` can give every chunk a predecessor."""
-    b, h, n = t.shape[:3]
-    offset = torch.arange(b * h, device=t.device).reshape(b, h, 1) * n
-    index = (order + offset).flatten()
-    return t.reshape(b * h * n, *t.shape[3:]).index_select(0, torch.cat([index[:front], index]))
+    rows, index = storage_rows(t, order)
+    index = index.flatten()
+    return rows.index_select(0, torch.cat([index[:front], index])).reshape(-1, *t.shape[3:])
 
 
 def look_back(rows: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -148,15 +161,15 @@ def bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bucket
     # The key slots carry their buckets, -1 (met by no query) for a padded key.
     k_codes = kb if mask is None else kb.masked_fill(behind, -1)  # (b h n r)
     shared = torch.equal(qb, kb)  # shared QK: one order a round, the own key on a diagonal
-    q = q.contiguous() * (scale * LOG2E)  # scores in log2 units (see softmax_attend)
-    k, v = k.contiguous(), v.contiguous()
     positions = torch.arange(n + pad, device=q.device).expand(b, h, -1)
-    extra = None  # (w i j) scratch for the pair counts, reused over the rounds
+    # Scratch for the pair counts, reused over the rounds: (w i j) with w = (b h nc) windows.
+    flags, extra = torch.empty(b * h * nc, c, 2 * c, dtype=torch.bool, device=q.device), None
     outs, lses = [], []
     for r in range(rounds):
         q_order = sort_order(qb[..., r])
         k_order = q_order if shared else sort_order(kb[..., r])
         qc = rearrange(sorted_rows(q, q_order), "(w i) d -> w i d", i=c)  # w = (b h nc) windows
+        qc *= scale * LOG2E  # scores in log2 units (see softmax_attend)
         keys, values = (look_back(sorted_rows(t, k_order, front=c), c) for t in (k, v))  # (w j d)
         q_code = rearrange(sorted_rows(qb, q_order), "(w i) r -> w i 1 r", i=c)
         k_code = look_back(sorted_rows(k_codes, k_order, front=c), c).clone()  # (w j r)
@@ -166,10 +179,11 @@ def bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bucket
         k_code = rearrange(k_code, "w j r -> w 1 j r")
         bits = qc @ keys.transpose(1, 2)  # (w i j): i the chunk, j the slots of it and the one before
         if rounds > 1:  # a pair met in N rounds is counted once over the rounds: minus log N
-            others = [q_code[..., s] == k_code[..., s] for s in range(rounds) if s != r]
+            met = (torch.eq(q_code[..., s], k_code[..., s], out=flags).view(torch.uint8)
+                   for s in range(rounds) if s != r)  # one at a time: they share `flags`
             extra = bits.new_empty(bits.shape) if extra is None else extra
-            extra.copy_(others[0].view(torch.uint8))  # in how many other rounds the pair met
-            for other in others[1:]:
+            extra.copy_(next(met))  # in how many other rounds the pair shares a bucket
+            for other in met:
                 extra += other
             bits -= extra if rounds == 2 else extra.log1p_().mul_(LOG2E)  # log2 N, N = 1 + extra
         if causal or (exclude_self and not shared):
@@ -187,6 +201,9 @@ def bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bucket
             blocked |= (k_pos > q_pos) | ~window
         out, lse = softmax_attend(bits.masked_fill_(blocked, -math.inf), values)  # (w i e), (w i 1)
         back = inverse(q_order)  # (b h n): the sorted place of each token
-        outs.append(gather_sorted(rearrange(out, "(b h nc) i e -> b h (nc i) e", b=b, h=h), back))
+        rows, index = storage_rows(rearrange(out, "(b h nc) i e -> b h (nc i) e", b=b, h=h), back)
+        # Laid out as (b n h e), so that the caller merges the heads with a view.
+        outs.append(rearrange(rows.index_select(0, rearrange(index, "b h n -> (b n h)")),
+                              "(b n h) e -> b h n e", b=b, h=h))
         lses.append(gather_sorted(rearrange(lse, "(b h nc) i 1 -> b h (nc i)", b=b, h=h), back))
     return combine_rounds(outs, lses)[:, :, :n]

@@ -47,9 +47,10 @@ def lsh_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     if f == 0:
         return x.new_zeros(*x.shape[:3], r, dtype=torch.long)
     rotated = rearrange(x @ rearrange(rotations, "r d f -> d (r f)"), "... (r f) -> ... r f", r=r)
-    # argmax over [xR; -xR] without building it: the largest |xR|, in the second half if negative
-    top = rotated.abs().argmax(dim=-1, keepdim=True)  # (b h n r 1)
-    return (top + f * (rotated.gather(-1, top) < 0)).squeeze(-1)
+    # argmax over [xR; -xR] without building it: the largest entry, or the most negative one
+    high, high_at = rotated.max(dim=-1)  # (b h n r)
+    low, low_at = rotated.min(dim=-1)
+    return torch.where(high >= -low, high_at, low_at + f)
 
 
 def reformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor,
