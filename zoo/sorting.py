@@ -130,8 +130,8 @@ def sort_order(groups: torch.Tensor) -> torch.Tensor:
 
 def bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: torch.Tensor,
                      k_buckets: torch.Tensor, mask: torch.Tensor | None = None, *, chunk_size: int,
-                     causal: bool = False, exclude_self: bool = False,
-                     scale: float | None = None) -> torch.Tensor:
+                     causal: bool = False, exclude_self: bool = False, scale: float | None = None,
+                     key_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention within buckets, over sorted chunks, merged over rounds.
 
     In each round queries and keys are sorted by (bucket, position) and cut into chunks of
@@ -143,6 +143,8 @@ def bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bucket
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. q_buckets, k_buckets: `(b, h, n, r)` integers.
         mask: `(b, n)`, True = real token. causal: query `i` sees keys `j <= i` only.
         exclude_self: row `i` skips key `i` unless nothing else is left (shared QK).
+        key_scale: `(b, h, n)`; the keys are `k * key_scale`. With `k is q` (unit-normalised
+            queries as keys: their inverse norms) one gather a round serves queries and keys.
 
     Returns:
         `(b, h, n, e)`.
@@ -150,8 +152,11 @@ def bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bucket
     b, h, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     c = min(chunk_size, n)
+    keys_are_queries = k is q
     (q, pad), (k, _), (v, _), (qb, _), (kb, _) = (pad_to_multiple(t, c, dim=2)
                                                   for t in (q, k, v, q_buckets, k_buckets))
+    k = q if keys_are_queries else k
+    key_scale = None if key_scale is None else pad_to_multiple(key_scale, c, dim=2)[0]
     mask = pad_mask(mask, b, n, pad, q.device)
     rounds, nc = qb.shape[-1], (n + pad) // c
     if mask is not None:  # padded tokens get a bucket past the last: they sort behind the real ones
@@ -161,6 +166,7 @@ def bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bucket
     # The key slots carry their buckets, -1 (met by no query) for a padded key.
     k_codes = kb if mask is None else kb.masked_fill(behind, -1)  # (b h n r)
     shared = torch.equal(qb, kb)  # shared QK: one order a round, the own key on a diagonal
+    one_gather = shared and keys_are_queries  # the sorted queries are the sorted keys
     positions = torch.arange(n + pad, device=q.device).expand(b, h, -1)
     # Scratch for the pair counts, reused over the rounds: (w i j) with w = (b h nc) windows.
     flags, extra = torch.empty(b * h * nc, c, 2 * c, dtype=torch.bool, device=q.device), None
@@ -168,16 +174,22 @@ def bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bucket
     for r in range(rounds):
         q_order = sort_order(qb[..., r])
         k_order = q_order if shared else sort_order(kb[..., r])
-        qc = rearrange(sorted_rows(q, q_order), "(w i) d -> w i d", i=c)  # w = (b h nc) windows
-        qc *= scale * LOG2E  # scores in log2 units (see softmax_attend)
-        keys, values = (look_back(sorted_rows(t, k_order, front=c), c) for t in (k, v))  # (w j d)
+        q_rows = sorted_rows(q, q_order, front=c if one_gather else 0)
+        qc = rearrange(q_rows[c:] if one_gather else q_rows, "(w i) d -> w i d", i=c)  # w = b h nc
+        keys = look_back(q_rows if one_gather else sorted_rows(k, k_order, front=c), c)  # (w j d)
+        values = look_back(sorted_rows(v, k_order, front=c), c)
+        factor = scale * LOG2E  # scores in log2 units (see softmax_attend)
+        if key_scale is not None:  # (w 1 j)
+            factor = factor * rearrange(look_back(sorted_rows(key_scale, k_order, front=c), c),
+                                        "w j -> w 1 j")
         q_code = rearrange(sorted_rows(qb, q_order), "(w i) r -> w i 1 r", i=c)
         k_code = look_back(sorted_rows(k_codes, k_order, front=c), c).clone()  # (w j r)
         # The windows run over the rows of all (b h) one after another: the first chunk of each
         # (b h) would look back at the last chunk of the one before. It has no predecessor.
         k_code.unflatten(0, (b * h, nc))[:, 0, :c] = -1
         k_code = rearrange(k_code, "w j r -> w 1 j r")
-        bits = qc @ keys.transpose(1, 2)  # (w i j): i the chunk, j the slots of it and the one before
+        # (w i j): i the chunk, j the slots of it and of the chunk before
+        bits = (qc @ keys.transpose(1, 2)).mul_(factor)
         if rounds > 1:  # a pair met in N rounds is counted once over the rounds: minus log N
             met = (torch.eq(q_code[..., s], k_code[..., s], out=flags).view(torch.uint8)
                    for s in range(rounds) if s != r)  # one at a time: they share `flags`

@@ -21,7 +21,9 @@ The sort-chunk-attend-scatter machinery is the core's `zoo.sorting` (shared with
 
 Deviations from the paper:
 - `attend(q, k, v)` hashes `q` and `k` separately and excludes position `i` from row `i`; the layer
-  passes `k = q / |q|`, where both hashes agree (the paper's shared-QK setting).
+  passes `k = None`, the paper's shared QK: the keys are `q / |q|`, hashed once (the argmax does
+  not see the scale) and gathered once with the queries, each score scaled by its key's inverse
+  norm (tests/entries/test_reformer.py checks it against `k = q / |q|` passed explicitly).
 - Causal: a query sees the same-bucket keys among the `chunk_size` sorted slots before it (not the
   whole previous chunk), so which keys it sees never depends on later tokens.
 - Self-exclusion uses the dtype's half-most-negative value instead of $10^5$, so it holds at any
@@ -29,7 +31,6 @@ Deviations from the paper:
 """
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -53,26 +54,28 @@ def lsh_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     return torch.where(high >= -low, high_at, low_at + f)
 
 
-def reformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor,
-                       mask: torch.Tensor | None = None, *, chunk_size: int, causal: bool = False,
-                       scale: float | None = None, shared_qk: bool = False) -> torch.Tensor:
+def reformer_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor,
+                       rotations: torch.Tensor, mask: torch.Tensor | None = None, *, chunk_size: int,
+                       causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """Multi-round LSH attention (Sec. 2): hash, sort, attend in chunks, merge rounds.
 
     Args:
-        q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. rotations: `(r, d, nb/2)`, one per hash round.
+        q, k: `(b, h, n, d)`; k None: shared QK, the keys are the unit-normalised queries.
+        v: `(b, h, n, e)`. rotations: `(r, d, nb/2)`, one per hash round.
         mask: `(b, n)`, True = real token. chunk_size: sorted chunk length `c`.
         causal: query `i` sees keys `j <= i` only.
-        shared_qk: `k` is `q / |q|` (the layer's shared QK): the hash of `q` serves both, as the
-            argmax does not see the scale.
 
     Returns:
         `(b, h, n, e)`.
     """
-    check_qkv(q, k, v, mask, name="reformer_attention")
-    q_buckets = lsh_buckets(q, rotations)
-    k_buckets = q_buckets if shared_qk else lsh_buckets(k, rotations)
-    return bucket_attention(q, k, v, q_buckets, k_buckets, mask, chunk_size=chunk_size,
-                            causal=causal, exclude_self=True, scale=scale)
+    check_qkv(q, q if k is None else k, v, mask, name="reformer_attention")
+    buckets = lsh_buckets(q, rotations)
+    if k is None:  # q / |q| hashes as q (the argmax does not see the scale); keys as scaled queries
+        inverse_norm = 1 / q.norm(dim=-1).clamp(min=1e-12)  # (b h n), as F.normalize
+        return bucket_attention(q, q, v, buckets, buckets, mask, chunk_size=chunk_size,
+                                causal=causal, exclude_self=True, scale=scale, key_scale=inverse_norm)
+    return bucket_attention(q, k, v, buckets, lsh_buckets(k, rotations), mask,
+                            chunk_size=chunk_size, causal=causal, exclude_self=True, scale=scale)
 
 
 class Reformer(MultiHead):
@@ -102,11 +105,9 @@ class Reformer(MultiHead):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
         q, v = map(self.split_heads, self.to_qv(x).chunk(2, dim=-1))
-        return self.to_out(self.merge_heads(self.attend(q, F.normalize(q, dim=-1), v, mask,
-                                                        shared_qk=True)))
+        return self.to_out(self.merge_heads(self.attend(q, None, v, mask)))  # keys: q / |q|
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: torch.Tensor | None = None, *, shared_qk: bool = False) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
         return reformer_attention(q, k, v, self.rotations.to(q.dtype), mask,
-                                  chunk_size=self.chunk_size, causal=self.causal,
-                                  shared_qk=shared_qk)
+                                  chunk_size=self.chunk_size, causal=self.causal)
