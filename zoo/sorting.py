@@ -147,8 +147,24 @@ def bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bucket
             queries as keys: their inverse norms) one gather a round serves queries and keys.
 
     Returns:
-        `(b, h, n, e)`.
+        `(b, h, n, e)`, laid out in memory as `(b, n, h, e)`, so that merging the heads is a view.
     """
+    # The heads are independent. Taken one at a time, the large temporaries of a head are freed
+    # before the next head allocates its own: memory is reused, not fetched fresh from the system
+    # (on CPU, first touching fresh memory costs about as much as a pass over it).
+    outs = [head_attention(q[:, i:i + 1], q[:, i:i + 1] if k is q else k[:, i:i + 1],
+                           v[:, i:i + 1], q_buckets[:, i:i + 1], k_buckets[:, i:i + 1], mask,
+                           chunk_size=chunk_size, causal=causal, exclude_self=exclude_self,
+                           scale=scale, key_scale=None if key_scale is None else key_scale[:, i:i + 1])
+            for i in range(q.shape[1])]
+    return rearrange(torch.stack([out[:, 0] for out in outs], dim=2), "b n h e -> b h n e")
+
+
+def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: torch.Tensor,
+                   k_buckets: torch.Tensor, mask: torch.Tensor | None = None, *, chunk_size: int,
+                   causal: bool = False, exclude_self: bool = False, scale: float | None = None,
+                   key_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`bucket_attention` for all heads at once (any number of them): `(b, h, n, e)`."""
     b, h, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     c = min(chunk_size, n)
@@ -213,9 +229,6 @@ def bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bucket
             blocked |= (k_pos > q_pos) | ~window
         out, lse = softmax_attend(bits.masked_fill_(blocked, -math.inf), values)  # (w i e), (w i 1)
         back = inverse(q_order)  # (b h n): the sorted place of each token
-        rows, index = storage_rows(rearrange(out, "(b h nc) i e -> b h (nc i) e", b=b, h=h), back)
-        # Laid out as (b n h e), so that the caller merges the heads with a view.
-        outs.append(rearrange(rows.index_select(0, rearrange(index, "b h n -> (b n h)")),
-                              "(b n h) e -> b h n e", b=b, h=h))
+        outs.append(gather_sorted(rearrange(out, "(b h nc) i e -> b h (nc i) e", b=b, h=h), back))
         lses.append(gather_sorted(rearrange(lse, "(b h nc) i 1 -> b h (nc i)", b=b, h=h), back))
     return combine_rounds(outs, lses)[:, :, :n]
