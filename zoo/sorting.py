@@ -7,9 +7,10 @@ by their softmax normalisers.
 
 On CPU at long lengths the time goes to memory traffic, so: row gathers use `index_select` on
 flattened rows (several times faster than `gather` with an expanded index); the chunk windows are
-overlapping views of one sorted copy; the score tensor is masked and exponentiated in place; and
-the softmax works in log2 units (`exp2` is several times faster than `exp`, and an exponent of
--inf costs it nothing).
+overlapping views of one sorted copy; the score tensor is masked and exponentiated in place; the
+softmax works in log2 units (`exp2` is several times faster than `exp`, and an exponent of -inf
+costs it nothing); and `bucket_attention` takes one head at a time, so that the large temporaries
+reuse memory instead of touching fresh pages.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets:
                    k_buckets: torch.Tensor, mask: torch.Tensor | None = None, *, chunk_size: int,
                    causal: bool = False, exclude_self: bool = False, scale: float | None = None,
                    key_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """`bucket_attention` for all heads at once (any number of them): `(b, h, n, e)`."""
+    """`bucket_attention` over the given heads together: `(b, h, n, e)`."""
     b, h, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     c = min(chunk_size, n)
@@ -184,8 +185,7 @@ def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets:
     shared = torch.equal(qb, kb)  # shared QK: one order a round, the own key on a diagonal
     one_gather = shared and keys_are_queries  # the sorted queries are the sorted keys
     positions = torch.arange(n + pad, device=q.device).expand(b, h, -1)
-    # Scratch for the pair counts, reused over the rounds: (w i j) with w = (b h nc) windows.
-    flags, extra = torch.empty(b * h * nc, c, 2 * c, dtype=torch.bool, device=q.device), None
+    flags = extra = None  # scratch for the pair counts, reused over the rounds: (w i j)
     outs, lses = [], []
     for r in range(rounds):
         q_order = sort_order(qb[..., r])
@@ -207,9 +207,10 @@ def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets:
         # (w i j): i the chunk, j the slots of it and of the chunk before
         bits = (qc @ keys.transpose(1, 2)).mul_(factor)
         if rounds > 1:  # a pair met in N rounds is counted once over the rounds: minus log N
+            if flags is None or extra is None:
+                flags, extra = bits.new_empty(bits.shape, dtype=torch.bool), bits.new_empty(bits.shape)
             met = (torch.eq(q_code[..., s], k_code[..., s], out=flags).view(torch.uint8)
                    for s in range(rounds) if s != r)  # one at a time: they share `flags`
-            extra = bits.new_empty(bits.shape) if extra is None else extra
             extra.copy_(next(met))  # in how many other rounds the pair shares a bucket
             for other in met:
                 extra += other
