@@ -3,32 +3,59 @@ entries (reformer, routing-transformer, smyrf, sinkhorn-attention, scram).
 
 Tokens are ordered by a group id (a hash bucket, a cluster) and position, cut into equal chunks,
 attend inside a chunk (and the chunk before it), and go back to their places; several rounds merge
-by their softmax normalisers. Row gathers use `index_select` on flattened rows, several times
-faster on CPU than `gather` with an expanded index.
+by their softmax normalisers.
+
+On CPU at long lengths the time goes to memory traffic, so: row gathers use `index_select` on
+flattened rows (several times faster than `gather` with an expanded index); the chunk windows are
+overlapping views of one sorted copy; the score tensor is masked and exponentiated in place; the
+softmax works in log2 units (`exp2` is several times faster than `exp`, and an exponent of -inf
+costs it nothing); and `bucket_attention` takes one head at a time, so that the large temporaries
+reuse memory instead of touching fresh pages.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from einops import einsum, rearrange
+from einops import rearrange
 
 from zoo.masks import neg_fill, pad_mask, pad_to_multiple
+
+LOG2E = 1 / math.log(2)  # natural scores times LOG2E are scores in log2 units: e^s = 2^(s LOG2E)
+
+
+def storage_rows(t: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`t` `(b, h, n, ...)` as a matrix of rows `(R, f)` over its storage (f the trailing size),
+    and the row of `t[b, h, order[b, h, s]]` for each `(b, h, s)` of `order`. No copy when each
+    trailing block is contiguous and starts at a multiple of f: heads split off a projection,
+    an expanded mask."""
+    b, h, n = t.shape[:3]
+    f = math.prod(t.shape[3:])
+    if not (t[0, 0, 0].is_contiguous() and all(s % f == 0 for s in t.stride()[:3])):
+        t = t.contiguous()
+    sb, sh, sn = (s // f for s in t.stride()[:3])
+    rows = t.as_strided(((b - 1) * sb + (h - 1) * sh + (n - 1) * sn + 1, f), (f, 1))
+    start = (torch.arange(b, device=t.device).reshape(b, 1, 1) * sb
+             + torch.arange(h, device=t.device).reshape(1, h, 1) * sh)  # (b h 1)
+    return rows, start + order * sn
 
 
 def gather_sorted(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """Rows of `t` `(b, h, n, ...)` picked along n by `order` `(b, h, m)`: `(b, h, m, ...)`."""
-    b, h, n = t.shape[:3]
-    offset = torch.arange(b * h, device=t.device).reshape(b, h, 1) * n
-    rows = t.reshape(b * h * n, -1).index_select(0, (order + offset).flatten())
-    return rows.reshape(*order.shape, *t.shape[3:])
+    rows, index = storage_rows(t, order)
+    return rows.index_select(0, index.flatten()).reshape(*order.shape, *t.shape[3:])
+
+
+def inverse(order: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation of `order` `(..., n)` along its last axis."""
+    places = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, places)
 
 
 def unsort(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """Inverse of `gather_sorted` for a permutation: row `s` of `t` goes back to `order[s]`."""
-    b, h, n = t.shape[:3]
-    offset = torch.arange(b * h, device=t.device).reshape(b, h, 1) * n
-    flat = t.reshape(b * h * n, -1)
-    return flat.index_copy(0, (order + offset).flatten(), flat).reshape(t.shape)
+    return gather_sorted(t, inverse(order))
 
 
 def to_chunks(t: torch.Tensor, order: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -36,31 +63,64 @@ def to_chunks(t: torch.Tensor, order: torch.Tensor, chunk: int) -> torch.Tensor:
     return rearrange(gather_sorted(t, order), "b h (nc c) ... -> b h nc c ...", c=chunk)
 
 
-def with_previous(t: torch.Tensor, chunk: int, fill) -> torch.Tensor:
-    """Sorted `t` `(b, h, n, ...)` cut into chunks, each preceded by the chunk before it:
-    `(b, h, nc, 2c, ...)`. The first chunk has no predecessor; its slots are `fill`."""
-    front = torch.full_like(t[:, :, :chunk], fill)
-    return torch.cat([front, t], dim=2).unfold(2, 2 * chunk, chunk).movedim(-1, 3)
+def sorted_rows(t: torch.Tensor, order: torch.Tensor, front: int = 0) -> torch.Tensor:
+    """Rows of `t` `(b, h, n, ...)` taken along n in `order` `(b, h, n)`, flattened over `(b h n)`:
+    `(front + b h n, ...)`. The `front` leading rows (copies of the first sorted rows) stand before
+    the first chunk, so that `look_back` can give every chunk a predecessor."""
+    rows, index = storage_rows(t, order)
+    index = index.flatten()
+    return rows.index_select(0, torch.cat([index[:front], index])).reshape(-1, *t.shape[3:])
 
 
-def chunk_softmax(scores: torch.Tensor, keep: torch.Tensor, v: torch.Tensor):
+def look_back(rows: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Sorted rows `(c + m, ...)` (a chunk of front rows first) as windows `(m / c, 2c, ...)`, each
+    chunk preceded by the chunk before it. A view: the windows overlap, nothing is copied."""
+    return rows.unfold(0, 2 * chunk, chunk).movedim(-1, 1)
+
+
+def softmax_attend(bits: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over the last axis of the scores, given in log2 units (`LOG2E` times the
+    natural scores), masked ones at -inf.
+
+    Args:
+        bits: `(..., i, j)`, overwritten (it becomes the unnormalised weights). v: `(..., j, e)`.
+
+    Returns:
+        `(out, lse)`: `(..., i, e)` and the natural log normaliser `(..., i, 1)`. A row with every
+        score masked gives zeros, and its normaliser is about the dtype's most negative value.
+    """
+    # The result does not depend on the shift `top`; an empty row has top -inf, clamped.
+    top = bits.amax(dim=-1, keepdim=True).detach().clamp_(min=neg_fill(bits.dtype))
+    weights = bits.sub_(top).exp2_()  # (... i j)
+    total = weights.sum(dim=-1, keepdim=True).clamp(min=1)  # >= 1 (the top weight is 1) unless empty
+    return (weights @ v).div_(total), (top + total.log2()) / LOG2E
+
+
+def chunk_softmax(scores: torch.Tensor, keep: torch.Tensor | None, v: torch.Tensor):
     """Masked softmax attention inside chunks.
 
     Args:
-        scores: `(b, h, nc, i, j)`. keep: bool, broadcastable to scores. v: `(b, h, nc, j, e)`.
+        scores: `(b, h, nc, i, j)`, overwritten. keep: bool, broadcastable to scores (None: all).
+        v: `(b, h, nc, j, e)`.
 
     Returns:
         `(out, lse)`: `(b, h, nc, i, e)` and the log normaliser `(b, h, nc, i)`. A row with no key
         kept gives zeros, and its normaliser is about the dtype's most negative value.
     """
-    scores = scores.masked_fill(~keep, neg_fill(scores.dtype))
-    attn = scores.softmax(dim=-1) * keep  # (b h nc i j)
-    return einsum(attn, v, "b h nc i j, b h nc j e -> b h nc i e"), scores.logsumexp(dim=-1)
+    bits = scores.mul_(LOG2E)
+    if keep is not None:
+        bits.masked_fill_(~keep, -math.inf)
+    out, lse = softmax_attend(bits, v)
+    return out, lse.squeeze(-1)
 
 
-def combine_rounds(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
-    """Merge rounds `(r, b, h, n, e)` by their log normalisers `(r, b, h, n)`."""
-    return einsum(lses.softmax(dim=0), outs, "r b h n, r b h n e -> b h n e")
+def combine_rounds(outs, lses) -> torch.Tensor:
+    """Merge rounds `(r, b, h, n, e)` by their log normalisers `(r, b, h, n)` (or lists of r)."""
+    weights = torch.stack(tuple(lses)).softmax(dim=0).unsqueeze(-1)  # (r b h n 1)
+    merged = outs[0] * weights[0]
+    for out, weight in zip(outs[1:], weights[1:], strict=True):
+        merged.addcmul_(out, weight)
+    return merged
 
 
 def sort_order(groups: torch.Tensor) -> torch.Tensor:
@@ -71,8 +131,8 @@ def sort_order(groups: torch.Tensor) -> torch.Tensor:
 
 def bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: torch.Tensor,
                      k_buckets: torch.Tensor, mask: torch.Tensor | None = None, *, chunk_size: int,
-                     causal: bool = False, exclude_self: bool = False,
-                     scale: float | None = None) -> torch.Tensor:
+                     causal: bool = False, exclude_self: bool = False, scale: float | None = None,
+                     key_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention within buckets, over sorted chunks, merged over rounds.
 
     In each round queries and keys are sorted by (bucket, position) and cut into chunks of
@@ -84,45 +144,92 @@ def bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bucket
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. q_buckets, k_buckets: `(b, h, n, r)` integers.
         mask: `(b, n)`, True = real token. causal: query `i` sees keys `j <= i` only.
         exclude_self: row `i` skips key `i` unless nothing else is left (shared QK).
+        key_scale: `(b, h, n)`; the keys are `k * key_scale`. With `k is q` (unit-normalised
+            queries as keys: their inverse norms) one gather a round serves queries and keys.
 
     Returns:
-        `(b, h, n, e)`.
+        `(b, h, n, e)`, laid out in memory as `(b, n, h, e)`, so that merging the heads is a view.
     """
+    # The heads are independent. Taken one at a time, the large temporaries of a head are freed
+    # before the next head allocates its own: memory is reused, not fetched fresh from the system
+    # (on CPU, first touching fresh memory costs about as much as a pass over it).
+    outs = [head_attention(q[:, i:i + 1], q[:, i:i + 1] if k is q else k[:, i:i + 1],
+                           v[:, i:i + 1], q_buckets[:, i:i + 1], k_buckets[:, i:i + 1], mask,
+                           chunk_size=chunk_size, causal=causal, exclude_self=exclude_self,
+                           scale=scale, key_scale=None if key_scale is None else key_scale[:, i:i + 1])
+            for i in range(q.shape[1])]
+    return rearrange(torch.stack([out[:, 0] for out in outs], dim=2), "b n h e -> b h n e")
+
+
+def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: torch.Tensor,
+                   k_buckets: torch.Tensor, mask: torch.Tensor | None = None, *, chunk_size: int,
+                   causal: bool = False, exclude_self: bool = False, scale: float | None = None,
+                   key_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`bucket_attention` over the given heads together: `(b, h, n, e)`."""
     b, h, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     c = min(chunk_size, n)
+    keys_are_queries = k is q
     (q, pad), (k, _), (v, _), (qb, _), (kb, _) = (pad_to_multiple(t, c, dim=2)
                                                   for t in (q, k, v, q_buckets, k_buckets))
+    k = q if keys_are_queries else k
+    key_scale = None if key_scale is None else pad_to_multiple(key_scale, c, dim=2)[0]
     mask = pad_mask(mask, b, n, pad, q.device)
-    real = torch.ones(b, h, n + pad, dtype=torch.bool, device=q.device) if mask is None else \
-        rearrange(mask, "b n -> b 1 n").expand(b, h, -1)
-    # Padded tokens get a bucket past the last, so they sort behind every real token.
-    sentinel = int(max(qb.max(), kb.max())) + 1
-    qb, kb = (t.masked_fill(~real[..., None], sentinel) for t in (qb, kb))  # (b h n r)
-    rounds = qb.shape[-1]
-    slot = torch.arange(2 * c, device=q.device)
-    window = slot >= rearrange(torch.arange(c, device=q.device), "i -> i 1")  # the c slots before
-    log_count = torch.arange(rounds + 1, dtype=q.dtype, device=q.device).clamp(min=1).log()
+    rounds, nc = qb.shape[-1], (n + pad) // c
+    if mask is not None:  # padded tokens get a bucket past the last: they sort behind the real ones
+        behind = rearrange(~mask, "b n -> b 1 n 1")
+        sentinel = int(max(qb.max(), kb.max())) + 1
+        qb, kb = qb.masked_fill(behind, sentinel), kb.masked_fill(behind, sentinel)
+    # The key slots carry their buckets, -1 (met by no query) for a padded key.
+    k_codes = kb if mask is None else kb.masked_fill(behind, -1)  # (b h n r)
+    shared = torch.equal(qb, kb)  # shared QK: one order a round, the own key on a diagonal
+    one_gather = shared and keys_are_queries  # the sorted queries are the sorted keys
+    positions = torch.arange(n + pad, device=q.device).expand(b, h, -1)
+    flags = extra = None  # scratch for the pair counts, reused over the rounds: (w i j)
     outs, lses = [], []
     for r in range(rounds):
-        q_order, k_order = sort_order(qb[..., r]), sort_order(kb[..., r])
-        qc, qbc = to_chunks(q, q_order, c), to_chunks(qb, q_order, c)  # (b h nc c d), (b h nc c r)
-        kc, vc, kbc, kreal = (with_previous(gather_sorted(t, k_order), c, fill)  # (b h nc 2c ...)
-                              for t, fill in ((k, 0.0), (v, 0.0), (kb, -1), (real, False)))
-        qpos = rearrange(q_order, "b h (nc c) -> b h nc c 1", c=c)
-        kpos = rearrange(with_previous(k_order, c, -1), "b h nc j -> b h nc 1 j")
-        shared = [rearrange(qbc[..., s], "b h nc i -> b h nc i 1") ==
-                  rearrange(kbc[..., s], "b h nc j -> b h nc 1 j") for s in range(rounds)]
-        keep = shared[r] & rearrange(kreal, "b h nc j -> b h nc 1 j")  # (b h nc i j)
-        if causal:
-            keep = keep & (kpos <= qpos) & window
-        scores = einsum(qc, kc, "b h nc i d, b h nc j d -> b h nc i j") * scale
+        q_order = sort_order(qb[..., r])
+        k_order = q_order if shared else sort_order(kb[..., r])
+        q_rows = sorted_rows(q, q_order, front=c if one_gather else 0)
+        qc = rearrange(q_rows[c:] if one_gather else q_rows, "(w i) d -> w i d", i=c)  # w = b h nc
+        keys = look_back(q_rows if one_gather else sorted_rows(k, k_order, front=c), c)  # (w j d)
+        values = look_back(sorted_rows(v, k_order, front=c), c)
+        factor = scale * LOG2E  # scores in log2 units (see softmax_attend)
+        if key_scale is not None:  # (w 1 j)
+            factor = factor * rearrange(look_back(sorted_rows(key_scale, k_order, front=c), c),
+                                        "w j -> w 1 j")
+        q_code = rearrange(sorted_rows(qb, q_order), "(w i) r -> w i 1 r", i=c)
+        k_code = look_back(sorted_rows(k_codes, k_order, front=c), c).clone()  # (w j r)
+        # The windows run over the rows of all (b h) one after another: the first chunk of each
+        # (b h) would look back at the last chunk of the one before. It has no predecessor.
+        k_code.unflatten(0, (b * h, nc))[:, 0, :c] = -1
+        k_code = rearrange(k_code, "w j r -> w 1 j r")
+        # (w i j): i the chunk, j the slots of it and of the chunk before
+        bits = (qc @ keys.transpose(1, 2)).mul_(factor)
         if rounds > 1:  # a pair met in N rounds is counted once over the rounds: minus log N
-            met = torch.stack(shared).sum(dim=0)  # in how many rounds each pair shares a bucket
-            scores -= log_count[met]
+            if flags is None or extra is None:
+                flags, extra = bits.new_empty(bits.shape, dtype=torch.bool), bits.new_empty(bits.shape)
+            met = (torch.eq(q_code[..., s], k_code[..., s], out=flags).view(torch.uint8)
+                   for s in range(rounds) if s != r)  # one at a time: they share `flags`
+            extra.copy_(next(met))  # in how many other rounds the pair shares a bucket
+            for other in met:
+                extra += other
+            bits -= extra if rounds == 2 else extra.log1p_().mul_(LOG2E)  # log2 N, N = 1 + extra
+        if causal or (exclude_self and not shared):
+            q_pos = rearrange(q_order, "b h (nc i) -> (b h nc) i 1", i=c)
+            k_pos = rearrange(look_back(sorted_rows(positions, k_order, front=c), c), "w j -> w 1 j")
         if exclude_self:
-            scores.masked_fill_((kpos == qpos) & keep, neg_fill(scores.dtype) / 2)
-        out, lse = chunk_softmax(scores, keep, vc)
-        outs.append(unsort(rearrange(out, "b h nc c e -> b h (nc c) e"), q_order))
-        lses.append(unsort(rearrange(lse, "b h nc c -> b h (nc c)"), q_order))
-    return combine_rounds(torch.stack(outs), torch.stack(lses))[:, :, :n]
+            if shared:  # the query at sorted place p meets its own key in slot c + p mod c
+                bits.diagonal(offset=c, dim1=1, dim2=2).fill_(neg_fill(bits.dtype) / 2)
+            else:
+                bits.masked_fill_(k_pos == q_pos, neg_fill(bits.dtype) / 2)
+        blocked = q_code[..., r] != k_code[..., r]  # (w i j)
+        if causal:  # only the c sorted slots before the query, and no later position
+            window = torch.arange(2 * c, device=q.device) >= rearrange(
+                torch.arange(c, device=q.device), "i -> i 1")
+            blocked |= (k_pos > q_pos) | ~window
+        out, lse = softmax_attend(bits.masked_fill_(blocked, -math.inf), values)  # (w i e), (w i 1)
+        back = inverse(q_order)  # (b h n): the sorted place of each token
+        outs.append(gather_sorted(rearrange(out, "(b h nc) i e -> b h (nc i) e", b=b, h=h), back))
+        lses.append(gather_sorted(rearrange(lse, "(b h nc) i 1 -> b h (nc i)", b=b, h=h), back))
+    return combine_rounds(outs, lses)[:, :, :n]

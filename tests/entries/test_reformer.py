@@ -104,3 +104,19 @@ def test_rotations_are_seeded_buffers():
     a, b, c = (Reformer(32, heads=2, seed=s) for s in (0, 0, 1))
     assert "rotations" in dict(a.named_buffers()) and "rotations" not in dict(a.named_parameters())
     assert torch.equal(a.rotations, b.rotations) and not torch.equal(a.rotations, c.rotations)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_shared_qk_path_matches_explicit_unit_keys(causal):
+    """The layer's shared-QK path (k=None: keys as the queries rescaled by their inverse norms,
+    hashed once, gathered once) equals attend() given k = q / |q| explicitly, with several rounds,
+    buckets and chunks, padding to a multiple of the chunk and a key-padding mask; gradients too."""
+    q, _, v = qkv(n=37, d=8, seed=4)
+    q.requires_grad_(True)
+    rotations = torch.randn(3, 8, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    mask = torch.ones(2, 37, dtype=torch.bool)
+    mask[1, 29:] = False
+    kw = dict(chunk_size=8, causal=causal)
+    fast = reformer_attention(q, None, v, rotations, mask, **kw)
+    slow = reformer_attention(q, F.normalize(q, dim=-1), v, rotations, mask, **kw)
+    assert_same_outputs_and_grads(fast, slow, (q,))

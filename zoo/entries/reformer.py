@@ -21,7 +21,9 @@ The sort-chunk-attend-scatter machinery is the core's `zoo.sorting` (shared with
 
 Deviations from the paper:
 - `attend(q, k, v)` hashes `q` and `k` separately and excludes position `i` from row `i`; the layer
-  passes `k = q / |q|`, where both hashes agree (the paper's shared-QK setting).
+  passes `k = None`, the paper's shared QK: the keys are `q / |q|`, hashed once (the argmax does
+  not see the scale) and gathered once with the queries, each score scaled by its key's inverse
+  norm (tests/entries/test_reformer.py checks it against `k = q / |q|` passed explicitly).
 - Causal: a query sees the same-bucket keys among the `chunk_size` sorted slots before it (not the
   whole previous chunk), so which keys it sees never depends on later tokens.
 - Self-exclusion uses the dtype's half-most-negative value instead of $10^5$, so it holds at any
@@ -29,8 +31,7 @@ Deviations from the paper:
 """
 
 import torch
-import torch.nn.functional as F
-from einops import einsum
+from einops import rearrange
 from torch import nn
 
 from zoo.checks import check_qkv, check_sequence, positive_int
@@ -43,27 +44,37 @@ from zoo.sorting import bucket_attention
 def lsh_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Angular LSH, $h(x) = \\arg\\max[xR; -xR]$: x `(b, h, n, d)`, rotations `(r, d, nb/2)` ->
     buckets `(b, h, n, r)` in `[0, nb)`; one bucket when there are no rotation columns."""
-    if rotations.shape[-1] == 0:
-        return x.new_zeros(*x.shape[:3], rotations.shape[0], dtype=torch.long)
-    rotated = einsum(x, rotations, "b h n d, r d f -> b h n r f")
-    return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+    r, _, f = rotations.shape
+    if f == 0:
+        return x.new_zeros(*x.shape[:3], r, dtype=torch.long)
+    rotated = rearrange(x @ rearrange(rotations, "r d f -> d (r f)"), "... (r f) -> ... r f", r=r)
+    # argmax over [xR; -xR] without building it: the largest entry, or the most negative one
+    high, high_at = rotated.max(dim=-1)  # (b h n r)
+    low, low_at = rotated.min(dim=-1)
+    return torch.where(high >= -low, high_at, low_at + f)
 
 
-def reformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor,
-                       mask: torch.Tensor | None = None, *, chunk_size: int, causal: bool = False,
-                       scale: float | None = None) -> torch.Tensor:
+def reformer_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor,
+                       rotations: torch.Tensor, mask: torch.Tensor | None = None, *, chunk_size: int,
+                       causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """Multi-round LSH attention (Sec. 2): hash, sort, attend in chunks, merge rounds.
 
     Args:
-        q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. rotations: `(r, d, nb/2)`, one per hash round.
+        q, k: `(b, h, n, d)`; k None: shared QK, the keys are the unit-normalised queries.
+        v: `(b, h, n, e)`. rotations: `(r, d, nb/2)`, one per hash round.
         mask: `(b, n)`, True = real token. chunk_size: sorted chunk length `c`.
         causal: query `i` sees keys `j <= i` only.
 
     Returns:
         `(b, h, n, e)`.
     """
-    check_qkv(q, k, v, mask, name="reformer_attention")
-    return bucket_attention(q, k, v, lsh_buckets(q, rotations), lsh_buckets(k, rotations), mask,
+    check_qkv(q, q if k is None else k, v, mask, name="reformer_attention")
+    buckets = lsh_buckets(q, rotations)
+    if k is None:  # q / |q| hashes as q (the argmax does not see the scale); keys as scaled queries
+        inverse_norm = 1 / q.norm(dim=-1).clamp(min=1e-12)  # (b h n), as F.normalize
+        return bucket_attention(q, q, v, buckets, buckets, mask, chunk_size=chunk_size,
+                                causal=causal, exclude_self=True, scale=scale, key_scale=inverse_norm)
+    return bucket_attention(q, k, v, buckets, lsh_buckets(k, rotations), mask,
                             chunk_size=chunk_size, causal=causal, exclude_self=True, scale=scale)
 
 
@@ -94,9 +105,9 @@ class Reformer(MultiHead):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
         q, v = map(self.split_heads, self.to_qv(x).chunk(2, dim=-1))
-        return self.to_out(self.merge_heads(self.attend(q, F.normalize(q, dim=-1), v, mask)))
+        return self.to_out(self.merge_heads(self.attend(q, None, v, mask)))  # keys: q / |q|
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         return reformer_attention(q, k, v, self.rotations.to(q.dtype), mask,
                                   chunk_size=self.chunk_size, causal=self.causal)
