@@ -1,5 +1,5 @@
 """Sort into chunks, attend, scatter back: the machinery of the hashing, clustering and sorting
-entries (reformer, routing-transformer, smyrf, sinkhorn-attention, scram).
+entries (reformer, routing-transformer, smyrf, sinkhorn-attention).
 
 Tokens are ordered by a group id (a hash bucket, a cluster) and position, cut into equal chunks,
 attend inside a chunk (and the chunk before it), and go back to their places; several rounds merge
@@ -185,7 +185,6 @@ def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets:
     shared = torch.equal(qb, kb)  # shared QK: one order a round, the own key on a diagonal
     one_gather = shared and keys_are_queries  # the sorted queries are the sorted keys
     positions = torch.arange(n + pad, device=q.device).expand(b, h, -1)
-    flags = extra = None  # scratch for the pair counts, reused over the rounds: (w i j)
     outs, lses = [], []
     for r in range(rounds):
         q_order = sort_order(qb[..., r])
@@ -207,14 +206,9 @@ def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets:
         # (w i j): i the chunk, j the slots of it and of the chunk before
         bits = (qc @ keys.transpose(1, 2)).mul_(factor)
         if rounds > 1:  # a pair met in N rounds is counted once over the rounds: minus log N
-            if flags is None or extra is None:
-                flags, extra = bits.new_empty(bits.shape, dtype=torch.bool), bits.new_empty(bits.shape)
-            met = (torch.eq(q_code[..., s], k_code[..., s], out=flags).view(torch.uint8)
-                   for s in range(rounds) if s != r)  # one at a time: they share `flags`
-            extra.copy_(next(met))  # in how many other rounds the pair shares a bucket
-            for other in met:
-                extra += other
-            bits -= extra if rounds == 2 else extra.log1p_().mul_(LOG2E)  # log2 N, N = 1 + extra
+            others = [s for s in range(rounds) if s != r]  # N - 1: the other rounds that meet it
+            extra = (q_code[..., others] == k_code[..., others]).sum(-1, dtype=bits.dtype)
+            bits -= extra if rounds == 2 else extra.log1p_().mul_(LOG2E)  # log2 N (= N - 1 if N <= 2)
         if causal or (exclude_self and not shared):
             q_pos = rearrange(q_order, "b h (nc i) -> (b h nc) i 1", i=c)
             k_pos = rearrange(look_back(sorted_rows(positions, k_order, front=c), c), "w j -> w 1 j")

@@ -17,7 +17,7 @@ $$ o_i = \sum_r e^{z^{(r)}_i - z_i} \sum_{j \in \tilde P^{(r)}_i}
 in which $i$ and $j$ share a bucket, $\tilde P^{(r)}_i$ the query's chunk and the one before it.)
 
 The sort-chunk-attend-scatter machinery is the core's `zoo.sorting` (shared with
-`routing_transformer`, `smyrf`, `sinkhorn_attention` and `scram`).
+`routing_transformer`, `smyrf` and `sinkhorn_attention`).
 
 Deviations from the paper:
 - `attend(q, k, v)` hashes `q` and `k` separately and excludes position `i` from row `i`; the layer
