@@ -74,13 +74,14 @@ def take_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.flatten(0, 1).index_select(0, rows.flatten()).view(b, n, -1)
 
 
-def satellite_update(h: torch.Tensor, e: torch.Tensor, s: torch.Tensor, prev: torch.Tensor,
-                     nxt: torch.Tensor, att: StarAttention) -> torch.Tensor:
+def satellite_update(h: torch.Tensor, e: torch.Tensor, s: torch.Tensor, prev: torch.Tensor | None,
+                     nxt: torch.Tensor | None, att: StarAttention) -> torch.Tensor:
     """One satellite step: token i attends to `[h_prev(i); h_i; h_next(i); e_i; s]`.
 
     Args:
         h, e: `(b, n, dim)` satellites and embeddings. s: `(b, 1, dim)` relay.
-        prev, nxt: `(b, n)` ring neighbours.
+        prev, nxt: `(b, n)` ring neighbours; None when every token is real (the ring is the
+            sequence, and the neighbours are shifted views).
 
     Returns:
         `(b, n, dim)`.
@@ -90,7 +91,12 @@ def satellite_update(h: torch.Tensor, e: torch.Tensor, s: torch.Tensor, prev: to
     kv_h = att.to_kv(h)  # (b n kv)
     # in the first step the satellites are the embeddings (h^0 = E): project them once
     kv_e = kv_h if e is h else att.to_kv(e)
-    context = (take_rows(kv_h, prev), kv_h, take_rows(kv_h, nxt), kv_e, att.to_kv(s))
+    if prev is None or nxt is None:  # the ring closed by one row at each end, then two views
+        ring = torch.cat([kv_h[:, -1:], kv_h, kv_h[:, :1]], dim=1)  # (b n+2 kv)
+        before, after = ring[:, :-2], ring[:, 2:]
+    else:
+        before, after = take_rows(kv_h, prev), take_rows(kv_h, nxt)
+    context = (before, kv_h, after, kv_e, att.to_kv(s))
     keys, values = zip(*(rearrange(t, "b n (two h d) -> two b n h d", two=2, h=heads)
                          for t in context), strict=True)
     scale = q.shape[-1] ** -0.5
@@ -145,7 +151,7 @@ class StarTransformer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
         real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask
-        prev, nxt = ring_neighbours(real)
+        prev, nxt = (None, None) if mask is None else ring_neighbours(real)
         weight = rearrange(real.to(x.dtype), "b n -> b n 1")
         s = reduce(x * weight, "b n d -> b 1 d", "sum") / reduce(weight, "b n 1 -> b 1 1",
                                                                  "sum").clamp(min=1)
