@@ -31,7 +31,7 @@ from torch import nn
 from zoo.checks import check_qkv, positive_int
 from zoo.masks import neg_fill, pad_mask, pad_to_multiple, zero_padded
 from zoo.shell import MultiHead
-from zoo.sorting import chunk_softmax
+from zoo.sorting import LOG2E, softmax_attend
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, *, causal: bool = False) -> torch.Tensor:
@@ -74,18 +74,21 @@ def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sort: 
     real = torch.ones(b, n + pad, dtype=torch.bool, device=q.device) if real is None else real
     qb = rearrange(q, "b h (nb c) d -> b h nb c d", c=c)
     kb, vb = (rearrange(zero_padded(t, real), "b h (nb c) d -> b h nb c d", c=c) for t in (k, v))
-    real = rearrange(real, "b (nb c) -> b 1 nb c", c=c).to(q.dtype)
-    k_sorted, v_sorted, real_sorted = (einsum(sort, t, "b h i j, b h j c d -> b h i c d")
-                                       for t in (kb, vb, real.unsqueeze(-1).expand(b, h, -1, -1, 1)))
+    k_sorted, v_sorted = (einsum(sort, t, "b h i j, b h j c d -> b h i c d") for t in (kb, vb))
     keys, values = torch.cat([k_sorted, kb], dim=3), torch.cat([v_sorted, vb], dim=3)  # (b h nb 2c d)
-    own = real.bool().unsqueeze(-2)  # (b 1 nb 1 c)
-    if causal:
-        own = own & torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    keep = torch.cat([(real_sorted.squeeze(-1) > 0).unsqueeze(-2).expand(-1, -1, -1, c, -1),
-                      own.expand(b, h, nb, c, c)], dim=-1)  # (b h nb i 2c)
+    keep = None  # no padding and not causal: every key is kept
+    if mask is not None or pad or causal:
+        real = rearrange(real, "b (nb c) -> b 1 nb c", c=c).to(q.dtype)
+        real_sorted = einsum(sort, real.expand(b, h, -1, -1), "b h i j, b h j c -> b h i c")
+        own = real.bool().unsqueeze(-2)  # (b 1 nb 1 c)
+        if causal:
+            own = own & torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+        keep = torch.cat([(real_sorted > 0).unsqueeze(-2).expand(-1, -1, -1, c, -1),
+                          own.expand(b, h, nb, c, c)], dim=-1)  # (b h nb i 2c)
     scale = d ** -0.5 if scale is None else scale
-    scores = einsum(qb, keys, "b h nb i d, b h nb j d -> b h nb i j") * scale
-    out, _ = chunk_softmax(scores, keep, values)
+    # scores in log2 units, as zoo.sorting.softmax_attend takes them
+    bits = einsum(qb * (scale * LOG2E), keys, "b h nb i d, b h nb j d -> b h nb i j")
+    out, _ = softmax_attend(bits if keep is None else bits.masked_fill_(~keep, -math.inf), values)
     return rearrange(out, "b h nb c e -> b h (nb c) e")[:, :, :n]
 
 
