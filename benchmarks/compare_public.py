@@ -95,21 +95,24 @@ def pairs(n: int):
     return out
 
 
-def timed(fn, x, repeats):
+def timed_pair(ours, theirs, x, repeats):
+    """Median times of the two, after a warm-up each, their passes interleaved so that a slow
+    stretch of the machine falls on both."""
+    times = ([], [])
     with torch.no_grad():
-        fn(x)
-        times = []
+        ours(x), theirs(x)
         for _ in range(repeats):
-            start = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            for fn, out in zip((ours, theirs), times, strict=True):
+                start = time.perf_counter()
+                fn(x)
+                out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -119,7 +122,7 @@ def main(argv=None):
             for m in (ours, theirs):
                 if isinstance(m, nn.Module):
                     m.eval()
-            t_ours, t_theirs = timed(ours, x, args.repeats), timed(theirs, x, args.repeats)
+            t_ours, t_theirs = timed_pair(ours, theirs, x, args.repeats)
             rows.append({"entry": name, "n": n, "settings": settings, "ours_s": t_ours,
                          "public_s": t_theirs, "ratio": t_theirs / t_ours})
             print(f"{name:22s} n={n:6d}  ours {t_ours * 1e3:9.1f} ms  public {t_theirs * 1e3:9.1f} ms"

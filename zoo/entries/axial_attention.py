@@ -91,6 +91,16 @@ class AxialAttention(MultiHead):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
-        width = self.width or math.ceil(math.sqrt(x.shape[1]))
+        b, n, _ = x.shape
+        width = self.width or math.ceil(math.sqrt(n))
         x = self.step(x, mask, self.to_qkv, self.to_out, "row", width)
-        return self.step(x, mask, self.to_qkv_column, self.to_out_column, "column", width)
+        # The columns of the grid are the rows of its transpose: transposing x once (and the
+        # output back) moves less memory than taking q, k, v and the output along columns.
+        x, pad = pad_to_multiple(x, width)
+        mask = pad_mask(mask, b, n, pad, x.device)
+        rows = x.shape[1] // width
+        to_columns = "b (r c) ... -> b (c r) ..."
+        x = rearrange(x, to_columns, c=width)
+        mask = None if mask is None else rearrange(mask, to_columns, c=width)
+        x = self.step(x, mask, self.to_qkv_column, self.to_out_column, "row", rows)
+        return rearrange(x, "b (c r) e -> b (r c) e", r=rows)[:, :n]

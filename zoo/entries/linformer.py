@@ -56,12 +56,14 @@ def linformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_
     b, _, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     k, v = zero_padded(k, mask), zero_padded(v, mask)
-    k = einsum(proj_k, k, "h r n, b h n d -> b h r d")  # E K, eq. (7)
+    k = einsum(proj_k, k, "h r n, b h n d -> b h r d") * scale  # E K, eq. (7), scaled: r rows, not n
     v = einsum(proj_v, v, "h r n, b h n e -> b h r e")  # F V
-    real = torch.ones(b, n, dtype=q.dtype, device=q.device) if mask is None else mask.to(q.dtype)
-    live = einsum(proj_k.abs(), real, "h r n, b n -> b h r") > 0
-    scores = einsum(q, k, "b h i d, b h r d -> b h i r") * scale
-    scores = scores.masked_fill(~rearrange(live, "b h r -> b h 1 r"), neg_fill(scores.dtype))
+    # a projected key that draws on no real key is left out
+    live = (proj_k.ne(0).any(-1).expand(b, -1, -1) if mask is None else
+            einsum(proj_k.abs(), mask.to(q.dtype), "h r n, b n -> b h r") > 0)  # (b h r)
+    scores = einsum(q, k, "b h i d, b h r d -> b h i r")
+    if not live.all():
+        scores = scores.masked_fill(~rearrange(live, "b h r -> b h 1 r"), neg_fill(scores.dtype))
     attn = scores.softmax(dim=-1)  # (b h i r)
     return einsum(attn, v, "b h i r, b h r e -> b h i e")
 
