@@ -6,12 +6,14 @@ How it measures:
   one for time), lengths in increasing order, so a crash or an out-of-memory kill loses one
   entry's row, not the run.
 - Time: median of `repeats` forward (or forward + backward) passes after two warm-up passes (one
-  when a pass takes over 5 s), in a worker whose glibc keeps freed memory for reuse
-  (`MALLOC_MMAP_MAX_=0`, a large `MALLOC_TRIM_THRESHOLD_`), as a caching allocator does. With
-  glibc's defaults every block over 32 MiB is mapped fresh and unmapped on each pass, and the
-  kernel's page faults on those fresh pages add a cost that grows with the intermediates, not with
-  the arithmetic (measured at dim 256, 4 heads, one thread: the projections alone, 4096 -> 16384,
-  time exponent 1.10 with the defaults, 1.02 without the faults; the SDPA layer 1.97 either way).
+  when a pass takes over 5 s; passes under 0.1 s are repeated for about half a second, up to 200,
+  so that a median of milliseconds is not set by the scheduler), in a worker whose glibc keeps
+  freed memory for reuse (`MALLOC_MMAP_MAX_=0`, a large `MALLOC_TRIM_THRESHOLD_`), as a caching
+  allocator does. With glibc's defaults every block over 32 MiB is mapped fresh and unmapped on
+  each pass, and the kernel's page faults on those fresh pages add a cost that grows with the
+  intermediates, not with the arithmetic (measured at dim 256, 4 heads, one thread, 4096 ->
+  16384: the projections alone have a time exponent of 1.10 with the defaults and 1.02 without
+  the faults; the SDPA layer 1.97 either way).
 - Peak memory (CPU): the process's resident-set high-water mark (`VmHWM`), reset before each
   measurement through `/proc/self/clear_refs`, minus the resident size just before the pass; it
   counts everything the pass allocates, torch's allocator and temporaries included. The worker
@@ -139,7 +141,11 @@ def measure(name: str, n: int, *, dim: int, heads: int, backward: bool, repeats:
     times = [first] if repeats == 0 else []
     if 0 < repeats and first < 5:
         run()  # a second warm-up: the allocator reaches its steady state (page faults settle)
-    for _ in range(repeats if first < 30 else min(repeats, 1)):
+    count = repeats if first < 30 else min(repeats, 1)
+    if repeats and first < 0.1:  # short passes: about half a second of them, so that a median
+        # of milliseconds is not set by the scheduler
+        count = max(count, min(200, math.ceil(0.5 / max(first, 1e-4))))
+    for _ in range(count):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)

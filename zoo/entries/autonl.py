@@ -41,8 +41,8 @@ def light_non_local(x: torch.Tensor, *, channel_ratio: float, stride: int) -> to
     used = max(int(channel_ratio * x.shape[1]), 1)
     x_s = x[:, :, ::stride, ::stride]  # spatially compact
     x_c, x_sc = x[:, :used], x_s[:, :used]  # channel-compact; both
-    context = einsum(x_sc, x_s, "b d y x, b c y x -> b d c")  # x_sc^T x_s, (used, c)
-    return einsum(x_c, context, "b d y x, b d c -> b c y x") / n
+    context = einsum(x_sc, x_s, "b d y x, b c y x -> b d c") / n  # x_sc^T x_s / n, (used, c)
+    return einsum(x_c, context, "b d y x, b d c -> b c y x")
 
 
 class AutoNL(nn.Module):
