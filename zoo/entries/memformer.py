@@ -33,7 +33,7 @@ from einops import einsum, rearrange
 from torch import nn
 
 from zoo.checks import check_sequence, positive_int
-from zoo.masks import neg_fill
+from zoo.masks import masked_fill_scores, neg_fill
 from zoo.shell import MultiHead
 
 
@@ -59,17 +59,17 @@ class Memformer(MultiHead):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
-        keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask
         # The tokens' queries, keys and values do not depend on the memory: one projection for
         # all segments; only the read and the write run segment after segment.
-        tokens = zip(*(t.split(self.segment_len, dim=2) for t in self.token_qkv(x)), strict=True)
+        tokens = list(zip(*(t.split(self.segment_len, dim=2) for t in self.token_qkv(x)), strict=True))
+        keeps = [None] * len(tokens) if mask is None else mask.split(self.segment_len, dim=1)
         outs, memory = [], self.first_memory(x)
-        for (q, k, v), segment_keep in zip(tokens, keep.split(self.segment_len, dim=1), strict=True):
+        for (q, k, v), segment_keep in zip(tokens, keeps, strict=True):
             out, memory = self.read_write(q, k, v, memory, segment_keep)
             outs.append(out)
         return torch.cat(outs, dim=1)
 
-    def token_qkv(self, x: torch.Tensor):
+    def token_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(b, n, dim)` -> q (already scaled by $1/\\sqrt{d}$), k, v `(b, h, n, d)`."""
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         return q * self.scale, k, v
@@ -90,28 +90,30 @@ class Memformer(MultiHead):
             `(out, memory)`: `(b, n, dim)` and the next memory `(b, r, dim)`.
         """
         check_sequence(x, self.dim, mask, name=type(self).__name__)
-        keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask
         memory = self.first_memory(x) if memory is None else memory
-        return self.read_write(*self.token_qkv(x), memory, keep)
+        return self.read_write(*self.token_qkv(x), memory, mask)
 
     def read_write(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: torch.Tensor,
-                   keep: torch.Tensor):
+                   keep: torch.Tensor | None):
         """The segment's projected tokens q, k, v `(b, h, n, d)` read the memory `(b, r, dim)`;
-        then the memory is written. keep `(b, n)`, True = real token. Returns `(out, memory)`."""
+        then the memory is written. keep `(b, n)`, True = real token (None: all real). Returns
+        `(out, memory)`."""
         n, inner = q.shape[2], self.heads * self.dim_head
         # Memory reading: each token attends to every slot and to its own segment.
         k_m, v_m = map(self.split_heads, (memory @ self.to_qkv.weight[inner:].T).chunk(2, dim=-1))
         k, v = torch.cat([k_m, k], dim=2), torch.cat([v_m, v], dim=2)  # (b h r+n d)
-        allowed = rearrange(F.pad(keep, (self.num_slots, 0), value=True), "b j -> b 1 1 j")
+        allowed = None if keep is None else rearrange(F.pad(keep, (self.num_slots, 0), value=True),
+                                                      "b j -> b 1 1 j")
         if self.causal:
-            allowed = allowed & torch.ones(n, n + self.num_slots, dtype=torch.bool,
-                                           device=q.device).tril(self.num_slots)
+            earlier = torch.ones(n, n + self.num_slots, dtype=torch.bool,
+                                 device=q.device).tril(self.num_slots)
+            allowed = earlier if allowed is None else allowed & earlier
         scores = einsum(q, k, "b h i d, b h j d -> b h i j")
-        attn = scores.masked_fill(~allowed, neg_fill(scores.dtype)).softmax(dim=-1)
+        attn = masked_fill_scores(scores, allowed).softmax(dim=-1)
         out = self.to_out(self.merge_heads(einsum(attn, v, "b h i j, b h j e -> b h i e")))
         return out, self.write(memory, out, keep)
 
-    def write(self, memory: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def write(self, memory: torch.Tensor, y: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """Memory writing: slot i attends to [slot i; the segment's real outputs], then the
         forgetting step: add the slot's bias and normalise to unit length."""
         q = self.split_heads(self.write_q(memory)) * self.scale  # (b h r d)
@@ -121,7 +123,8 @@ class Memformer(MultiHead):
         # tokens before the value weights, instead of projecting every token (same sums, ~r/n the work).
         own = einsum(q, k_m, "b h r d, b h r d -> b h r")[..., None]
         tokens = einsum(einsum(q, w_k, "b h r d, h d x -> b h r x"), y, "b h r x, b n x -> b h r n")
-        tokens = tokens.masked_fill(~rearrange(keep, "b n -> b 1 1 n"), neg_fill(tokens.dtype))
+        if keep is not None:
+            tokens = tokens.masked_fill(~rearrange(keep, "b n -> b 1 1 n"), neg_fill(tokens.dtype))
         attn = torch.cat([own, tokens], dim=-1).softmax(dim=-1)  # (b h r 1+n)
         read = einsum(attn[..., 1:], y, "b h r n, b n x -> b h r x")
         new = attn[..., :1] * v_m + einsum(read, w_v, "b h r x, h e x -> b h r e")
