@@ -6,14 +6,18 @@ How it measures:
   one for time), lengths in increasing order, so a crash or an out-of-memory kill loses one
   entry's row, not the run.
 - Time: median of `repeats` forward (or forward + backward) passes after two warm-up passes (one
-  when a pass takes over 5 s; passes under 0.1 s are repeated for about half a second, up to 200,
-  so that a median of milliseconds is not set by the scheduler), in a worker whose glibc keeps
-  freed memory for reuse (`MALLOC_MMAP_MAX_=0`, a large `MALLOC_TRIM_THRESHOLD_`), as a caching
-  allocator does. With glibc's defaults every block over 32 MiB is mapped fresh and unmapped on
-  each pass, and the kernel's page faults on those fresh pages add a cost that grows with the
-  intermediates, not with the arithmetic (measured at dim 256, 4 heads, one thread, 4096 ->
-  16384: the projections alone have a time exponent of 1.10 with the defaults and 1.02 without
-  the faults; the SDPA layer 1.97 either way).
+  when a pass takes over 5 s; passes under 0.1 s are repeated for about a quarter second, up to
+  50, so that a median of milliseconds is not set by the scheduler). On CPU every timed pass
+  starts with cold caches (a 64 MiB buffer, twice this machine kind's L3, is overwritten before
+  it, as Triton's `do_bench` clears the GPU's L2): a layer of a few milliseconds would otherwise
+  run at n = 4096 from the cache its identical previous pass filled and at n = 16384 from memory,
+  and its fitted exponent would measure the cache. The worker's glibc keeps freed memory for
+  reuse (`MALLOC_MMAP_MAX_=0`, a large `MALLOC_TRIM_THRESHOLD_`), as a caching allocator does.
+  With glibc's defaults every block over 32 MiB is mapped fresh and unmapped on each pass, and
+  the kernel's page faults on those fresh pages add a cost that grows with the intermediates, not
+  with the arithmetic (measured at dim 256, 4 heads, one thread, 4096 -> 16384: the projections
+  alone have a time exponent of 1.10 with the defaults and 1.02 without the faults; the SDPA
+  layer 1.97 either way).
 - Peak memory (CPU): the process's resident-set high-water mark (`VmHWM`), reset before each
   measurement through `/proc/self/clear_refs`, minus the resident size just before the pass; it
   counts everything the pass allocates, torch's allocator and temporaries included. The worker
@@ -45,6 +49,7 @@ import torch.nn.functional as F
 from zoo.shell import MultiHead
 
 BASELINE = "sdpa"
+FLUSH_BYTES = 64 << 20  # written before each timed CPU pass: twice the L3 cache of this machine kind
 # glibc: serve every block over 64 KiB by mmap and give freed memory back at once, so the
 # resident size follows what is live and one worker can measure several lengths in a row.
 WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -142,10 +147,15 @@ def measure(name: str, n: int, *, dim: int, heads: int, backward: bool, repeats:
     if 0 < repeats and first < 5:
         run()  # a second warm-up: the allocator reaches its steady state (page faults settle)
     count = repeats if first < 30 else min(repeats, 1)
-    if repeats and first < 0.1:  # short passes: about half a second of them, so that a median
+    if repeats and first < 0.1:  # short passes: about a quarter second of them, so that a median
         # of milliseconds is not set by the scheduler
-        count = max(count, min(200, math.ceil(0.5 / max(first, 1e-4))))
+        count = max(count, min(50, math.ceil(0.25 / max(first, 1e-4))))
+    # every timed pass starts with cold caches: a write over more memory than the last-level cache
+    # holds, so that a pass does not read what the identical pass before it left in the cache
+    scratch = torch.empty(FLUSH_BYTES // 4) if device == "cpu" and repeats else None
     for _ in range(count):
+        if scratch is not None:
+            scratch.zero_()
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
