@@ -375,10 +375,10 @@ def benchmarks_page(entries: list[Entry], data: dict | None, public: dict | None
     out += [f"Measured on {m['processor']} with {m['cpus']} CPUs, {m['threads']} torch threads, "
             f"torch {m['torch']}, Python {m['python']}, on {m['date'][:10]}; dim {s['dim']}, "
             f"{s['heads']} heads, batch 1, {'forward+backward' if s['backward'] else 'forward'}, "
-            f"median of {s['repeats']} passes after a warm-up, in a process whose allocator "
-            "keeps freed memory for reuse (no page faults on fresh pages at every pass); peak "
-            "memory from a separate process. Image entries run on square images of about n "
-            "pixels.", ""]
+            f"median of {s['repeats']} passes after a warm-up (more for passes under 0.1 s), "
+            "each pass starting with cold caches, in a process whose allocator keeps freed "
+            "memory for reuse (no page faults on fresh pages at every pass); peak memory from a "
+            "separate process. Image entries run on square images of about n pixels.", ""]
     header, rows = table_rows(data)
     out += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
