@@ -100,8 +100,9 @@ def satellite_update(h: torch.Tensor, e: torch.Tensor, s: torch.Tensor, prev: to
     keys, values = zip(*(rearrange(t, "b n (two h d) -> two b n h d", two=2, h=heads)
                          for t in context), strict=True)
     scale = q.shape[-1] ** -0.5
-    scores = torch.stack([torch.linalg.vecdot(q, k) for k in keys], dim=-1) * scale
-    attn = rearrange(scores.softmax(dim=-1), "b n h c -> c b n h 1")  # c = 5
+    # the five contexts on the first axis: a softmax over it runs along contiguous (b n h) rows
+    scores = torch.stack([torch.linalg.vecdot(q, k) for k in keys]) * scale  # (c b n h), c = 5
+    attn = rearrange(scores.softmax(dim=0), "c b n h -> c b n h 1")
     out = attn[0] * values[0]  # (b n h e), then += a_c v_c for the other four, in place
     for a, v in zip(attn[1:], values[1:], strict=True):
         out.addcmul_(a, v)
@@ -150,11 +151,14 @@ class StarTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
-        real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask
-        prev, nxt = (None, None) if mask is None else ring_neighbours(real)
-        weight = rearrange(real.to(x.dtype), "b n -> b n 1")
-        s = reduce(x * weight, "b n d -> b 1 d", "sum") / reduce(weight, "b n 1 -> b 1 1",
-                                                                 "sum").clamp(min=1)
+        if mask is None:
+            prev = nxt = None
+            s = reduce(x, "b n d -> b 1 d", "mean")  # s^0: the mean of the embeddings
+        else:  # the ring and the mean over the real tokens
+            prev, nxt = ring_neighbours(mask)
+            weight = rearrange(mask.to(x.dtype), "b n -> b n 1")
+            s = reduce(x * weight, "b n d -> b 1 d", "sum") / reduce(weight, "b n 1 -> b 1 1",
+                                                                     "sum").clamp(min=1)
         h = x
         for step, att in enumerate(self.satellites):
             h = satellite_update(h, x, s, prev, nxt, att)
