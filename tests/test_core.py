@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.checks import check_qkv, check_sequence
-from zoo.masks import causal_mask, pad_mask, pad_to_multiple
+from zoo.masks import block_windows, causal_mask, pad_mask, pad_to_multiple
 from zoo.shell import MultiHead
 from zoo.softmax import softmax_attention
 
@@ -62,6 +62,17 @@ def test_pad_to_multiple_and_mask():
     m = pad_mask(None, 2, 5, 3, "cpu")
     assert m.tolist() == [[True] * 5 + [False] * 3] * 2
     assert pad_mask(None, 2, 5, 0, "cpu") is None
+
+
+@pytest.mark.parametrize("after", [0, 1, 2])
+def test_block_windows_hold_the_block_before_and_the_blocks_after(after):
+    t = torch.arange(2 * 12 * 3, dtype=torch.float64).reshape(2, 12, 3)  # 4 blocks of 3
+    windows = block_windows(t, 3, dim=1, after=after, value=-1.0)  # (2, 4, 3, w)
+    assert windows.shape == (2, 4, 3, (2 + after) * 3)
+    for m in range(4):
+        rows = [t[:, j] if 0 <= j < 12 else torch.full((2, 3), -1.0, dtype=t.dtype)
+                for j in range(3 * m - 3, 3 * m + 3 + 3 * after)]
+        assert torch.equal(windows[:, m], torch.stack(rows, dim=-1))
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -24,20 +24,12 @@ Deviations from the paper:
 """
 
 import torch
-import torch.nn.functional as F
 from einops import einsum, rearrange
 
 from zoo.checks import check_qkv, check_sequence, positive_int, refuse_causal
-from zoo.masks import neg_fill, pad_mask, pad_to_multiple
+from zoo.masks import block_windows, neg_fill, pad_mask, pad_to_multiple
 from zoo.shell import MultiHead
 from zoo.softmax import softmax_attention
-
-
-def _windows(t: torch.Tensor, w: int, dim: int, value=0.0) -> torch.Tensor:
-    """Blocks of `3 w` positions centred on each block of `w` along `dim` (n a multiple of w);
-    the window axis goes last."""
-    widths = [0, 0] * (t.ndim - dim - 1) + [w, w]
-    return F.pad(t, widths, value=value).unfold(dim, 3 * w, w)
 
 
 def gmat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor,
@@ -60,12 +52,12 @@ def gmat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: tor
     real = pad_mask(mask, b, n, pad, q.device)
     real = torch.ones(b, n, dtype=torch.bool, device=q.device) if real is None else real
     q = rearrange(q, "b h (nc i) d -> b h nc i d", i=w)
-    k, v = (rearrange(_windows(t, w, 2), "b h nc d j -> b h nc j d") for t in (k, v))
+    k, v = (rearrange(block_windows(t, w, dim=2), "b h nc d j -> b h nc j d") for t in (k, v))
     # Query i of a block and key j of its window are j - w - i positions apart, in every block;
     # keys outside 0..n-1 come out of the padding as False in `real`.
     i, j = torch.arange(w, device=q.device), torch.arange(3 * w, device=q.device)
     band = (j - w - i[:, None]).abs() <= w  # (i j)
-    allowed = band & rearrange(_windows(real, w, 1, value=False), "b nc j -> b 1 nc 1 j")
+    allowed = band & rearrange(block_windows(real, w, dim=1, value=False), "b nc j -> b 1 nc 1 j")
     local = einsum(q, k, "b h nc i d, b h nc j d -> b h nc i j").masked_fill(
         ~allowed, neg_fill(q.dtype))
     memory = einsum(q, mem_k, "b h nc i d, b h m d -> b h nc i m")

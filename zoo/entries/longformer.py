@@ -26,16 +26,8 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 
 from zoo.checks import check_qkv, check_sequence, positive_int
-from zoo.masks import neg_fill, pad_mask, pad_to_multiple
+from zoo.masks import block_windows, neg_fill, pad_mask, pad_to_multiple
 from zoo.shell import MultiHead
-
-
-def _with_neighbours(t: torch.Tensor, c: int, after: int) -> torch.Tensor:
-    """`(B, s, L, d)`, L a multiple of c -> `(B, s, L // c, w, d)`: block m of c rows with blocks
-    m-1 .. m+after (zeros past the ends), `w = (2 + after) c`. One padded copy, then windows
-    that overlap as views of it."""
-    padded = F.pad(t, (0, 0, c, after * c))
-    return padded.unfold(2, (2 + after) * c, c).movedim(-1, -2)
 
 
 def longformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -73,9 +65,10 @@ def longformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     after = 0 if causal else 1
     qb = blocks(qp * scale)
-    kw, vw = (_with_neighbours(residues(t), c, after) for t in (kp, vp))  # (bh s m w x)
-    key_ok = _with_neighbours(residues(rearrange(real & (pos >= g), "b n -> b 1 n 1").float()),
-                              c, after)[..., 0] > 0  # (b s m w): real, not global, not past the ends
+    # block m's keys: blocks m-1 .. m+after of its residue, as overlapping views (bh s m w x)
+    kw, vw = (block_windows(residues(t), c, dim=2, after=after).movedim(-1, -2) for t in (kp, vp))
+    key_ok = block_windows(residues(rearrange(real & (pos >= g), "b n -> b 1 n 1")), c, dim=2,
+                           after=after, value=False)[..., 0, :]  # (b s m w): real, not global, in range
     # Query ci of a block and key wj of its window are c + ci - wj steps apart, in every block.
     steps = c + torch.arange(c, device=q.device)[:, None] - torch.arange(kw.shape[3], device=q.device)
     band = (steps >= 0) & (steps <= r) if causal else steps.abs() <= r  # (c w)
