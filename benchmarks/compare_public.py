@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zoo  # noqa: E402
-from zoo.bench import TIME_ENV, machine  # noqa: E402
+from zoo.verify.bench import TIME_ENV, machine  # noqa: E402
 
 DIM, HEADS = 256, 4
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from zoo.bench import fitted_exponent, resolve_names, table_rows
 from zoo.cli import main
+from zoo.verify.bench import fitted_exponent, resolve_names, table_rows
 
 
 def test_bench_writes_results_and_table(tmp_path, capsys):

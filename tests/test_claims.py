@@ -1,4 +1,4 @@
-"""Every catalogue claim, measured on every entry (zoo.claims), and each kind of claim check shown
+"""Every catalogue claim, measured on every entry (zoo.verify.claims), and each kind of claim check shown
 to fail on a planted defect."""
 
 import dataclasses
@@ -8,11 +8,11 @@ import torch
 from einops import einsum
 
 import zoo
-from zoo.claims import CLAIMS, claim_exact, claim_scaling, claims_report, default_budget
-from zoo.contract import ContractError, factory
+from zoo.core.softmax import softmax_attention
 from zoo.entries.linear_transformer import LinearTransformer, elu_feature_map
 from zoo.entries.softmax_attention import SoftmaxAttention
-from zoo.softmax import softmax_attention
+from zoo.verify.claims import CLAIMS, claim_exact, claim_scaling, claims_report, default_budget
+from zoo.verify.contract import ContractError, factory
 
 CASES = [pytest.param(claim, i, id=f"{i}-{claim}") for i in zoo.names()
          for claim, (_, applies) in CLAIMS.items() if applies(zoo.entry(i))]

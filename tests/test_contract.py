@@ -1,4 +1,4 @@
-"""The contract battery: every check of zoo.contract on every catalogue entry it applies to.
+"""The contract battery: every check of zoo.verify.contract on every catalogue entry it applies to.
 
 A new catalogue entry is picked up here with no new test code; each runs with its own `hparams`.
 """
@@ -6,7 +6,7 @@ A new catalogue entry is picked up here with no new test code; each runs with it
 import pytest
 
 import zoo
-from zoo.contract import CHECKS, factory
+from zoo.verify.contract import CHECKS, factory
 
 CASES = [
     pytest.param(name, i, id=f"{i}-{name}")

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 import zoo
-from zoo.checks import refuse_causal, refuse_mask
-from zoo.contract import CHECKS, ContractError, factory
+from zoo.core.checks import refuse_causal, refuse_mask
+from zoo.core.masks import causal_mask
+from zoo.core.softmax import softmax_attention
 from zoo.entries.softmax_attention import SoftmaxAttention
-from zoo.masks import causal_mask
-from zoo.softmax import softmax_attention
+from zoo.verify.contract import CHECKS, ContractError, factory
 
 BASE = zoo.entry("softmax-attention")
 

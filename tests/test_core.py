@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.checks import check_qkv, check_sequence
-from zoo.masks import block_windows, causal_mask, pad_mask, pad_to_multiple
-from zoo.shell import MultiHead
-from zoo.softmax import softmax_attention
+from zoo.core.checks import check_qkv, check_sequence
+from zoo.core.masks import block_windows, causal_mask, pad_mask, pad_to_multiple
+from zoo.core.shell import MultiHead
+from zoo.core.softmax import softmax_attention
 
 
 def qkv(b=2, h=3, i=37, j=37, d=8, e=5, dtype=torch.float64):

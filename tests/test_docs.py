@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import zoo
-from zoo.pages import entry_page, usage
+from zoo.site.pages import entry_page, usage
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zoo
-from zoo.contract import DIM
+from zoo.verify.contract import DIM
 
 CLEAR = (ValueError, TypeError)
 

@@ -54,10 +54,13 @@ def cache_root() -> Path:
 
 
 def fingerprint(*parts: object) -> str:
-    """A cache key that changes whenever the core (zoo/*.py), torch or any of `parts` changes.
+    """A cache key that changes whenever the package outside `entries/` (zoo/*.py and its
+    core, verify and site folders), torch or any of `parts` changes.
     Paths count by their content, other parts by their repr."""
     h = hashlib.sha256(torch_version().encode())
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    root = Path(__file__).parent
+    for path in sorted([*root.glob("*.py"), *root.glob("core/*.py"), *root.glob("verify/*.py"),
+                        *root.glob("site/*.py")]):
         h.update(path.read_bytes())
     for p in parts:
         h.update(p.read_bytes() if isinstance(p, Path) else repr(p).encode())

@@ -37,8 +37,8 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from zoo.pages import usage
     from zoo.registry import entry, load
+    from zoo.site.pages import usage
 
     e = entry(args.id)
     cls = load(e.id)
@@ -98,8 +98,8 @@ SHADES = " .:-=+*#%@"
 
 
 def cmd_pattern(args) -> int:
-    from zoo.figures import pattern_maps, pattern_png
     from zoo.registry import entry
+    from zoo.site.figures import pattern_maps, pattern_png
 
     e = entry(args.id)
     if args.causal and not e.autoregressive:
@@ -141,7 +141,7 @@ def cmd_new(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from zoo.contract import run_contract
+    from zoo.verify.contract import run_contract
 
     try:
         cat = load_catalog(args.catalog) if args.catalog else catalog()
@@ -168,8 +168,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_claims(args) -> int:
-    from zoo.claims import HEADERS, claims_report, report_cells
-    from zoo.progress import progress_bar
+    from zoo.verify.claims import HEADERS, claims_report, report_cells
+    from zoo.verify.progress import progress_bar
 
     cat = catalog()
     ids = [i for i in cat if not args.ids or i in args.ids]
@@ -190,8 +190,8 @@ def cmd_claims(args) -> int:
 def cmd_bench(args) -> int:
     import json
 
-    from zoo import bench
-    from zoo.progress import progress_bar
+    from zoo.verify import bench
+    from zoo.verify.progress import progress_bar
 
     if args.device == "cuda":
         import torch

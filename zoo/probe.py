@@ -23,10 +23,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from zoo.catalog import Entry
-from zoo.contract import DIM, Make, factory, sample
+from zoo.core.softmax import softmax_attention
 from zoo.registry import accepted_keywords, load
 from zoo.registry import entry as _entry
-from zoo.softmax import softmax_attention
+from zoo.verify.contract import DIM, Make, factory, sample
 
 SCALING_NS = (512, 1024, 2048)
 SCALING_DIM = 32
@@ -35,7 +35,7 @@ SCALING_HEADS = 2
 
 def has_attend(layer: nn.Module) -> bool:
     """Whether the layer defines its own `attend` (the shell's placeholder does not count)."""
-    from zoo.shell import MultiHead
+    from zoo.core.shell import MultiHead
 
     method = getattr(type(layer), "attend", None)
     return callable(method) and method is not MultiHead.attend

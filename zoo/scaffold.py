@@ -23,8 +23,8 @@ Deviations from the paper: {todo} (bullets, or "none").
 
 import torch
 
-from zoo.checks import check_qkv
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv
+from zoo.core.shell import MultiHead
 
 
 def {func}(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -12,9 +12,8 @@ from pathlib import Path
 from mkdocs.structure.files import File
 
 from zoo.catalog import FAMILIES, catalog
-from zoo.claims import claims_report
-from zoo.figures import approximation_figure, bench_png, cached_png, pattern_figure
-from zoo.pages import (
+from zoo.site.figures import approximation_figure, bench_png, cached_png, pattern_figure
+from zoo.site.pages import (
     FAMILY_TITLES,
     benchmarks_page,
     catalogue_page,
@@ -24,6 +23,7 @@ from zoo.pages import (
     page_path,
     taxonomy_page,
 )
+from zoo.verify.claims import claims_report
 
 BENCH_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results.json"
 

@@ -7,8 +7,8 @@ import torch
 import zoo
 from tests.oracles import assert_equals_restricted_softmax, qkv
 from zoo import probe
+from zoo.core.softmax import softmax_attention
 from zoo.entries.bigbird import bigbird_attention, draw_random_blocks
-from zoo.softmax import softmax_attention
 
 
 def paper_pattern(n, c, g, random_blocks):

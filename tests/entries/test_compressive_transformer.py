@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import zoo
-from zoo.softmax import softmax_attention
+from zoo.core.softmax import softmax_attention
 
 HP = dict(heads=2, segment_len=8, mem_len=8, cmem_len=4, compression_rate=2)
 

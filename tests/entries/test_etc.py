@@ -7,8 +7,8 @@ import torch
 import zoo
 from tests.oracles import assert_equals_restricted_softmax, qkv
 from zoo import probe
+from zoo.core.softmax import softmax_attention
 from zoo.entries.etc import etc_attention
-from zoo.softmax import softmax_attention
 
 
 def paper_pattern(n, g, r):

@@ -6,7 +6,6 @@ import torch
 
 import zoo
 from zoo import probe
-from zoo.contract import factory
 from zoo.entries.fast_weight_transformer import (
     delta_rule,
     delta_rule_step,
@@ -14,6 +13,7 @@ from zoo.entries.fast_weight_transformer import (
     fast_weight_attention,
     sum_normalised,
 )
+from zoo.verify.contract import factory
 
 
 def randn(*shape, seed=0):

@@ -10,8 +10,8 @@ import torch
 
 import zoo
 from zoo import probe
+from zoo.core.softmax import softmax_attention
 from zoo.entries.informer import probsparse_attention, sample_size, sampled_scores
-from zoo.softmax import softmax_attention
 
 
 def tensors(n=37, b=2, h=2, d=4, seed=0):

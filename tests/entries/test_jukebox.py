@@ -8,9 +8,9 @@ import torch
 
 import zoo
 from zoo import probe
-from zoo.contract import CHECKS, factory
 from zoo.entries.jukebox import PATTERNS, jukebox_attention
 from zoo.probe import attention_matrix
+from zoo.verify.contract import CHECKS, factory
 
 
 def pattern_mask(n, c, pattern, causal):

@@ -6,7 +6,7 @@ import torch
 
 import zoo
 from zoo import probe
-from zoo.contract import factory
+from zoo.verify.contract import factory
 
 
 def averages(x):

@@ -6,8 +6,8 @@ import torch
 
 import zoo
 from zoo import probe
+from zoo.core.softmax import softmax_attention
 from zoo.entries.longformer import longformer_attention
-from zoo.softmax import softmax_attention
 
 
 def paper_pattern(n, w, delta, g, causal):

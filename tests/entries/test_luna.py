@@ -8,8 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import zoo
 from zoo import probe
-from zoo.contract import factory
 from zoo.entries.luna import luna_attention
+from zoo.verify.contract import factory
 
 B, H, D, L = 2, 2, 4, 3
 

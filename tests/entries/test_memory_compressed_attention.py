@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 import zoo
 from zoo import probe
-from zoo.claims import claim_autoregressive
-from zoo.contract import factory, run_contract, sample
+from zoo.verify.claims import claim_autoregressive
+from zoo.verify.contract import factory, run_contract, sample
 
 
 def make(**overrides):

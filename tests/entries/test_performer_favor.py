@@ -8,8 +8,8 @@ import torch
 
 import zoo
 from zoo import probe
+from zoo.core.linear import causal_sum, kernel_attention_recurrent, prefix_sum
 from zoo.entries.performer_favor import favor_attention, gaussian_projection, trig_features
-from zoo.linear import causal_sum, kernel_attention_recurrent, prefix_sum
 
 RANDOM_FEATURE_ENTRIES = ["performer-favor", "performer", "slim-performer", "random-feature-attention"]
 

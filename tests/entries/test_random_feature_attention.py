@@ -7,11 +7,11 @@ import torch.nn.functional as F
 
 import zoo
 from zoo import probe
-from zoo.contract import factory, run_contract
+from zoo.core.linear import kernel_attention_recurrent
+from zoo.core.softmax import softmax_attention
 from zoo.entries.performer_favor import gaussian_projection, trig_features
 from zoo.entries.random_feature_attention import random_feature_attention
-from zoo.linear import kernel_attention_recurrent
-from zoo.softmax import softmax_attention
+from zoo.verify.contract import factory, run_contract
 
 
 def with_grads(out, inputs):

@@ -6,8 +6,8 @@ import torch
 
 import zoo
 from zoo import probe
-from zoo.contract import factory
 from zoo.entries.sparse_transformer import sparse_transformer_attention
+from zoo.verify.contract import factory
 
 
 def paper_pattern(n, pattern, l, c, causal):  # noqa: E741 - the paper's name

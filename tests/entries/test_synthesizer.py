@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import zoo
-from zoo.contract import CHECKS, factory
+from zoo.verify.contract import CHECKS, factory
 
 
 def heads_of(t, h):

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.checks import check_qkv, one_of, positive_int
-from zoo.masks import causal_mask, neg_fill, pad_to_multiple, zero_padded
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, one_of, positive_int
+from zoo.core.masks import causal_mask, neg_fill, pad_to_multiple, zero_padded
+from zoo.core.shell import MultiHead
 
 VARIANTS = ("local", "full", "simple")
 

@@ -23,7 +23,7 @@ import torch
 from einops import einsum
 from torch import nn
 
-from zoo.checks import check_image, positive_int
+from zoo.core.checks import check_image, positive_int
 
 
 def light_non_local(x: torch.Tensor, *, channel_ratio: float, stride: int) -> torch.Tensor:

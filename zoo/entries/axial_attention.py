@@ -27,9 +27,9 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.checks import check_qkv, check_sequence, one_of, positive_int
-from zoo.masks import causal_mask, neg_fill, pad_mask, pad_to_multiple
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, check_sequence, one_of, positive_int
+from zoo.core.masks import causal_mask, neg_fill, pad_mask, pad_to_multiple
+from zoo.core.shell import MultiHead
 
 AXES = {"row": "b h (r c) d -> b h r c d", "column": "b h (r c) d -> b h c r d"}
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from zoo.checks import check_qkv, positive_int, refuse_causal
-from zoo.masks import neg_fill, pad_mask, pad_to_multiple
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, positive_int, refuse_causal
+from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
+from zoo.core.shell import MultiHead
 
 CHUNK = 16  # query blocks per pass of the block attention
 

@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce
 
-from zoo.checks import check_qkv, positive_int
-from zoo.masks import neg_fill, pad_to_multiple
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, positive_int
+from zoo.core.masks import neg_fill, pad_to_multiple
+from zoo.core.shell import MultiHead
 
 QUERY_BLOCK = 32  # queries that share one window of nodes per level
 CHUNK = 8  # query blocks per pass: their nodes, scores and weights stay in cache

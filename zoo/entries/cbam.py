@@ -21,7 +21,7 @@ import torch
 from einops import reduce
 from torch import nn
 
-from zoo.checks import check_image, positive_int
+from zoo.core.checks import check_image, positive_int
 
 
 class CBAM(nn.Module):

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from zoo.checks import check_qkv, one_of, positive_int, refuse_causal
-from zoo.masks import masked_fill_scores
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, one_of, positive_int, refuse_causal
+from zoo.core.masks import masked_fill_scores
+from zoo.core.shell import MultiHead
 
 VARIANTS = ("clustered", "improved")
 

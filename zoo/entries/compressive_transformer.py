@@ -32,9 +32,9 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.checks import check_sequence, positive_int, refuse_mask
-from zoo.masks import neg_fill, pad_to_multiple
-from zoo.shell import MultiHead
+from zoo.core.checks import check_sequence, positive_int, refuse_mask
+from zoo.core.masks import neg_fill, pad_to_multiple
+from zoo.core.shell import MultiHead
 
 
 def _attend(q, k, v, allowed, scale):

@@ -20,8 +20,8 @@ import torch
 from einops import einsum
 from torch import nn
 
-from zoo.checks import check_image, positive_int
-from zoo.masks import neg_fill
+from zoo.core.checks import check_image, positive_int
+from zoo.core.masks import neg_fill
 
 
 def criss_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

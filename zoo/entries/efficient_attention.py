@@ -23,9 +23,9 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.checks import check_dtype, check_image, check_qkv, one_of, positive_int, refuse_causal
-from zoo.masks import neg_fill, zero_padded
-from zoo.shell import MultiHead
+from zoo.core.checks import check_dtype, check_image, check_qkv, one_of, positive_int, refuse_causal
+from zoo.core.masks import neg_fill, zero_padded
+from zoo.core.shell import MultiHead
 
 NORMALIZATIONS = ("softmax", "scaling")
 

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from zoo.checks import check_qkv, positive_int, refuse_causal
-from zoo.masks import neg_fill, pad_mask, pad_to_multiple
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, positive_int, refuse_causal
+from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
+from zoo.core.shell import MultiHead
 
 
 def etc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange, reduce, repeat
 from torch import nn
 
-from zoo.checks import check_image, positive_int
+from zoo.core.checks import check_image, positive_int
 
 
 def em_attention(x: torch.Tensor, mu: torch.Tensor, *, iterations: int = 3, lam: float = 1.0):

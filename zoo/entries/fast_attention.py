@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.checks import check_image, check_qkv, positive_int
-from zoo.masks import zero_padded
+from zoo.core.checks import check_image, check_qkv, positive_int
+from zoo.core.masks import zero_padded
 
 
 def fast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

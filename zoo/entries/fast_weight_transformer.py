@@ -30,9 +30,9 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.checks import check_qkv, check_sequence, positive_int
-from zoo.masks import pad_to_multiple
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, check_sequence, positive_int
+from zoo.core.masks import pad_to_multiple
+from zoo.core.shell import MultiHead
 
 
 def dpfp(x: torch.Tensor, nu: int = 1) -> torch.Tensor:

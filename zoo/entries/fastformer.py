@@ -20,9 +20,9 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.checks import check_qkv, check_sequence, refuse_causal
-from zoo.masks import masked_fill_scores
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, check_sequence, refuse_causal
+from zoo.core.masks import masked_fill_scores
+from zoo.core.shell import MultiHead
 
 
 def additive_pool(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None = None):

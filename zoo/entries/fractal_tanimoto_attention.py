@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.checks import check_image, positive_int
+from zoo.core.checks import check_image, positive_int
 
 
 def fractal_tanimoto(p: torch.Tensor, l: torch.Tensor, *, depth: int = 5, dim=-1,

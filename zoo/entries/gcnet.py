@@ -19,7 +19,7 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.checks import check_image, positive_int
+from zoo.core.checks import check_image, positive_int
 
 
 def global_context(x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

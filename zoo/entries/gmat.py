@@ -26,10 +26,10 @@ Deviations from the paper:
 import torch
 from einops import einsum, rearrange
 
-from zoo.checks import check_qkv, check_sequence, positive_int, refuse_causal
-from zoo.masks import block_windows, neg_fill, pad_mask, pad_to_multiple
-from zoo.shell import MultiHead
-from zoo.softmax import softmax_attention
+from zoo.core.checks import check_qkv, check_sequence, positive_int, refuse_causal
+from zoo.core.masks import block_windows, neg_fill, pad_mask, pad_to_multiple
+from zoo.core.shell import MultiHead
+from zoo.core.softmax import softmax_attention
 
 
 def gmat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.checks import check_image, positive_int
+from zoo.core.checks import check_image, positive_int
 
 
 def update_coef(x: torch.Tensor, bases: torch.Tensor, coef: torch.Tensor, eps: float = 1e-6):

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from zoo.checks import check_sequence, check_tensor, positive_int, refuse_causal
-from zoo.shell import MultiHead
+from zoo.core.checks import check_sequence, check_tensor, positive_int, refuse_causal
+from zoo.core.shell import MultiHead
 
 
 def head_radii(heads: int, radius: int = 1) -> torch.Tensor:

@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
 
-from zoo.checks import check_qkv, positive_int, refuse_causal
-from zoo.masks import masked_fill_scores, neg_fill
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, positive_int, refuse_causal
+from zoo.core.masks import masked_fill_scores, neg_fill
+from zoo.core.shell import MultiHead
 
 
 def sample_size(n: int, factor: int) -> int:

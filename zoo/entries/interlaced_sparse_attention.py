@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from zoo.checks import check_image, positive_int
-from zoo.softmax import softmax_attention
+from zoo.core.checks import check_image, positive_int
+from zoo.core.softmax import softmax_attention
 
 
 class GroupAttention(nn.Module):

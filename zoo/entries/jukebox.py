@@ -24,9 +24,9 @@ Deviations from the paper:
 import torch
 from einops import einsum, rearrange
 
-from zoo.checks import check_qkv, one_of, positive_int
-from zoo.masks import neg_fill, pad_mask, pad_to_multiple
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, one_of, positive_int
+from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
+from zoo.core.shell import MultiHead
 
 PATTERNS = ("row", "column", "previous-row")
 

@@ -25,8 +25,8 @@ import torch
 from einops import rearrange, reduce
 from torch import nn
 
-from zoo.checks import check_image, one_of, positive_int
-from zoo.softmax import softmax_attention
+from zoo.core.checks import check_image, one_of, positive_int
+from zoo.core.softmax import softmax_attention
 
 VARIANTS = ("qkv", "kv")
 

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.checks import check_qkv, check_sequence, positive_int
-from zoo.masks import neg_fill, zero_padded
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, check_sequence, positive_int
+from zoo.core.masks import neg_fill, zero_padded
+from zoo.core.shell import MultiHead
 
 
 def scope_offsets(scope: int, causal: bool) -> tuple[int, int]:

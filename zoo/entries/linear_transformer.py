@@ -10,7 +10,7 @@ $$ O_i = \frac{\phi(Q_i)^\top \sum_{j} \phi(K_j)\, V_j^\top}{\phi(Q_i)^\top \sum
 (the sums run over $j \le i$ when causal).
 
 Deviations from the paper: none. The causal prefix sums are computed chunk by chunk
-(`zoo.linear.causal_sum`), the same sums without storing the `(n, d, e)` prefix tensor, as the
+(`zoo.core.linear.causal_sum`), the same sums without storing the `(n, d, e)` prefix tensor, as the
 paper's CUDA kernel avoids it too.
 """
 
@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, reduce
 
-from zoo.checks import check_qkv
-from zoo.linear import causal_sum
-from zoo.masks import zero_padded
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv
+from zoo.core.linear import causal_sum
+from zoo.core.masks import zero_padded
+from zoo.core.shell import MultiHead
 
 
 def elu_feature_map(x: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,9 @@ import torch
 from einops import einsum, rearrange, repeat
 from torch import nn
 
-from zoo.checks import check_qkv, positive_int, refuse_causal
-from zoo.masks import neg_fill, zero_padded
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, positive_int, refuse_causal
+from zoo.core.masks import neg_fill, zero_padded
+from zoo.core.shell import MultiHead
 
 
 def segment_mean_projection(r: int, n: int) -> torch.Tensor:

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from zoo.checks import check_qkv, check_sequence, positive_int
-from zoo.masks import block_windows, neg_fill, pad_mask, pad_to_multiple
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, check_sequence, positive_int
+from zoo.core.masks import block_windows, neg_fill, pad_mask, pad_to_multiple
+from zoo.core.shell import MultiHead
 
 
 def longformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

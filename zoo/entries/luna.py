@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
 
-from zoo.checks import check_qkv, check_sequence, positive_int
-from zoo.masks import masked_fill_scores, pad_to_multiple, score_mask
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, check_sequence, positive_int
+from zoo.core.masks import masked_fill_scores, pad_to_multiple, score_mask
+from zoo.core.shell import MultiHead
 
 
 def luna_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.Tensor,

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.checks import check_sequence, positive_int
-from zoo.masks import masked_fill_scores, neg_fill
-from zoo.shell import MultiHead
+from zoo.core.checks import check_sequence, positive_int
+from zoo.core.masks import masked_fill_scores, neg_fill
+from zoo.core.shell import MultiHead
 
 
 class Memformer(MultiHead):

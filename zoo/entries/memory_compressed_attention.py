@@ -29,9 +29,9 @@ import torch
 from einops import einsum, rearrange, reduce
 from torch import nn
 
-from zoo.checks import check_qkv, one_of, positive_int
-from zoo.masks import neg_fill, pad_mask, pad_to_multiple, zero_padded
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, one_of, positive_int
+from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple, zero_padded
+from zoo.core.shell import MultiHead
 
 KINDS = ("compressed", "local")
 

@@ -25,9 +25,9 @@ Deviations from the paper:
 
 import torch
 
-from zoo.checks import check_qkv, positive_int
+from zoo.core.checks import check_qkv, positive_int
+from zoo.core.shell import MultiHead
 from zoo.entries.bp_transformer import node_attention
-from zoo.shell import MultiHead
 
 
 def retina_ranges(n: int, window: int, ratio: int, scales: int, *, causal: bool = False,

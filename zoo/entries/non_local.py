@@ -16,8 +16,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from zoo.checks import check_dtype, check_image, positive_int
-from zoo.softmax import softmax_attention
+from zoo.core.checks import check_dtype, check_image, positive_int
+from zoo.core.softmax import softmax_attention
 
 
 class NonLocal(nn.Module):

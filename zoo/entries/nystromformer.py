@@ -38,9 +38,9 @@ import math
 import torch
 from einops import einsum, rearrange, reduce
 
-from zoo.checks import check_qkv, positive_int, refuse_causal
-from zoo.masks import neg_fill, pad_mask, pad_to_multiple
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, positive_int, refuse_causal
+from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
+from zoo.core.shell import MultiHead
 
 
 def iterative_pinv(a: torch.Tensor, iters: int = 6) -> torch.Tensor:

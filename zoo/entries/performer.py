@@ -29,10 +29,10 @@ Deviations from the paper:
 import torch
 from einops import einsum, rearrange
 
-from zoo.checks import check_qkv
+from zoo.core.checks import check_qkv
+from zoo.core.linear import kernel_attention
+from zoo.core.masks import neg_fill
 from zoo.entries.performer_favor import PerformerFavor, key_shift
-from zoo.linear import kernel_attention
-from zoo.masks import neg_fill
 
 
 def softmax_kernel_exponent(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ with `W` `(m, d)` Gaussian rows, orthogonal within blocks of `d`; `features` is 
 
 This file also holds what the later random-feature entries (performer, slim-performer,
 random-feature-attention) reuse: the projection sampler and the shell that owns the projection
-buffer. The sums themselves (full and causal, chunked) are the core's `zoo.linear`.
+buffer. The sums themselves (full and causal, chunked) are the core's `zoo.core.linear`.
 
 Deviations from the paper:
 - only the softmax kernel's trigonometric features; the paper's other generalised kernels are
@@ -35,10 +35,10 @@ Deviations from the paper:
 import torch
 from einops import rearrange, reduce, repeat
 
-from zoo.checks import check_qkv, positive_int
-from zoo.linear import kernel_attention
-from zoo.masks import neg_fill, zero_padded
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, positive_int
+from zoo.core.linear import kernel_attention
+from zoo.core.masks import neg_fill, zero_padded
+from zoo.core.shell import MultiHead
 
 
 def gaussian_projection(m: int, d: int, *, orthogonal: bool = True,

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from zoo.checks import check_image, check_qkv, positive_int, refuse_mask
+from zoo.core.checks import check_image, check_qkv, positive_int, refuse_mask
 
 
 def elevation_matrix(d: int, dtype=torch.float64) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.checks import check_sequence, positive_int
+from zoo.core.checks import check_sequence, positive_int
 
 
 def product_key_topk(q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor,

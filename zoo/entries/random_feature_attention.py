@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from zoo.checks import check_qkv, check_sequence
+from zoo.core.checks import check_qkv, check_sequence
+from zoo.core.linear import kernel_attention
 from zoo.entries.performer_favor import RandomFeatureHeads, trig_features
-from zoo.linear import kernel_attention
 
 
 def random_feature_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,

@@ -16,7 +16,7 @@ $$ o_i = \sum_r e^{z^{(r)}_i - z_i} \sum_{j \in \tilde P^{(r)}_i}
 ($z^{(r)}_i$ is the log normaliser of round $r$, $z_i$ of all rounds, $N_{ij}$ the number of rounds
 in which $i$ and $j$ share a bucket, $\tilde P^{(r)}_i$ the query's chunk and the one before it.)
 
-The sort-chunk-attend-scatter machinery is the core's `zoo.sorting` (shared with
+The sort-chunk-attend-scatter machinery is the core's `zoo.core.sorting` (shared with
 `routing_transformer`, `smyrf` and `sinkhorn_attention`).
 
 Deviations from the paper:
@@ -34,9 +34,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from zoo.checks import check_qkv, check_sequence, positive_int
-from zoo.shell import MultiHead
-from zoo.sorting import bucket_attention
+from zoo.core.checks import check_qkv, check_sequence, positive_int
+from zoo.core.shell import MultiHead
+from zoo.core.sorting import bucket_attention
 
 # --- Reformer -------------------------------------------------------------------------------------
 

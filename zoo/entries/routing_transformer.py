@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
 from torch import nn
 
-from zoo.checks import check_qkv, check_sequence, positive_int
-from zoo.shell import MultiHead
-from zoo.sorting import bucket_attention
+from zoo.core.checks import check_qkv, check_sequence, positive_int
+from zoo.core.shell import MultiHead
+from zoo.core.sorting import bucket_attention
 
 
 def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

@@ -30,10 +30,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from zoo.checks import check_qkv, positive_int
+from zoo.core.checks import check_qkv, positive_int
+from zoo.core.masks import neg_fill
+from zoo.core.shell import MultiHead
 from zoo.entries.smart_bird import drawn_edge_attention
-from zoo.masks import neg_fill
-from zoo.shell import MultiHead
 
 CHUNK = 128  # nodes whose pointer logits are held at once
 

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from zoo.checks import check_qkv, positive_int, refuse_causal
-from zoo.masks import neg_fill
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, positive_int, refuse_causal
+from zoo.core.masks import neg_fill
+from zoo.core.shell import MultiHead
 
 PRIME = 2_147_483_647  # 2^31 - 1, the modulus of the Weyl sequences
 

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from zoo.checks import check_sequence, positive_int, refuse_causal
-from zoo.softmax import softmax_attention
+from zoo.core.checks import check_sequence, positive_int, refuse_causal
+from zoo.core.softmax import softmax_attention
 
 
 def head_width(dim: int, heads: int, dim_head: int | None, name: str) -> int:

@@ -28,10 +28,10 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.checks import check_qkv, positive_int
-from zoo.masks import neg_fill, pad_mask, pad_to_multiple, zero_padded
-from zoo.shell import MultiHead
-from zoo.sorting import LOG2E, softmax_attend
+from zoo.core.checks import check_qkv, positive_int
+from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple, zero_padded
+from zoo.core.shell import MultiHead
+from zoo.core.sorting import LOG2E, softmax_attend
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, *, causal: bool = False) -> torch.Tensor:
@@ -86,7 +86,7 @@ def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sort: 
         keep = torch.cat([(real_sorted > 0).unsqueeze(-2).expand(-1, -1, -1, c, -1),
                           own.expand(b, h, nb, c, c)], dim=-1)  # (b h nb i 2c)
     scale = d ** -0.5 if scale is None else scale
-    # scores in log2 units, as zoo.sorting.softmax_attend takes them
+    # scores in log2 units, as zoo.core.sorting.softmax_attend takes them
     bits = einsum(qb * (scale * LOG2E), keys, "b h nb i d, b h nb j d -> b h nb i j")
     out, _ = softmax_attend(bits if keep is None else bits.masked_fill_(~keep, -math.inf), values)
     return rearrange(out, "b h nb c e -> b h (nb c) e")[:, :, :n]

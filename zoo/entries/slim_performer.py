@@ -29,10 +29,10 @@ Deviations from the paper:
 
 import torch
 
-from zoo.checks import check_qkv
+from zoo.core.checks import check_qkv
+from zoo.core.linear import causal_sum, kernel_attention, ratio
+from zoo.core.masks import zero_padded
 from zoo.entries.performer import Performer, favor_plus_features
-from zoo.linear import causal_sum, kernel_attention, ratio
-from zoo.masks import zero_padded
 
 
 def reverse_causal_sum(phi_q, phi_k, v, chunk: int) -> torch.Tensor:

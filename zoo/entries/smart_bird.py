@@ -26,9 +26,9 @@ import torch
 from einops import einsum
 from torch import nn
 
-from zoo.checks import check_qkv, positive_int, refuse_causal
-from zoo.masks import neg_fill
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, positive_int, refuse_causal
+from zoo.core.masks import neg_fill
+from zoo.core.shell import MultiHead
 
 CHUNK = 256  # queries whose sketch rows are held at once
 

@@ -24,10 +24,10 @@ are taken over real (unpadded) tokens.
 import torch
 from einops import einsum, rearrange
 
-from zoo.checks import check_qkv, positive_int, refuse_causal
-from zoo.masks import pad_mask, pad_to_multiple, zero_padded
-from zoo.shell import MultiHead
-from zoo.sorting import chunk_softmax, combine_rounds, to_chunks, unsort
+from zoo.core.checks import check_qkv, positive_int, refuse_causal
+from zoo.core.masks import pad_mask, pad_to_multiple, zero_padded
+from zoo.core.shell import MultiHead
+from zoo.core.sorting import chunk_softmax, combine_rounds, to_chunks, unsort
 
 
 def asymmetric_lift(q: torch.Tensor, k: torch.Tensor, real: torch.Tensor):

@@ -11,8 +11,8 @@ Deviations from the paper: none (dropout on the weights is left out; it is a tra
 
 import torch
 
-from zoo.shell import MultiHead
-from zoo.softmax import softmax_attention
+from zoo.core.shell import MultiHead
+from zoo.core.softmax import softmax_attention
 
 
 class SoftmaxAttention(MultiHead):

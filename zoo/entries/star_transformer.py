@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from einops import einsum, rearrange, reduce
 from torch import nn
 
-from zoo.checks import check_sequence, positive_int, refuse_causal
+from zoo.core.checks import check_sequence, positive_int, refuse_causal
+from zoo.core.masks import neg_fill
 from zoo.entries.set_transformer import head_width
-from zoo.masks import neg_fill
 
 
 class StarAttention(nn.Module):

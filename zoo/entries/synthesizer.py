@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.checks import check_sequence, one_of, positive_int
-from zoo.masks import masked_fill_scores, score_mask
-from zoo.shell import MultiHead
+from zoo.core.checks import check_sequence, one_of, positive_int
+from zoo.core.masks import masked_fill_scores, score_mask
+from zoo.core.shell import MultiHead
 
 VARIANTS = ("dense", "random")
 

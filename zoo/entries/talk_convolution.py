@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from zoo.checks import check_sequence, positive_int
-from zoo.masks import zero_padded
-from zoo.shell import MultiHead
+from zoo.core.checks import check_sequence, positive_int
+from zoo.core.masks import zero_padded
+from zoo.core.shell import MultiHead
 
 
 def talk_convolution(v: torch.Tensor, left: torch.Tensor, right: torch.Tensor | None = None,

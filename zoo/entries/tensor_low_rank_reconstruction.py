@@ -27,7 +27,7 @@ import torch
 from einops import einsum, rearrange, reduce
 from torch import nn
 
-from zoo.checks import check_image, positive_int
+from zoo.core.checks import check_image, positive_int
 
 
 class TensorLowRankReconstruction(nn.Module):

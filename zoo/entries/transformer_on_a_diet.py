@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from zoo.checks import check_qkv, one_of, positive_int
-from zoo.masks import neg_fill, pad_mask, pad_to_multiple
-from zoo.shell import MultiHead
+from zoo.core.checks import check_qkv, one_of, positive_int
+from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
+from zoo.core.shell import MultiHead
 
 PATTERNS = ("dilated", "dilated-memory", "cascade")
 

@@ -20,7 +20,7 @@ import math
 import torch
 from einops import rearrange
 
-from zoo.masks import neg_fill, pad_mask, pad_to_multiple
+from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
 
 LOG2E = 1 / math.log(2)  # natural scores times LOG2E are scores in log2 units: e^s = 2^(s LOG2E)
 

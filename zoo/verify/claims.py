@@ -17,7 +17,8 @@ import torch
 
 from zoo import probe
 from zoo.catalog import Entry, cache_root, fingerprint
-from zoo.contract import (
+from zoo.registry import load
+from zoo.verify.contract import (
     ContractError,
     Make,
     check_padding,
@@ -26,7 +27,6 @@ from zoo.contract import (
     factory,
     sample,
 )
-from zoo.registry import load
 
 SCALING_TOLERANCE = 0.25
 EXACT_TOLERANCE = 1e-10

@@ -2,7 +2,7 @@
 same way, against a multi-head layer built on `scaled_dot_product_attention` (id `sdpa`).
 
 How it measures:
-- Each entry runs in its own worker processes (`python -m zoo.bench worker`: one for peak memory,
+- Each entry runs in its own worker processes (`python -m zoo.verify.bench worker`: one for peak memory,
   one for time), lengths in increasing order, so a crash or an out-of-memory kill loses one
   entry's row, not the run.
 - Time: median of `repeats` forward (or forward + backward) passes after two warm-up passes (one
@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from zoo.shell import MultiHead
+from zoo.core.shell import MultiHead
 
 BASELINE = "sdpa"
 FLUSH_BYTES = 64 << 20  # written before each timed CPU pass: twice the L3 cache of this machine kind
@@ -218,7 +218,7 @@ def machine() -> dict:
 
 def _run_worker(name: str, spec: dict, timeout: float, env: dict) -> list[dict]:
     """One worker process; whatever it did not report is recorded with the reason."""
-    cmd = [sys.executable, "-m", "zoo.bench", "worker", json.dumps({**spec, "name": name})]
+    cmd = [sys.executable, "-m", "zoo.verify.bench", "worker", json.dumps({**spec, "name": name})]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         lines, reason = proc.stdout, (f"worker exited with {proc.returncode}"

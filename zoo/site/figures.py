@@ -14,7 +14,7 @@ import torch
 
 from zoo import probe
 from zoo.catalog import Entry, cache_root, fingerprint
-from zoo.contract import factory, sample
+from zoo.verify.contract import factory, sample
 
 PATTERN_N = 24
 
@@ -129,7 +129,7 @@ def bench_png(data: dict, names: list[str], title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from zoo.bench import BASELINE
+    from zoo.verify.bench import BASELINE
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     for ax, key, label in ((axes[0], "time_s", "forward time (ms)"),

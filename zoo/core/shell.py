@@ -11,7 +11,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from zoo.checks import check_dtype, check_sequence, positive_int
+from zoo.core.checks import check_dtype, check_sequence, positive_int
 
 
 class MultiHead(nn.Module):

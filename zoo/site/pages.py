@@ -286,7 +286,7 @@ def catalogue_page(entries: list[Entry], rows: dict[str, dict] | None = None) ->
 
 def claims_markdown(rows: list[dict]) -> str:
     """The claims report as a markdown table (the same cells `zoo claims` prints)."""
-    from zoo.claims import HEADERS, report_cells
+    from zoo.verify.claims import HEADERS, report_cells
 
     out = ["| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
     for row in rows:
@@ -363,10 +363,10 @@ def choose_page(entries: list[Entry], rows: dict[str, dict]) -> str:
 
 
 def benchmarks_page(entries: list[Entry], data: dict | None, public: dict | None = None) -> str:
-    from zoo.bench import table_rows
+    from zoo.verify.bench import table_rows
 
     out = ["---", "hide: [navigation]", "---", "", "# Benchmarks", "",
-           "Every entry on one harness (`zoo bench`, see `zoo/bench.py` for how time and peak "
+           "Every entry on one harness (`zoo bench`, see `zoo/verify/bench.py` for how time and peak "
            "memory are measured), against a multi-head layer of the same size built on torch's "
            "`scaled_dot_product_attention` (SDPA, in black). Regenerate with `make bench`.", ""]
     if not data:

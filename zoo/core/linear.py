@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from zoo.masks import causal_mask, neg_fill, pad_to_multiple, zero_padded
+from zoo.core.masks import causal_mask, neg_fill, pad_to_multiple, zero_padded
 
 
 def causal_sum(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *, chunk: int = 64,

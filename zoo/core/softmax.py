@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from einops import einsum
 
-from zoo.checks import check_qkv
-from zoo.masks import masked_fill_scores, score_mask
+from zoo.core.checks import check_qkv
+from zoo.core.masks import masked_fill_scores, score_mask
 
 
 def softmax_attention(
