@@ -110,3 +110,19 @@ def test_shell_rejects_indivisible_heads():
     with pytest.raises(ValueError, match="heads=3 must divide dim=32"):
         MultiHead(32, heads=3)
     assert MultiHead(32, heads=3, dim_head=5).to_qkv.out_features == 45
+
+
+def test_allowed_pattern_equals_sdpa_with_the_same_bool_mask():
+    """`allowed` is SDPA's bool `attn_mask`: True = may attend; it combines with padding."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 7, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    allowed = torch.rand(7, 7, generator=g) > 0.5
+    allowed |= torch.eye(7, dtype=torch.bool)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed & mask[:, None, None, :])
+    got = softmax_attention(q, k, v, mask, allowed=allowed)
+    assert torch.allclose(got[0], want[0], atol=1e-12)
+    assert torch.allclose(got[1, :, :, :], want[1], atol=1e-12)
+    with pytest.raises(ValueError, match="allowed must be a bool"):
+        softmax_attention(q, k, v, allowed=allowed.double())

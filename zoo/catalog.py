@@ -20,8 +20,11 @@ import yaml
 
 FAMILIES = (
     "exact", "fixed-pattern", "combined-pattern", "learnable-pattern", "low-rank", "kernel",
-    "memory", "recurrence", "downsampling", "gating",
+    "memory", "recurrence", "downsampling", "gating", "decay", "kv-sharing",
 )
+# Where an entry comes from: the awesome-fast-attention table (48 papers, to March 2021), its
+# inbox, the exact baselines, or the mechanisms that came after the list stopped.
+PROVENANCES = ("awesome-fast-attention", "awesome-fast-attention-inbox", "baseline", "since-2021")
 INPUTS = ("sequence", "image")
 ID_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 PLACEHOLDER = "TODO"
@@ -103,6 +106,8 @@ class Entry:
     exact_when: Mapping[str, Any] | None = None
     budget: Mapping[str, Any] | None = None
     pointwise: bool = False
+    provenance: str = "awesome-fast-attention"
+    decoding: Mapping[str, Any] | None = None
     line: int = dataclasses.field(default=0, compare=False)
     key_lines: Mapping[str, int] = dataclasses.field(default_factory=dict, compare=False,
                                                      repr=False)
@@ -181,6 +186,12 @@ SCHEMA: dict[str, tuple[Any, str, bool]] = {
                                        and isinstance(v["values"], list) and len(v["values"]) >= 3
                                        and all(_number(x) for x in v["values"])),
                "a mapping {param: name, values: [at least three numbers]}", False),
+    "provenance": (lambda v: v in PROVENANCES, "one of " + ", ".join(PROVENANCES) +
+                   " (default awesome-fast-attention)", False),
+    "decoding": (lambda v: v is None or (_dict(v) and {"state", "step"} <= set(v) <= {"state", "step", "why"}
+                                         and _number(v["state"]) and _number(v["step"])),
+                 "a mapping {state: p, step: q}: the exponent of the context length in the size of "
+                 "the decoding state and in the FLOPs of one decoding step (optionally why)", False),
 }
 
 
@@ -256,7 +267,7 @@ def validate_record(rec: _Located, path: Path | str) -> Entry:
         if not ok(rec[key]):
             raise CatalogError(path, rec.key_lines[key],
                                f"{name}: key {key!r} must be {wanted}; got {rec[key]!r}")
-    fields: dict[str, Any] = {k: rec.get(k) for k in SCHEMA}
+    fields: dict[str, Any] = {k: rec[k] for k in SCHEMA if k in rec}
     fields["authors"] = tuple(rec["authors"])
     if fields["citations"] is not None:
         fields["citations"] = {"count": rec["citations"]["count"],

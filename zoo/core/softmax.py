@@ -23,6 +23,7 @@ def softmax_attention(
     *,
     causal: bool = False,
     scale: float | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact scaled dot-product attention.
 
@@ -33,6 +34,8 @@ def softmax_attention(
         mask: key-padding mask `(b, j)`, True = real token.
         causal: query `i` sees keys `j <= i` (top-left aligned, as SDPA's `is_causal`).
         scale: score scale; None means `d ** -0.5`.
+        allowed: a bool pattern broadcastable to `(b, h, i, j)`, True where query `i` may read key
+            `j` (a sparse or structured entry's pattern); combined with `mask` and `causal`.
 
     Returns:
         `(b, h, i, e)`.
@@ -40,7 +43,13 @@ def softmax_attention(
     check_qkv(q, k, v, mask, name="softmax_attention")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = einsum(q, k, "b h i d, b h j d -> b h i j") * scale
-    scores = masked_fill_scores(scores, score_mask(mask, q.shape[2], k.shape[2], causal=causal,
-                                                   device=q.device))
+    keep = score_mask(mask, q.shape[2], k.shape[2], causal=causal, device=q.device)
+    if allowed is not None:
+        if allowed.dtype != torch.bool or allowed.shape[-2:] != scores.shape[-2:]:
+            raise ValueError(f"softmax_attention: allowed must be a bool (..., i, j) pattern with "
+                             f"(i, j) = {tuple(scores.shape[-2:])}, got {allowed.dtype} "
+                             f"{tuple(allowed.shape)}")
+        keep = allowed if keep is None else keep & allowed
+    scores = masked_fill_scores(scores, keep)
     attn = scores.softmax(dim=-1)  # (b h i j)
     return einsum(attn, v, "b h i j, b h j e -> b h i e")
