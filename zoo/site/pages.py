@@ -22,6 +22,8 @@ FAMILY_TITLES = {
     "recurrence": "Recurrence",
     "downsampling": "Downsampling",
     "gating": "Gating and channel/spatial modules",
+    "decay": "Decay and gated recurrences",
+    "kv-sharing": "Key-value sharing",
 }
 assert set(FAMILY_TITLES) == set(FAMILIES)
 
@@ -211,6 +213,10 @@ FAMILY_TEXT = {
     "downsampling": "The sequence is shortened (pooling, strided convolution) before attending.",
     "gating": "Channel and spatial modules that re-weight features instead of mixing positions "
               "pairwise.",
+    "decay": "Linear attention whose state decays: a fixed or data-dependent gate forgets the past "
+             "(retention, gated linear attention, the gated delta rule, state-space duality).",
+    "kv-sharing": "Exact softmax attention with fewer keys and values to store: heads share them, "
+                  "or they are rebuilt from a small latent; the decoding cache shrinks.",
 }
 assert set(FAMILY_TEXT) == set(FAMILIES)
 
