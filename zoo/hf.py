@@ -48,7 +48,7 @@ except ImportError as err:  # pragma: no cover - exercised by a subprocess test
 from zoo.core.shell import MultiHead
 from zoo.registry import create, entry, load, names
 
-__all__ = ["ZooAttention", "carries_weights", "register", "registrable", "swap"]
+__all__ = ["ZooAttention", "carries_weights", "key_padding", "register", "registrable", "swap"]
 
 SUPPORTED = "GPT-2, BERT, RoBERTa and ViT"
 # The keywords the model decides: passing them to `swap` or `register` is an error.
@@ -68,7 +68,7 @@ def carries_weights(name: str) -> bool:
             and cls.forward is MultiHead.forward)
 
 
-def registrable(name: str, **hparams) -> bool:
+def registrable(name: str, **hparams: Any) -> bool:
     """Whether `register(name, **hparams)` accepts `name`: the layer carries weights and owns no
     parameter beyond the shell's `to_qkv` and `to_out` (buffers, such as random features, are fine)."""
     _check_keywords(hparams, "register")
@@ -117,7 +117,7 @@ def key_padding(mask: torch.Tensor | None, b: int, n: int, *, causal: bool) -> t
         if tuple(mask.shape) != (b, n):
             raise ValueError(f"zoo.hf: expected an attention mask of shape ({b}, {n}), "
                              f"got {tuple(mask.shape)}")
-        pad = mask.bool() if mask.dtype == torch.bool else mask != 0
+        pad = mask != 0
     elif mask.ndim == 4:
         if mask.shape[0] != b or mask.shape[-1] != n or mask.shape[-2] != n:
             raise ValueError(f"zoo.hf: expected a 4D attention mask ({b}, 1, {n}, {n}), got "
@@ -281,7 +281,7 @@ def _sites(model: nn.Module) -> list[_Site]:
     return found
 
 
-def swap(model: nn.Module, name: str, /, **hparams) -> nn.Module:
+def swap(model: nn.Module, name: str, /, **hparams: Any) -> nn.Module:
     """Replace every self-attention module of `model` by `name`'s layer, in place; return `model`.
 
     Args:
@@ -364,7 +364,7 @@ def _attention_function(name: str, hparams: dict) -> Callable:
     return attention
 
 
-def register(name: str, /, **hparams) -> str:
+def register(name: str, /, **hparams: Any) -> str:
     """Register `name` as the transformers attention implementation `"zoo-<id>"`; return that key.
 
     Then `AutoModel.from_config(config, attn_implementation="zoo-performer")` (or
