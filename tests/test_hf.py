@@ -37,14 +37,14 @@ AUTOREGRESSIVE = [i for i in SEQUENCE if zoo.entry(i).autoregressive]
 
 
 def config(kind: str, attn_implementation: str | None = None):
-    quiet = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    impl = {"attn_implementation": attn_implementation} if attn_implementation else {}
     text = dict(num_hidden_layers=LAYERS, hidden_size=WIDTH, num_attention_heads=HEADS,
                 intermediate_size=2 * WIDTH, vocab_size=VOCAB, hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0, **quiet)
+                attention_probs_dropout_prob=0.0, **impl)
     if kind == "gpt2":
         return GPT2Config(n_layer=LAYERS, n_embd=WIDTH, n_head=HEADS, vocab_size=VOCAB, n_positions=64,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                          eos_token_id=0, **quiet)
+                          eos_token_id=0, **impl)
     if kind == "bert":
         return BertConfig(max_position_embeddings=64, **text)
     if kind == "roberta":
@@ -333,9 +333,19 @@ def test_swap_needs_a_model_it_knows():
 
 def test_swapped_layers_keep_no_cache():
     m = zoo.hf.swap(model("gpt2"), "performer", **hparams("performer"))
-    assert m.config.use_cache is False
+    assert m.config.use_cache is False and m.generation_config.use_cache is False
     with pytest.raises(ValueError, match="use_cache=False"):
         m(input_ids=batch("gpt2")["input_ids"], use_cache=True)
+
+
+def test_swapped_softmax_generates_what_the_model_generates():
+    """The original decodes with its key/value cache, the swap recomputes the prefix."""
+    original = model("gpt2", torch.float64).eval()
+    swapped = zoo.hf.swap(copy.deepcopy(original), "softmax-attention")
+    prompt = batch("gpt2")["input_ids"][:, :6]
+    expected = original.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(swapped.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0),
+                       expected)
 
 
 def test_padding_into_an_entry_without_masking_raises():

@@ -290,7 +290,8 @@ def swap(model: nn.Module, name: str, /, **hparams: Any) -> nn.Module:
         **hparams: the entry's hyper-parameters; `dim`, `heads`, `dim_head` and `causal` come
             from the model.
 
-    The model's `config.use_cache` is set to False: zoo layers keep no key/value cache (a call
+    The model's `config.use_cache` (and `generation_config.use_cache`) is set to False: zoo
+    layers keep no key/value cache, so `generate` recomputes the prefix at every step (a call
     with `use_cache=True` raises). Weight-carrying entries (`carries_weights(name)`) get the
     model's q/k/v and output weights and biases; their own parameters, and every parameter of
     the other entries, start from the entry's initialisation (drawn from torch's global
@@ -309,9 +310,10 @@ def swap(model: nn.Module, name: str, /, **hparams: Any) -> nn.Module:
     adapters = [s.build(name, hparams) for s in sites]  # all built before the model changes
     for site, adapter in zip(sites, adapters, strict=True):
         site.install(adapter)
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "use_cache", False):  # the layers keep no cache
-        config.use_cache = False
+    # The swapped layers keep no key/value cache: forward and generate recompute the prefix.
+    for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        if config is not None and getattr(config, "use_cache", False):
+            config.use_cache = False
     return model
 
 
