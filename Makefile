@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# The CPU build of torch first, so that nothing pulls a multi-GB CUDA build.
 	$(PY) -m pip install --disable-pip-version-check -q "torch==2.13.0"
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,docs,ray]"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,docs,hf,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)
