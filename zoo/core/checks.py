@@ -37,9 +37,11 @@ def check_sequence(x, dim: int, mask=None, *, name: str = "layer",
 
 
 def check_dtype(x: torch.Tensor, module: torch.nn.Module, *, name: str = "layer") -> None:
-    """`x` must have the dtype of the module's parameters (no silent casts, no deep torch error)."""
+    """`x` must have the dtype of the module's parameters (no silent casts, no deep torch error).
+
+    Under `torch.autocast` mixed dtypes are the point (autocast casts inside each op): no check."""
     p = next(module.parameters(), None)
-    if p is not None and p.dtype != x.dtype:
+    if p is not None and p.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         raise ValueError(f"{name}: x has dtype {x.dtype} but the layer's parameters are "
                          f"{p.dtype}; convert one of them (e.g. layer.to({x.dtype}))")
 

@@ -87,10 +87,10 @@ class SetTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__, layer=self)
-        x = zero_padded_tokens(x, mask)
         # a copy per sample, not a view: a view of a parameter made under no_grad trips module hooks
         points = self.inducing_points.repeat(x.shape[0], 1, 1)  # (b m dim)
-        summary = self.summarise(points, x, mask)  # (b m dim)
+        # padded elements are filled, not only masked, where they are keys and values
+        summary = self.summarise(points, zero_padded_tokens(x, mask), mask)  # (b m dim)
         return self.broadcast(x, summary)
 
     def extra_repr(self) -> str:

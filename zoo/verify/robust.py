@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -58,12 +59,14 @@ def _float_params(layer: nn.Module) -> list[torch.Tensor]:
 def check_train_backward(entry: Entry, make: Make) -> None:
     """In training mode, forward and backward give finite gradients for the input and every
     trainable parameter; with masking, also when one sample of the batch is fully padded."""
-    masks = [None] + ([_padded_mask(fully=True)] if entry.masking else [])
+    # (mask, dtype): a fully padded sample in float32 too, where 1 / tiny overflows soonest
+    runs = [(None, torch.float64)] + ([(_padded_mask(fully=True), dtype) for dtype in
+                                       (torch.float64, torch.float32)] if entry.masking else [])
     for mode in _modes(entry):
-        for mask in masks:
-            layer = make(**mode).double().train()
-            x = sample(entry).requires_grad_()
-            what = f"train mode{', causal' if mode else ''}" + (
+        for mask, dtype in runs:
+            layer = make(**mode).to(dtype).train()
+            x = sample(entry, dtype=dtype).requires_grad_()
+            what = f"train mode, {dtype}{', causal' if mode else ''}" + (
                 ", one sample fully padded" if mask is not None else "")
             try:
                 out = layer(x) if mask is None else layer(x, mask=mask)
@@ -166,11 +169,12 @@ def check_attend_lengths(entry: Entry, make: Make) -> None:
     """A kernel entry's `attend` refuses keys and values of different lengths with a ValueError."""
     layer = make().double()
     g = torch.Generator().manual_seed(3)
-    h, d = getattr(layer, "heads", 2), getattr(layer, "dim_head", 8)
+    h, d = (cast(int, getattr(layer, name, default)) for name, default in (("heads", 2), ("dim_head", 8)))
     q, k = (torch.randn(2, h, 12, d, generator=g, dtype=torch.float64) for _ in range(2))
     v = torch.randn(2, h, 11, d, generator=g, dtype=torch.float64)
+    attend: Callable[..., torch.Tensor] = getattr(layer, "attend")  # noqa: B009 - a Module's attribute
     try:
-        layer.attend(q, k, v)
+        attend(q, k, v)
     except ValueError as err:
         _expect("length" in str(err) or "shape" in str(err) or "expected" in str(err),
                 f"the error for k, v of different lengths does not say so: {err}")
