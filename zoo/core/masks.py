@@ -55,7 +55,7 @@ def zero_padded_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tens
     what a caller leaves behind the mask (NaN, inf, 1e30) then cannot reach a real output."""
     if mask is None:
         return x
-    return x.masked_fill(~mask.view(*mask.shape, *(1,) * (x.ndim - 2)), 0.0)
+    return x.masked_fill(~mask.reshape(*mask.shape, *(1,) * (x.ndim - 2)), 0.0)
 
 
 def safe_denominator(den: torch.Tensor) -> torch.Tensor:
