@@ -129,3 +129,15 @@ def test_jobs_handed_to_a_ray_cluster_come_back_into_the_same_json(tmp_path):
         ray.shutdown()
         subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
         shutil.rmtree(env_dir, ignore_errors=True)
+
+
+def test_two_runs_sharing_one_file_keep_each_others_jobs(tmp_path):
+    """Each process writes what it holds merged into what the file holds (under a lock)."""
+    path = tmp_path / "quality.json"
+    first = quality.load_results(path, QUICK)  # a process that started before the other wrote
+    quality.run(["softmax-attention"], cells=["smoke"], out=path, recipe=QUICK)
+    first["runs"]["x|smoke|0.01"] = {"attention": "x", "cell": "smoke", "lr": 0.01, "accuracy": 0.5,
+                                     "budget": quality.steps_for("smoke", QUICK)}
+    quality.write_results(path, first)
+    assert set(json.loads(path.read_text())["runs"]) == {"softmax-attention|smoke|0.01",
+                                                         "x|smoke|0.01"}

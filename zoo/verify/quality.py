@@ -217,10 +217,26 @@ def load_results(path: Path | None, recipe: Recipe) -> dict:
 
 
 def write_results(path: Path, data: dict) -> None:
-    """Atomic write: a crash mid-write leaves the previous file intact."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Merge `data`'s runs into the file and write it atomically, under a lock: several `zoo
+    quality` processes (say, one per cell) may share one results file, and a crash mid-write
+    leaves the previous file intact. Runs in `data` win over stored runs with the same key."""
+    import fcntl
+
+    with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            try:
+                stored = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                stored = {}
+            if stored.get("recipe") == data["recipe"]:
+                budgets = data["steps"]
+                kept = {k: r for k, r in stored.get("runs", {}).items()
+                        if r.get("budget") == budgets.get(r.get("cell"))}
+                data["runs"] = {**kept, **data["runs"]}
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
 
 
 def summary(data: dict) -> dict:
