@@ -27,23 +27,26 @@ def _outputs_and_grads(layer, x, mask):
 
 
 def assert_unchanged_with_references(monkeypatch, layer, patches, *, n: int = 37) -> None:
-    """The layer's real outputs and its gradients (input, parameters), in float64 with a padding
-    mask at length `n`, are the same (1e-10) when each `(module, name, reference)` of `patches`
-    has `module.name` replaced by `reference`; and every reference is called."""
+    """For each `(module, name, reference)` of `patches` in turn, with `module.name` replaced by
+    `reference`: the reference is called, and the layer's real outputs and its gradients (input,
+    parameters), in float64 with a padding mask at length `n`, are the same (1e-10)."""
     layer = layer.double()
     x = torch.randn(2, n, layer.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     mask = padding_mask(2, n)
     fast = _outputs_and_grads(layer, x, mask)
-    calls = {}
     for module, name, reference in patches:
-        def counted(*args, _name=name, _reference=reference, **kwargs):
-            calls[_name] = calls.get(_name, 0) + 1
+        calls: list[int] = []
+
+        def counted(*args, _reference=reference, _calls=calls, **kwargs):
+            _calls.append(1)
             return _reference(*args, **kwargs)
-        monkeypatch.setattr(module, name, counted)
-    ref = _outputs_and_grads(layer, x, mask)
-    assert set(calls) == {name for _, name, _ in patches}, f"references called: {calls}"
-    for got, want in zip(fast, ref, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+        with monkeypatch.context() as m:
+            m.setattr(module, name, counted)
+            ref = _outputs_and_grads(layer, x, mask)
+        assert calls, f"{module.__name__}.{name} is never called through its module-level name"
+        for got, want in zip(fast, ref, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def assert_masked_garbage_changes_nothing(layer, *, n: int = 37) -> None:

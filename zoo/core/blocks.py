@@ -28,23 +28,6 @@ QUERY_BLOCK = 32  # queries that share one window of nodes per level
 CHUNK = 8  # query blocks per pass: their nodes, scores and weights stay in cache
 
 
-def level_sizes(n: int, ratio: int, levels: int | None = None) -> list[int]:
-    """Spans per level when level l holds spans of ratio^l tokens; None levels: until one span."""
-    sizes = [n]
-    while (sizes[-1] > 1) if levels is None else (len(sizes) < levels):
-        sizes.append(-(-sizes[-1] // ratio))
-    return sizes
-
-
-def span_members(n: int, ratio: int, levels: int | None = None, device=None) -> torch.Tensor:
-    """`(u, j)` bool, True where token `j` lies in node `u`; the nodes of all levels one after
-    another, `level_sizes` of them per level (the rows of `span_means`)."""
-    j = torch.arange(n, device=device)
-    return torch.cat([rearrange(torch.arange(size, device=device), "u -> u 1")
-                      == j // ratio ** level
-                      for level, size in enumerate(level_sizes(n, ratio, levels))])
-
-
 def node_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              mask: torch.Tensor | None, ranges, *, ratio: int,
                              levels: int | None = None, scale: float | None = None) -> torch.Tensor:
@@ -84,6 +67,23 @@ def pooled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     k_u, v_u = (einsum(pool, t, f"{pattern}, b h j d -> b h u d") for t in (k, v))
     has_real = None if mask is None else counts > 0  # a node without a real token is not read
     return softmax_attention(q, k_u, v_u, has_real, allowed=reads, scale=scale)
+
+
+def level_sizes(n: int, ratio: int, levels: int | None = None) -> list[int]:
+    """Spans per level when level l holds spans of ratio^l tokens; None levels: until one span."""
+    sizes = [n]
+    while (sizes[-1] > 1) if levels is None else (len(sizes) < levels):
+        sizes.append(-(-sizes[-1] // ratio))
+    return sizes
+
+
+def span_members(n: int, ratio: int, levels: int | None = None, device=None) -> torch.Tensor:
+    """`(u, j)` bool, True where token `j` lies in node `u`; the nodes of all levels one after
+    another, `level_sizes` of them per level (the rows of `span_means`)."""
+    j = torch.arange(n, device=device)
+    return torch.cat([rearrange(torch.arange(size, device=device), "u -> u 1")
+                      == j // ratio ** level
+                      for level, size in enumerate(level_sizes(n, ratio, levels))])
 
 
 def span_means(t: torch.Tensor, mask: torch.Tensor | None, *, ratio: int = 2,

@@ -18,6 +18,9 @@ Every window's first chunk looks back at the rows stored before it, which for th
 (batch, head) row are the last rows of the row before: those slots are blocked, and the queries,
 keys and values of padded tokens are filled with zeros first, so that nothing there (NaN, inf)
 reaches another row or a real output, forward or backward.
+
+The file runs past 250 lines because it holds both forms: the dense reference and its helpers,
+then the gathers, windows and log2-unit softmax of the fast path.
 """
 
 from __future__ import annotations
