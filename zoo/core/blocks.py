@@ -8,7 +8,8 @@ softmax over all of them:
 $$ O_i = \sum_{u \in \mathcal{R}(i)} \operatorname{softmax}_u\!\big(q_i^\top \bar k_u s\big)\, \bar v_u,
    \qquad \bar k_u = \tfrac{1}{|u|}\sum_{j \in u} k_j,\ \ \bar v_u = \tfrac{1}{|u|}\sum_{j \in u} v_j $$
 
-`node_attention_reference` is that equation on a dense `(i, u)` pattern. The fast path,
+`pooled_attention` is that equation on a dense `(i, u)` pattern, and `node_attention_reference`
+builds the pattern from per-level ranges of nodes. The fast path,
 `node_attention` (and `window_attention` under it), needs no such pattern: each query reads one
 contiguous range of nodes per level, so a block of queries reads one window of nodes per level,
 and the windows of all levels side by side are the block's keys; the attention is then one
