@@ -66,9 +66,9 @@ def bucket_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     behind = rearrange(~real, "b n -> b 1 n")  # padded tokens sort after every real one
     outs, lses = [], []
     for r in range(q_buckets.shape[-1]):
-        p, s = (rearrange(stable_places(t[..., r].to(q.dtype).masked_fill(behind, math.inf)),
-                          pattern) for t, pattern in ((q_buckets, "b h i -> b h i 1"),
-                                                      (k_buckets, "b h j -> b h 1 j")))
+        last = torch.iinfo(q_buckets.dtype).max  # a bucket after every real one
+        p, s = (rearrange(stable_places(t[..., r].masked_fill(behind, last)), pattern)
+                for t, pattern in ((q_buckets, "b h i -> b h i 1"), (k_buckets, "b h j -> b h 1 j")))
         near = (s // c == p // c) | (s // c == p // c - 1)  # own chunk, or the one before
         if causal:
             near = near & (s >= p - c) & (j <= i)
