@@ -194,3 +194,23 @@ def test_garbage_at_padded_tokens_stays_in_its_row_forward_and_backward(value, c
     for got, want in zip(run(value), run(0.0), strict=True):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_windows_stay_in_their_row_even_for_non_finite_real_tokens(causal):
+    """Every (batch, head) row's first chunk looks back at filled rows of its own, not at the row
+    before: inf at a real token of sample 0 (which poisons sample 0) leaves sample 1, its output
+    and its gradients, exactly as with a finite value there."""
+    q, _, v = qkv(n=37, d=8, seed=10)
+    rotations = torch.randn(2, 8, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def run(value):
+        vs = v.clone()
+        vs[0, :, :] = value  # every value of sample 0: its last sorted chunk too
+        qs, vs = q.clone().requires_grad_(), vs.requires_grad_()
+        out = reformer_attention(qs, None, vs, rotations, None, chunk_size=8, causal=causal)
+        grads = torch.autograd.grad(out[1].square().sum(), (qs, vs))
+        return [out[1], *(grad[1] for grad in grads)]
+
+    for got, want in zip(run(float("inf")), run(1.0), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -148,3 +148,22 @@ def test_garbage_at_padded_tokens_reaches_no_other_sample(causal):
 
     for got, want in zip(run(float("nan")), run(0.0), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_windows_stay_in_their_row_even_for_non_finite_real_tokens():
+    """inf in every value of sample 0 (real tokens) leaves sample 1's output and gradients as they
+    are with finite values there: no window reads another row."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, 37, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    centroids = F.normalize(torch.randn(2, 3, 8, generator=g, dtype=torch.float64), dim=-1)
+
+    def run(value):
+        qkv = [q.clone(), k.clone(), v.clone()]
+        qkv[2][0] = value
+        qkv = [t.requires_grad_() for t in qkv]
+        out = routing_attention(*qkv, centroids, window=7, causal=True)
+        grads = torch.autograd.grad(out[1].square().sum(), qkv)
+        return [out[1], *(grad[1] for grad in grads)]
+
+    for got, want in zip(run(float("inf")), run(1.0), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -14,10 +14,10 @@ softmax works in log2 units (`exp2` is several times faster than `exp`, and an e
 costs it nothing); and `bucket_attention` takes one head at a time, so that the large temporaries
 reuse memory instead of touching fresh pages.
 
-Every window's first chunk looks back at the rows stored before it, which for the first chunk of a
-(batch, head) row are the last rows of the row before: those slots are blocked, and the queries,
-keys and values of padded tokens are filled with zeros first, so that nothing there (NaN, inf)
-reaches another row or a real output, forward or backward.
+Every (batch, head) row keeps its windows to itself: its first chunk looks back at filled rows of
+its own (`sorted_rows` with a front), never at the row before, and the queries, keys and values
+of padded tokens are filled with zeros first, so that nothing there (NaN, inf) reaches another row
+or a real output, forward or backward. That costs one placeholder window per row (1/nc more work).
 
 The file runs past 250 lines because it holds both forms: the dense reference and its helpers,
 then the gathers, windows and log2-unit softmax of the fast path.
@@ -139,18 +139,28 @@ def to_chunks(t: torch.Tensor, order: torch.Tensor, chunk: int) -> torch.Tensor:
     return rearrange(gather_sorted(t, order), "b h (nc c) ... -> b h nc c ...", c=chunk)
 
 
-def sorted_rows(t: torch.Tensor, order: torch.Tensor, front: int = 0) -> torch.Tensor:
-    """Rows of `t` `(b, h, n, ...)` taken along n in `order` `(b, h, n)`, flattened over `(b h n)`:
-    `(front + b h n, ...)`. The `front` leading rows (copies of the first sorted rows) stand before
-    the first chunk, so that `look_back` can give every chunk a predecessor."""
+def sorted_rows(t: torch.Tensor, order: torch.Tensor, front: int = 0,
+                fill: float = 0.0) -> torch.Tensor:
+    """Rows of `t` `(b, h, n, ...)` taken along n in `order` `(b, h, n)`, flattened over `(b h)`:
+    each `(b h)` row's sorted rows preceded by `front` rows set to `fill`, and `front` more such
+    rows at the very end: `(b h (front + n) + front, ...)`. So `look_back` gives every chunk a
+    predecessor in its own row (the filled rows, for the first chunk) and no window mixes rows."""
+    b, h, n = order.shape
     rows, index = storage_rows(t, order)
-    index = index.flatten()
-    return rows.index_select(0, torch.cat([index[:front], index])).reshape(-1, *t.shape[3:])
+    index = torch.cat([index[..., :front], index], dim=-1).flatten()  # the fronts: placeholders
+    out = rows.index_select(0, torch.cat([index, index[:front]])).reshape(-1, *t.shape[3:])
+    if front:
+        out[:b * h * (front + n)].view(b * h, front + n, *t.shape[3:])[:, :front] = fill
+        out[b * h * (front + n):] = fill
+    return out
 
 
 def look_back(rows: torch.Tensor, chunk: int) -> torch.Tensor:
     """Sorted rows `(c + m, ...)` (a chunk of front rows first) as windows `(m / c, 2c, ...)`, each
-    chunk preceded by the chunk before it. A view: the windows overlap, nothing is copied."""
+    chunk preceded by the chunk before it. A view: the windows overlap, nothing is copied. On the
+    rows of `sorted_rows(..., front=c)`, window w of `(b h)` row R is chunk w of R (and the one
+    before) for w < nc; window nc of each row (its last chunk and the next row's filled front) is
+    a placeholder to be dropped."""
     if rows.shape[0] < 2 * chunk:  # an empty batch: no windows
         return rows.new_empty(0, 2 * chunk, *rows.shape[1:])
     return rows.unfold(0, 2 * chunk, chunk).movedim(-1, 1)
@@ -274,20 +284,21 @@ def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets:
     for r in range(rounds):
         q_order = sort_order(qb[..., r])
         k_order = q_order if shared else sort_order(kb[..., r])
-        q_rows = sorted_rows(q, q_order, front=c if one_gather else 0)
-        qc = rearrange(q_rows[c:] if one_gather else q_rows, "(w i) d -> w i d", i=c)  # w = b h nc
+        # Each (b h) row holds nc + 1 windows: its nc chunks with the chunk before (the first with
+        # a filled front, which no query meets), and a placeholder, dropped at the end. So no
+        # window reads another row: nothing there, not even inf, reaches this row.
+        q_rows = sorted_rows(q, q_order, front=c)
+        qc = rearrange(q_rows[c:], "(w i) d -> w i d", i=c)  # w = b h (nc + 1)
         keys = look_back(q_rows if one_gather else sorted_rows(k, k_order, front=c), c)  # (w j d)
         values = look_back(sorted_rows(v, k_order, front=c), c)
         factor = scale * LOG2E  # scores in log2 units (see softmax_attend)
         if key_scale is not None:  # (w 1 j)
             factor = factor * rearrange(look_back(sorted_rows(key_scale, k_order, front=c), c),
                                         "w j -> w 1 j")
-        q_code = rearrange(sorted_rows(qb, q_order), "(w i) r -> w i 1 r", i=c)
-        k_code = look_back(sorted_rows(k_codes, k_order, front=c), c).clone()  # (w j r)
-        # The windows run over the rows of all (b h) one after another: the first chunk of each
-        # (b h) would look back at the last chunk of the one before. It has no predecessor.
-        k_code.unflatten(0, (b * h, nc))[:, 0, :c] = -1
-        k_code = rearrange(k_code, "w j r -> w 1 j r")
+        # query codes -2 and key codes -1 in the fronts: they meet nothing
+        q_code = rearrange(sorted_rows(qb, q_order, front=c, fill=-2)[c:], "(w i) r -> w i 1 r", i=c)
+        k_code = rearrange(look_back(sorted_rows(k_codes, k_order, front=c, fill=-1), c),
+                           "w j r -> w 1 j r")
         # (w i j): i the chunk, j the slots of it and of the chunk before
         bits = (qc @ keys.transpose(1, 2)).mul_(factor)
         if rounds > 1:  # a pair met in N rounds is counted once over the rounds: minus log N
@@ -295,7 +306,7 @@ def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets:
             extra = (q_code[..., others] == k_code[..., others]).sum(-1, dtype=bits.dtype)
             bits -= extra if rounds == 2 else extra.log1p_().mul_(LOG2E)  # log2 N (= N - 1 if N <= 2)
         if causal or (exclude_self and not shared):
-            q_pos = rearrange(q_order, "b h (nc i) -> (b h nc) i 1", i=c)
+            q_pos = rearrange(sorted_rows(positions, q_order, front=c)[c:], "(w i) -> w i 1", i=c)
             k_pos = rearrange(look_back(sorted_rows(positions, k_order, front=c), c), "w j -> w 1 j")
         if exclude_self:
             if shared:  # the query at sorted place p meets its own key in slot c + p mod c
@@ -309,6 +320,9 @@ def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets:
             blocked |= (k_pos > q_pos) | ~window
         out, lse = softmax_attend(bits.masked_fill_(blocked, -math.inf), values)  # (w i e), (w i 1)
         back = inverse(q_order)  # (b h n): the sorted place of each token
-        outs.append(gather_sorted(rearrange(out, "(b h nc) i e -> b h (nc i) e", b=b, h=h, nc=nc), back))
-        lses.append(gather_sorted(rearrange(lse, "(b h nc) i 1 -> b h (nc i)", b=b, h=h, nc=nc), back))
+        # drop each row's placeholder window: views, gathered without a copy
+        out = rearrange(out, "(b h w) i e -> b h (w i) e", b=b, h=h, w=nc + 1)[:, :, :nc * c]
+        lse = rearrange(lse, "(b h w) i 1 -> b h (w i)", b=b, h=h, w=nc + 1)[:, :, :nc * c]
+        outs.append(gather_sorted(out, back))
+        lses.append(gather_sorted(lse, back))
     return combine_rounds(outs, lses)[:, :, :n]
