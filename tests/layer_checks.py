@@ -1,6 +1,7 @@
 """Checks on a whole layer that several entries' own tests share (tests/entries/): the fast path
 against its reference patched in, garbage behind the mask, and the empty batch."""
 
+import pytest
 import torch
 
 
@@ -71,3 +72,10 @@ def assert_empty_batch_gives_empty_output(layer, *, n: int = 37) -> None:
     x = torch.randn(0, n, layer.dim, dtype=next(layer.parameters()).dtype)
     for mask in (None, torch.ones(0, n, dtype=torch.bool)):
         assert layer(x, mask=mask).shape == (0, n, layer.dim)
+
+
+def assert_dtype_mismatch_is_refused(layer, *, n: int = 5) -> None:
+    """An input whose dtype is not the layer's raises ValueError naming both dtypes."""
+    layer = layer.float()
+    with pytest.raises(ValueError, match="float64.*float32"):
+        layer(torch.randn(1, n, layer.dim, dtype=torch.float64))

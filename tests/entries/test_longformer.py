@@ -8,6 +8,7 @@ import torch
 import zoo
 import zoo.entries.longformer as longformer
 from tests.layer_checks import (
+    assert_dtype_mismatch_is_refused,
     assert_empty_batch_gives_empty_output,
     assert_masked_garbage_changes_nothing,
     assert_unchanged_with_references,
@@ -99,6 +100,7 @@ def test_masked_garbage_and_empty_batch(causal):
                        causal=causal)
     assert_masked_garbage_changes_nothing(layer)
     assert_empty_batch_gives_empty_output(layer)
+    assert_dtype_mismatch_is_refused(layer)
 
 
 def test_global_projections_start_as_copies_so_a_full_window_is_softmax():

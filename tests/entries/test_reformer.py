@@ -10,6 +10,7 @@ import zoo
 import zoo.core.sorting as sorting
 import zoo.entries.reformer as reformer
 from tests.layer_checks import (
+    assert_dtype_mismatch_is_refused,
     assert_empty_batch_gives_empty_output,
     assert_masked_garbage_changes_nothing,
     assert_unchanged_with_references,
@@ -170,6 +171,7 @@ def test_masked_garbage_and_empty_batch(causal):
                        causal=causal)
     assert_masked_garbage_changes_nothing(layer)
     assert_empty_batch_gives_empty_output(layer)
+    assert_dtype_mismatch_is_refused(layer)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e30])

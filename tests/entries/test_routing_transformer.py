@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import zoo.core.sorting as sorting
 import zoo.entries.routing_transformer as routing
 from tests.layer_checks import (
+    assert_dtype_mismatch_is_refused,
     assert_empty_batch_gives_empty_output,
     assert_masked_garbage_changes_nothing,
     assert_unchanged_with_references,
@@ -126,6 +127,7 @@ def test_masked_garbage_and_empty_batch(causal):
     layer = RoutingTransformer(32, heads=2, n_clusters=4, causal=causal)
     assert_masked_garbage_changes_nothing(layer)
     assert_empty_batch_gives_empty_output(layer)
+    assert_dtype_mismatch_is_refused(layer)
     assert_empty_batch_gives_empty_output(layer.train())  # the k-means step on no tokens
 
 

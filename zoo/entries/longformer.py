@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from zoo.core.checks import check_qkv, check_sequence, positive_int
+from zoo.core.checks import check_dtype, check_qkv, check_sequence, positive_int
 from zoo.core.masks import block_windows, neg_fill, pad_mask, pad_to_multiple
 from zoo.core.shell import MultiHead
 from zoo.core.softmax import softmax_attention
@@ -180,6 +180,7 @@ class Longformer(MultiHead):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_dtype(x, self, name=type(self).__name__)
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         global_qkv = None
         if self.global_tokens:  # global queries only for the global rows; their keys for all

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.core.checks import check_qkv, check_sequence, positive_int
+from zoo.core.checks import check_dtype, check_qkv, check_sequence, positive_int
 from zoo.core.shell import MultiHead
 from zoo.core.sorting import bucket_attention, bucket_attention_reference
 
@@ -126,6 +126,7 @@ class Reformer(MultiHead):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_dtype(x, self, name=type(self).__name__)
         q, v = map(self.split_heads, self.to_qv(x).chunk(2, dim=-1))
         return self.to_out(self.merge_heads(self.attend(q, None, v, mask)))  # keys: q / |q|
 
