@@ -1,27 +1,38 @@
-"""BigBird: the blocked window + global + random pattern read off the layer is the paper's; the
-random blocks are a fixed, seeded draw without replacement; the output is dense softmax on it."""
+"""BigBird: the pattern is the paper's (a hand-written case); the blocked window + global + random
+support read off the layer is that pattern; the random blocks are a fixed, seeded draw without
+replacement; the fast path equals the reference (dense softmax on the pattern)."""
 
 import pytest
 import torch
 
 import zoo
-from tests.oracles import assert_equals_restricted_softmax, qkv
+import zoo.entries.bigbird as bigbird
+from tests.layer_checks import (
+    assert_empty_batch_gives_empty_output,
+    assert_masked_garbage_changes_nothing,
+    assert_unchanged_with_references,
+)
+from tests.oracles import assert_same_outputs_and_grads, qkv
 from zoo import probe
 from zoo.core.softmax import softmax_attention
-from zoo.entries.bigbird import bigbird_attention, draw_random_blocks
+from zoo.entries.bigbird import (
+    bigbird_attention,
+    bigbird_attention_reference,
+    bigbird_pattern,
+    draw_random_blocks,
+)
 
 
-def paper_pattern(n, c, g, random_blocks):
-    """(h, n, n): query block B sees key blocks B-1..B+1, 0..g-1 and R(B); global blocks see all."""
-    h = random_blocks.shape[0]
-    allowed = torch.zeros(h, n, n, dtype=torch.bool)
-    for head in range(h):
-        for i in range(n):
-            for j in range(n):
-                qb, kb = i // c, j // c
-                allowed[head, i, j] = (qb < g or kb < g or abs(qb - kb) <= 1
-                                       or kb in random_blocks[head, qb].tolist())
-    return allowed
+def test_pattern_is_window_global_and_random_blocks_by_hand():
+    """Blocks of one token, one global block, R(1) = {4}, R(4) = {2}, no other random block."""
+    random = torch.tensor([[[-1], [4], [-1], [-1], [2]]])
+    want = torch.tensor([[1, 1, 1, 1, 1],   # global row
+                         [1, 1, 1, 0, 1],   # window 0..2, random 4
+                         [1, 1, 1, 1, 0],   # window 1..3, global 0
+                         [1, 0, 1, 1, 1],   # window 2..4, global 0
+                         [1, 0, 1, 1, 1]],  # window 3..4, global 0, random 2
+                        dtype=torch.bool)
+    assert torch.equal(bigbird_pattern(5, 1, 1, random)[0], want)
 
 
 CASES = [(4, 1, 2), (5, 2, 1), (3, 1, 3), (8, 2, 2)]
@@ -32,7 +43,7 @@ def test_support_of_attention_matrix_is_window_global_random(c, g, r):
     layer = zoo.create("bigbird", dim=32, heads=2, block=c, global_blocks=g,
                        random_blocks=r).double()
     a = probe.attention_matrix(layer, n=37)
-    assert torch.equal(a != 0, paper_pattern(37, c, g, layer.random(37)))
+    assert torch.equal(a != 0, bigbird_pattern(37, c, g, layer.random(37)))
 
 
 @pytest.mark.parametrize("c, g, r", CASES, ids=[f"block{c}-g{g}-r{r}" for c, g, r in CASES])
@@ -74,16 +85,30 @@ def test_draw_covers_all_blocks_over_many_seeds():
     assert seen == {1, 2, 3, 4, 8, 9, 10, 11}
 
 
-def test_output_and_gradients_equal_dense_softmax_on_the_pattern():
+@pytest.mark.parametrize("c, g, r", CASES, ids=[f"block{c}-g{g}-r{r}" for c, g, r in CASES])
+def test_fast_path_equals_reference_with_gradients(c, g, r):
     q, k, v = (t.requires_grad_() for t in qkv())
-    layer = zoo.create("bigbird", dim=32, heads=2, block=4, global_blocks=1, random_blocks=2)
+    layer = zoo.create("bigbird", dim=32, heads=2, block=c, global_blocks=g, random_blocks=r)
     rand = layer.random(37)
     mask = torch.ones(2, 37, dtype=torch.bool)
     mask[1, 26:] = False
     mask[1, 9] = False
-    out = bigbird_attention(q, k, v, mask, block=4, global_blocks=1, random=rand)
-    keep = paper_pattern(37, 4, 1, rand) & mask[:, None, None, :]
-    assert_equals_restricted_softmax(out, q, k, v, keep, mask)
+    out = bigbird_attention(q, k, v, mask, block=c, global_blocks=g, random=rand)
+    ref = bigbird_attention_reference(q, k, v, mask, block=c, global_blocks=g, random=rand)
+    real = mask[:, None, :, None].expand_as(out)
+    assert_same_outputs_and_grads(out * real, ref * real, (q, k, v))
+
+
+def test_layer_is_unchanged_with_the_reference(monkeypatch):
+    layer = zoo.create("bigbird", dim=32, heads=2, block=4, global_blocks=1, random_blocks=2)
+    assert_unchanged_with_references(monkeypatch, layer, [
+        (bigbird, "bigbird_attention", bigbird_attention_reference)])
+
+
+def test_masked_garbage_and_empty_batch():
+    layer = zoo.create("bigbird", dim=32, heads=2, block=4, global_blocks=1, random_blocks=2)
+    assert_masked_garbage_changes_nothing(layer)
+    assert_empty_batch_gives_empty_output(layer)
 
 
 def test_one_block_covering_the_sequence_is_softmax_attention():

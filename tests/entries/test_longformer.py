@@ -1,40 +1,50 @@
-"""Longformer: the dilated window plus global tokens, read off the layer, is the paper's pattern; the
-output equals dense softmax on that pattern with the separate global projections."""
+"""Longformer: the pattern is the paper's (hand-written cases); the dilated window plus global tokens
+read off the layer is that pattern; the fast path equals the reference (dense softmax on the
+pattern, the global rows with their own projections)."""
 
 import pytest
 import torch
 
 import zoo
+import zoo.entries.longformer as longformer
+from tests.layer_checks import (
+    assert_dtype_mismatch_is_refused,
+    assert_empty_batch_gives_empty_output,
+    assert_masked_garbage_changes_nothing,
+    assert_unchanged_with_references,
+)
 from zoo import probe
+from zoo.core.masks import causal_mask
 from zoo.core.softmax import softmax_attention
-from zoo.entries.longformer import longformer_attention
-
-
-def paper_pattern(n, w, delta, g, causal):
-    """Query i sees key j: j in the (dilated) window of i, or i or j global; j <= i if causal."""
-    allowed = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        for j in range(n):
-            steps, rest = divmod(i - j, delta)
-            in_window = rest == 0 and (0 <= steps <= w // 2 if causal else abs(steps) <= w // 2)
-            allowed[i, j] = (in_window or i < g or j < g) and (j <= i or not causal)
-    return allowed
-
-
-def dense_oracle(q, k, v, allowed, g, global_qkv, mask=None):
-    def masked_softmax(q, k, v):
-        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-        keep = allowed if mask is None else allowed & mask[:, None, None, :]
-        return scores.masked_fill(~keep, torch.finfo(q.dtype).min).softmax(-1) @ v
-
-    out = masked_softmax(q, k, v)
-    out[:, :, :g] = masked_softmax(*global_qkv)[:, :, :g]
-    return out
+from zoo.entries.longformer import (
+    longformer_attention,
+    longformer_attention_reference,
+    longformer_pattern,
+)
 
 
 def qkv(n=37, b=2, h=2, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_pattern_by_hand(causal):
+    """w = 2 (one key each side), dilation 2, token 0 global."""
+    want = torch.tensor([[1, 1, 1, 1, 1, 1],
+                         [1, 1, 0, 1, 0, 0],
+                         [1, 0, 1, 0, 1, 0],
+                         [1, 1, 0, 1, 0, 1],
+                         [1, 0, 1, 0, 1, 0],
+                         [1, 0, 0, 1, 0, 1]], dtype=torch.bool)
+    if causal:  # the left half of the window; j <= i comes from the causal mask
+        want = torch.tensor([[1, 1, 1, 1, 1, 1],
+                             [1, 1, 0, 0, 0, 0],
+                             [1, 0, 1, 0, 0, 0],
+                             [1, 1, 0, 1, 0, 0],
+                             [1, 0, 1, 0, 1, 0],
+                             [1, 0, 0, 1, 0, 1]], dtype=torch.bool)
+    assert torch.equal(longformer_pattern(6, 2, 2, 1, causal=causal), want)
 
 
 CASES = [(w, delta, g, causal) for w, delta, g in ((6, 1, 0), (6, 2, 2), (4, 3, 1), (9, 2, 3))
@@ -48,19 +58,20 @@ def test_influence_support_is_the_papers_pattern(w, delta, g, causal):
                        causal=causal).double()
     x = torch.randn(1, 37, 16, dtype=torch.float64)  # 37: not a multiple of any block
     support = probe.influence(layer, x) > 0
-    assert torch.equal(support, paper_pattern(37, w, delta, g, causal))
+    want = longformer_pattern(37, w, delta, g, causal=causal)
+    assert torch.equal(support, want & causal_mask(37, 37) if causal else want)
 
 
 @pytest.mark.parametrize("w, delta, g, causal", CASES, ids=IDS)
-def test_output_and_gradients_equal_dense_softmax_with_global_projections(w, delta, g, causal):
+def test_fast_path_equals_reference_with_global_projections(w, delta, g, causal):
     q, k, v = (t.requires_grad_() for t in qkv())
     qg, kg, vg = (t.requires_grad_() for t in qkv(seed=1))
     mask = torch.ones(2, 37, dtype=torch.bool)
     mask[1, 29:] = False
     mask[1, 1] = False
-    out = longformer_attention(q, k, v, mask, window=w, dilation=delta, global_tokens=g,
-                               causal=causal, global_qkv=(qg, kg, vg))
-    ref = dense_oracle(q, k, v, paper_pattern(37, w, delta, g, causal), g, (qg, kg, vg), mask)
+    kw = dict(window=w, dilation=delta, global_tokens=g, causal=causal, global_qkv=(qg, kg, vg))
+    out = longformer_attention(q, k, v, mask, **kw)
+    ref = longformer_attention_reference(q, k, v, mask, **kw)
     real = mask[:, None, :, None].expand_as(out)
     torch.testing.assert_close(out[real], ref[real], rtol=1e-12, atol=1e-12)
     inputs = (q, k, v, qg, kg, vg)
@@ -71,6 +82,25 @@ def test_output_and_gradients_equal_dense_softmax_with_global_projections(w, del
             assert g == 0 and not any(t is not None and t.any() for t in (got, want))
         else:
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_layer_is_unchanged_with_the_reference(monkeypatch, causal):
+    layer = zoo.create("longformer", dim=32, heads=2, window=6, dilation=2, global_tokens=2,
+                       causal=causal)
+    with torch.no_grad():  # global projections unlike the local ones
+        layer.to_qkv_global.weight.add_(0.1)
+    assert_unchanged_with_references(monkeypatch, layer, [
+        (longformer, "longformer_attention", longformer_attention_reference)])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_masked_garbage_and_empty_batch(causal):
+    layer = zoo.create("longformer", dim=32, heads=2, window=6, dilation=2, global_tokens=2,
+                       causal=causal)
+    assert_masked_garbage_changes_nothing(layer)
+    assert_empty_batch_gives_empty_output(layer)
+    assert_dtype_mismatch_is_refused(layer)
 
 
 def test_global_projections_start_as_copies_so_a_full_window_is_softmax():

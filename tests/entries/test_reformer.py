@@ -1,25 +1,33 @@
 """Reformer: the one-bucket limit, bucket-restricted support, the shared-QK self rule and the
-multi-round union, each against an oracle written here."""
+multi-round union, each against a limit written here; the fast path equals the reference (the
+dense round-by-round form); padded tokens reach nothing, not even another row."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import zoo
+import zoo.core.sorting as sorting
+import zoo.entries.reformer as reformer
+from tests.layer_checks import (
+    assert_dtype_mismatch_is_refused,
+    assert_empty_batch_gives_empty_output,
+    assert_masked_garbage_changes_nothing,
+    assert_unchanged_with_references,
+)
 from tests.oracles import assert_same_outputs_and_grads
-from zoo.entries.reformer import Reformer, reformer_attention
+from zoo.entries.reformer import (
+    Reformer,
+    lsh_buckets_reference,
+    reformer_attention,
+    reformer_attention_reference,
+)
 from zoo.probe import attention_matrix
 
 
 def qkv(b=2, h=2, n=37, d=8, e=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, h, n, s, generator=g, dtype=torch.float64) for s in (d, d, e)]
-
-
-def buckets(x, rotations):
-    """Angular LSH written out: argmax over [xR, -xR], one column per round. `(b, h, n, r)`."""
-    rotated = torch.einsum("bhnd,rdf->bhnrf", x, rotations)
-    return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
 
 
 def oracle(q, k, v, allowed, mask=None, causal=False):
@@ -65,7 +73,7 @@ def test_attends_only_to_keys_of_its_own_bucket():
     layer = Reformer(32, heads=2, n_hashes=1, n_buckets=8, chunk_size=8, seed=3).double()
     q, k, _ = qkv(b=1, n=48, d=16, seed=1)
     a = attention_matrix(layer, q=q, k=k)  # (h, i, j)
-    qb, kb = buckets(q, layer.rotations)[0, ..., 0], buckets(k, layer.rotations)[0, ..., 0]
+    qb, kb = (lsh_buckets_reference(t, layer.rotations)[0, ..., 0] for t in (q, k))
     same = qb[:, :, None] == kb[:, None, :]
     eye = torch.eye(48, dtype=torch.bool)
     assert (a[~(same | eye)] == 0).all()
@@ -95,7 +103,7 @@ def test_rounds_merge_into_softmax_over_the_union_of_buckets():
     rotations = torch.randn(4, 8, 2, generator=torch.Generator().manual_seed(5),
                             dtype=torch.float64)
     out = reformer_attention(q, k, v, rotations, chunk_size=32)
-    qb, kb = buckets(q, rotations), buckets(k, rotations)
+    qb, kb = lsh_buckets_reference(q, rotations), lsh_buckets_reference(k, rotations)
     union = (qb[:, :, :, None, :] == kb[:, :, None, :, :]).any(-1)
     torch.testing.assert_close(out, oracle(q, k, v, union), rtol=1e-10, atol=1e-12)
 
@@ -120,3 +128,91 @@ def test_shared_qk_path_matches_explicit_unit_keys(causal):
     fast = reformer_attention(q, None, v, rotations, mask, **kw)
     slow = reformer_attention(q, F.normalize(q, dim=-1), v, rotations, mask, **kw)
     assert_same_outputs_and_grads(fast, slow, (q,))
+
+
+def test_lsh_buckets_by_hand():
+    """Two rotation columns: x R = (1, -3) -> [xR; -xR] = (1, -3, -1, 3), bucket 3."""
+    rotations = torch.tensor([[[1.0, 0.0], [0.0, -1.0]]])  # (r d f)
+    x = torch.tensor([1.0, 3.0]).reshape(1, 1, 1, 2)
+    assert lsh_buckets_reference(x, rotations).item() == 3
+    assert reformer.lsh_buckets(x, rotations).item() == 3
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-qk", "separate-k"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fast_path_equals_reference_with_gradients(shared, causal):
+    """Several rounds, buckets and chunks, a length no chunk multiple, a key-padding mask."""
+    q, k, v = (t.requires_grad_() for t in qkv(n=37, d=8, seed=7))
+    rotations = torch.randn(3, 8, 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    mask = torch.ones(2, 37, dtype=torch.bool)
+    mask[0, 30:] = False
+    mask[1, 3::4] = False
+    kw = dict(chunk_size=8, causal=causal)
+    keys = None if shared else k
+    out = reformer_attention(q, keys, v, rotations, mask, **kw)
+    ref = reformer_attention_reference(q, keys, v, rotations, mask, **kw)
+    real = mask[:, None, :, None]
+    assert_same_outputs_and_grads(out * real, ref * real, (q, k, v) if not shared else (q, v))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_layer_is_unchanged_with_the_references(monkeypatch, causal):
+    layer = zoo.create("reformer", dim=32, heads=2, n_hashes=2, n_buckets=4, chunk_size=8,
+                       causal=causal)
+    assert_unchanged_with_references(monkeypatch, layer, [
+        (reformer, "reformer_attention", reformer_attention_reference),
+        (reformer, "bucket_attention", sorting.bucket_attention_reference),
+        (reformer, "lsh_buckets", lsh_buckets_reference)])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_masked_garbage_and_empty_batch(causal):
+    layer = zoo.create("reformer", dim=32, heads=2, n_hashes=2, n_buckets=4, chunk_size=8,
+                       causal=causal)
+    assert_masked_garbage_changes_nothing(layer)
+    assert_empty_batch_gives_empty_output(layer)
+    assert_dtype_mismatch_is_refused(layer)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e30])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_garbage_at_padded_tokens_stays_in_its_row_forward_and_backward(value, causal):
+    """The sorted windows run over all (batch, head) rows one after another, so sample 1's first
+    chunk looks back at sample 0's last, where its padded tokens sort: garbage in q or v there
+    changes neither sample 1 nor sample 0's real outputs, nor their gradients."""
+    q, _, v = qkv(n=37, d=8, seed=9)
+    rotations = torch.randn(2, 8, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    mask = torch.ones(2, 37, dtype=torch.bool)
+    mask[0, 25:] = False
+    padded = ~mask[:, None, :, None]
+
+    def run(fill):
+        qs, vs = (t.masked_fill(padded, fill).requires_grad_() for t in (q, v))
+        out = reformer_attention(qs, None, vs, rotations, mask, chunk_size=8, causal=causal)
+        real = out * mask[:, None, :, None]
+        grads = torch.autograd.grad(real.square().sum(), (qs, vs))
+        return [real, *(g.masked_fill(padded, 0.0) for g in grads)]
+
+    for got, want in zip(run(value), run(0.0), strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_windows_stay_in_their_row_even_for_non_finite_real_tokens(causal):
+    """Every (batch, head) row's first chunk looks back at filled rows of its own, not at the row
+    before: inf at a real token of sample 0 (which poisons sample 0) leaves sample 1, its output
+    and its gradients, exactly as with a finite value there."""
+    q, _, v = qkv(n=37, d=8, seed=10)
+    rotations = torch.randn(2, 8, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def run(value):
+        vs = v.clone()
+        vs[0, :, :] = value  # every value of sample 0: its last sorted chunk too
+        qs, vs = q.clone().requires_grad_(), vs.requires_grad_()
+        out = reformer_attention(qs, None, vs, rotations, None, chunk_size=8, causal=causal)
+        grads = torch.autograd.grad(out[1].square().sum(), (qs, vs))
+        return [out[1], *(grad[1] for grad in grads)]
+
+    for got, want in zip(run(float("inf")), run(1.0), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -3,7 +3,9 @@ entries (reformer, routing-transformer, smyrf, sinkhorn-attention).
 
 Tokens are ordered by a group id (a hash bucket, a cluster) and position, cut into equal chunks,
 attend inside a chunk (and the chunk before it), and go back to their places; several rounds merge
-by their softmax normalisers.
+by their softmax normalisers. `bucket_attention_reference` states that densely: each token's
+place in the sorted order, the `(i, j)` pairs that share a bucket and sit in neighbouring chunks,
+a softmax over them per round, and the merge. `bucket_attention` is the fast path, tested equal.
 
 On CPU at long lengths the time goes to memory traffic, so: row gathers use `index_select` on
 flattened rows (several times faster than `gather` with an expanded index); the chunk windows are
@@ -11,6 +13,14 @@ overlapping views of one sorted copy; the score tensor is masked and exponentiat
 softmax works in log2 units (`exp2` is several times faster than `exp`, and an exponent of -inf
 costs it nothing); and `bucket_attention` takes one head at a time, so that the large temporaries
 reuse memory instead of touching fresh pages.
+
+Every (batch, head) row keeps its windows to itself: its first chunk looks back at filled rows of
+its own (`sorted_rows` with a front), never at the row before, and the queries, keys and values
+of padded tokens are filled with zeros first, so that nothing there (NaN, inf) reaches another row
+or a real output, forward or backward. That costs one placeholder window per row (1/nc more work).
+
+The file runs past 250 lines because it holds both forms: the dense reference and its helpers,
+then the gathers, windows and log2-unit softmax of the fast path.
 """
 
 from __future__ import annotations
@@ -18,11 +28,75 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import rearrange
+from einops import einsum, rearrange
 
 from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
 
 LOG2E = 1 / math.log(2)  # natural scores times LOG2E are scores in log2 units: e^s = 2^(s LOG2E)
+
+
+def bucket_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               q_buckets: torch.Tensor, k_buckets: torch.Tensor,
+                               mask: torch.Tensor | None = None, *, chunk_size: int,
+                               causal: bool = False, exclude_self: bool = False,
+                               scale: float | None = None,
+                               key_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`bucket_attention` written out densely, round by round (quadratic in the length).
+
+    In round r, query i at place p_i of the queries sorted by (bucket, position), padded tokens
+    last, reads key j at place s_j of the keys sorted alike when they share the bucket and
+    chunk(s_j) is chunk(p_i) or the one before it (causal: s_j >= p_i - c and j <= i). The score
+    of a pair is s q_i.k_j - log N_ij, N_ij the rounds in which i and j share a bucket; with
+    `exclude_self`, the own key only counts when nothing else is left. Rounds merge with weights
+    softmax_r(z_r), z_r the round's log normaliser.
+    """
+    b, h, n, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    c = min(chunk_size, n)
+    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
+    real_j = rearrange(real, "b j -> b 1 1 j")
+    keys = k if key_scale is None else k * key_scale.unsqueeze(-1)
+    scores = einsum(q, keys, "b h i d, b h j d -> b h i j") * scale
+    shared = rearrange(q_buckets, "b h i r -> b h i 1 r") == rearrange(k_buckets, "b h j r -> b h 1 j r")
+    scores = scores - shared.sum(-1).clamp(min=1).to(q.dtype).log()  # - log N_ij
+    i = rearrange(torch.arange(n, device=q.device), "i -> i 1")
+    j = rearrange(torch.arange(n, device=q.device), "j -> 1 j")
+    if exclude_self:
+        scores = scores.masked_fill(i == j, neg_fill(q.dtype) / 2)
+    behind = rearrange(~real, "b n -> b 1 n")  # padded tokens sort after every real one
+    outs, lses = [], []
+    for r in range(q_buckets.shape[-1]):
+        last = torch.iinfo(q_buckets.dtype).max  # a bucket after every real one
+        p, s = (rearrange(stable_places(t[..., r].masked_fill(behind, last)), pattern)
+                for t, pattern in ((q_buckets, "b h i -> b h i 1"), (k_buckets, "b h j -> b h 1 j")))
+        near = (s // c == p // c) | (s // c == p // c - 1)  # own chunk, or the one before
+        if causal:
+            near = near & (s >= p - c) & (j <= i)
+        out, lse = softmax_with_lse(scores, shared[..., r] & real_j & near, v)
+        outs.append(out)
+        lses.append(lse)
+    weights = torch.stack(lses).softmax(dim=0)  # (r b h i)
+    return einsum(weights, torch.stack(outs), "r b h i, r b h i e -> b h i e")
+
+
+def stable_places(key: torch.Tensor) -> torch.Tensor:
+    """The place of each element of `key` `(..., n)` in a stable ascending sort: how many come
+    before it, by value and then by position. Dense, `(..., n, n)` comparisons."""
+    n = key.shape[-1]
+    pos = torch.arange(n, device=key.device)
+    a, b = key.unsqueeze(-1), key.unsqueeze(-2)  # (... i 1): the element, (... 1 j): the others
+    before = (b < a) | ((b == a) & (pos < rearrange(pos, "i -> i 1")))
+    return before.sum(-1)
+
+
+def softmax_with_lse(scores: torch.Tensor, allowed: torch.Tensor,
+                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over the allowed keys and its log normaliser: `(out, lse)`, `(..., i, e)`
+    and `(..., i)`. A row with no allowed key gives zeros and the dtype's most negative value."""
+    scores = scores.masked_fill(~allowed, neg_fill(scores.dtype))
+    some = allowed.any(-1)
+    out = torch.where(some.unsqueeze(-1), scores.softmax(dim=-1) @ v, 0.0)
+    return out, torch.where(some, scores.logsumexp(dim=-1), neg_fill(scores.dtype))
 
 
 def storage_rows(t: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,10 +106,12 @@ def storage_rows(t: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, to
     an expanded mask."""
     b, h, n = t.shape[:3]
     f = math.prod(t.shape[3:])
-    if not (t[0, 0, 0].is_contiguous() and all(s % f == 0 for s in t.stride()[:3])):
+    empty = t.numel() == 0  # an empty batch: no rows
+    if empty or not (t[0, 0, 0].is_contiguous() and all(s % f == 0 for s in t.stride()[:3])):
         t = t.contiguous()
-    sb, sh, sn = (s // f for s in t.stride()[:3])
-    rows = t.as_strided(((b - 1) * sb + (h - 1) * sh + (n - 1) * sn + 1, f), (f, 1))
+    sb, sh, sn = (s // max(f, 1) for s in t.stride()[:3])
+    size = 0 if empty else (b - 1) * sb + (h - 1) * sh + (n - 1) * sn + 1
+    rows = t.as_strided((size, f), (f, 1))
     start = (torch.arange(b, device=t.device).reshape(b, 1, 1) * sb
              + torch.arange(h, device=t.device).reshape(1, h, 1) * sh)  # (b h 1)
     return rows, start + order * sn
@@ -63,18 +139,30 @@ def to_chunks(t: torch.Tensor, order: torch.Tensor, chunk: int) -> torch.Tensor:
     return rearrange(gather_sorted(t, order), "b h (nc c) ... -> b h nc c ...", c=chunk)
 
 
-def sorted_rows(t: torch.Tensor, order: torch.Tensor, front: int = 0) -> torch.Tensor:
-    """Rows of `t` `(b, h, n, ...)` taken along n in `order` `(b, h, n)`, flattened over `(b h n)`:
-    `(front + b h n, ...)`. The `front` leading rows (copies of the first sorted rows) stand before
-    the first chunk, so that `look_back` can give every chunk a predecessor."""
+def sorted_rows(t: torch.Tensor, order: torch.Tensor, front: int = 0,
+                fill: float = 0.0) -> torch.Tensor:
+    """Rows of `t` `(b, h, n, ...)` taken along n in `order` `(b, h, n)`, flattened over `(b h)`:
+    each `(b h)` row's sorted rows preceded by `front` rows set to `fill`, and `front` more such
+    rows at the very end: `(b h (front + n) + front, ...)`. So `look_back` gives every chunk a
+    predecessor in its own row (the filled rows, for the first chunk) and no window mixes rows."""
+    b, h, n = order.shape
     rows, index = storage_rows(t, order)
-    index = index.flatten()
-    return rows.index_select(0, torch.cat([index[:front], index])).reshape(-1, *t.shape[3:])
+    index = torch.cat([index[..., :front], index], dim=-1).flatten()  # the fronts: placeholders
+    out = rows.index_select(0, torch.cat([index, index[:front]])).reshape(-1, *t.shape[3:])
+    if front:
+        out[:b * h * (front + n)].view(b * h, front + n, *t.shape[3:])[:, :front] = fill
+        out[b * h * (front + n):] = fill
+    return out
 
 
 def look_back(rows: torch.Tensor, chunk: int) -> torch.Tensor:
     """Sorted rows `(c + m, ...)` (a chunk of front rows first) as windows `(m / c, 2c, ...)`, each
-    chunk preceded by the chunk before it. A view: the windows overlap, nothing is copied."""
+    chunk preceded by the chunk before it. A view: the windows overlap, nothing is copied. On the
+    rows of `sorted_rows(..., front=c)`, window w of `(b h)` row R is chunk w of R (and the one
+    before) for w < nc; window nc of each row (its last chunk and the next row's filled front) is
+    a placeholder to be dropped."""
+    if rows.shape[0] < 2 * chunk:  # an empty batch: no windows
+        return rows.new_empty(0, 2 * chunk, *rows.shape[1:])
     return rows.unfold(0, 2 * chunk, chunk).movedim(-1, 1)
 
 
@@ -176,9 +264,16 @@ def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets:
     key_scale = None if key_scale is None else pad_to_multiple(key_scale, c, dim=2)[0]
     mask = pad_mask(mask, b, n, pad, q.device)
     rounds, nc = qb.shape[-1], (n + pad) // c
-    if mask is not None:  # padded tokens get a bucket past the last: they sort behind the real ones
+    if mask is not None:
         behind = rearrange(~mask, "b n -> b 1 n 1")
-        sentinel = int(max(qb.max(), kb.max())) + 1
+        # Zeros at padded tokens (a fill, not a product): whatever is there, NaN or inf, then
+        # reaches no real output and no other row, forward or backward.
+        q, v = q.masked_fill(behind, 0.0), v.masked_fill(behind, 0.0)
+        k = q if keys_are_queries else k.masked_fill(behind, 0.0)
+        key_scale = None if key_scale is None else key_scale.masked_fill(behind[..., 0], 0.0)
+        # Padded tokens get a bucket past every real one (the largest that `sort_order` can
+        # take), so they sort behind the real ones.
+        sentinel = torch.iinfo(qb.dtype).max // (n + pad) - 1
         qb, kb = qb.masked_fill(behind, sentinel), kb.masked_fill(behind, sentinel)
     # The key slots carry their buckets, -1 (met by no query) for a padded key.
     k_codes = kb if mask is None else kb.masked_fill(behind, -1)  # (b h n r)
@@ -189,20 +284,21 @@ def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets:
     for r in range(rounds):
         q_order = sort_order(qb[..., r])
         k_order = q_order if shared else sort_order(kb[..., r])
-        q_rows = sorted_rows(q, q_order, front=c if one_gather else 0)
-        qc = rearrange(q_rows[c:] if one_gather else q_rows, "(w i) d -> w i d", i=c)  # w = b h nc
+        # Each (b h) row holds nc + 1 windows: its nc chunks with the chunk before (the first with
+        # a filled front, which no query meets), and a placeholder, dropped at the end. So no
+        # window reads another row: nothing there, not even inf, reaches this row.
+        q_rows = sorted_rows(q, q_order, front=c)
+        qc = rearrange(q_rows[c:], "(w i) d -> w i d", i=c)  # w = b h (nc + 1)
         keys = look_back(q_rows if one_gather else sorted_rows(k, k_order, front=c), c)  # (w j d)
         values = look_back(sorted_rows(v, k_order, front=c), c)
         factor = scale * LOG2E  # scores in log2 units (see softmax_attend)
         if key_scale is not None:  # (w 1 j)
             factor = factor * rearrange(look_back(sorted_rows(key_scale, k_order, front=c), c),
                                         "w j -> w 1 j")
-        q_code = rearrange(sorted_rows(qb, q_order), "(w i) r -> w i 1 r", i=c)
-        k_code = look_back(sorted_rows(k_codes, k_order, front=c), c).clone()  # (w j r)
-        # The windows run over the rows of all (b h) one after another: the first chunk of each
-        # (b h) would look back at the last chunk of the one before. It has no predecessor.
-        k_code.unflatten(0, (b * h, nc))[:, 0, :c] = -1
-        k_code = rearrange(k_code, "w j r -> w 1 j r")
+        # query codes -2 and key codes -1 in the fronts: they meet nothing
+        q_code = rearrange(sorted_rows(qb, q_order, front=c, fill=-2)[c:], "(w i) r -> w i 1 r", i=c)
+        k_code = rearrange(look_back(sorted_rows(k_codes, k_order, front=c, fill=-1), c),
+                           "w j r -> w 1 j r")
         # (w i j): i the chunk, j the slots of it and of the chunk before
         bits = (qc @ keys.transpose(1, 2)).mul_(factor)
         if rounds > 1:  # a pair met in N rounds is counted once over the rounds: minus log N
@@ -210,7 +306,7 @@ def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets:
             extra = (q_code[..., others] == k_code[..., others]).sum(-1, dtype=bits.dtype)
             bits -= extra if rounds == 2 else extra.log1p_().mul_(LOG2E)  # log2 N (= N - 1 if N <= 2)
         if causal or (exclude_self and not shared):
-            q_pos = rearrange(q_order, "b h (nc i) -> (b h nc) i 1", i=c)
+            q_pos = rearrange(sorted_rows(positions, q_order, front=c)[c:], "(w i) -> w i 1", i=c)
             k_pos = rearrange(look_back(sorted_rows(positions, k_order, front=c), c), "w j -> w 1 j")
         if exclude_self:
             if shared:  # the query at sorted place p meets its own key in slot c + p mod c
@@ -224,6 +320,9 @@ def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets:
             blocked |= (k_pos > q_pos) | ~window
         out, lse = softmax_attend(bits.masked_fill_(blocked, -math.inf), values)  # (w i e), (w i 1)
         back = inverse(q_order)  # (b h n): the sorted place of each token
-        outs.append(gather_sorted(rearrange(out, "(b h nc) i e -> b h (nc i) e", b=b, h=h), back))
-        lses.append(gather_sorted(rearrange(lse, "(b h nc) i 1 -> b h (nc i)", b=b, h=h), back))
+        # drop each row's placeholder window: views, gathered without a copy
+        out = rearrange(out, "(b h w) i e -> b h (w i) e", b=b, h=h, w=nc + 1)[:, :, :nc * c]
+        lse = rearrange(lse, "(b h w) i 1 -> b h (w i)", b=b, h=h, w=nc + 1)[:, :, :nc * c]
+        outs.append(gather_sorted(out, back))
+        lses.append(gather_sorted(lse, back))
     return combine_rounds(outs, lses)[:, :, :n]

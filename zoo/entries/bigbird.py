@@ -16,6 +16,11 @@ Deviations from the paper:
 - $R(B)$ is drawn once, at construction, from a generator seeded with `seed`: the buffer `draw`,
   `(h, nb, r)` random integers, picks without replacement from the blocks that are neither window
   nor global at the length at hand, so the pattern is fixed in eval and training mode alike.
+
+`bigbird_attention_reference` is the pattern $S(B)$ as an allowed `(i, j)` set and one dense
+softmax over it. The fast path `bigbird_attention`, tested equal, never builds that set: it
+gathers each query block's key blocks, in chunks of query blocks that stay in cache, and runs the
+global blocks' rows through torch's fused softmax attention.
 """
 
 import math
@@ -27,8 +32,40 @@ from einops import rearrange, repeat
 from zoo.core.checks import check_qkv, positive_int, refuse_causal
 from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
 from zoo.core.shell import MultiHead
+from zoo.core.softmax import softmax_attention
 
 CHUNK = 16  # query blocks per pass of the block attention
+
+
+def bigbird_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                mask: torch.Tensor | None = None, *, block: int = 64,
+                                global_blocks: int = 2,
+                                random: torch.Tensor | None = None) -> torch.Tensor:
+    """`bigbird_attention` as the paper's pattern: softmax over the allowed `(i, j)` set."""
+    check_qkv(q, k, v, mask, name="bigbird_attention")
+    allowed = bigbird_pattern(q.shape[2], block, global_blocks, random, device=q.device)
+    return softmax_attention(q, k, v, mask, allowed=allowed)  # (b h n e)
+
+
+def bigbird_pattern(n: int, block: int, global_blocks: int, random: torch.Tensor | None,
+                    device=None) -> torch.Tensor:
+    """`(h, i, j)` (`(1, i, j)` without random blocks): query i reads key j when j's block is in
+    S(i's block), or when i's block is global.
+
+    Args:
+        random: `(h, nb, r)` random key blocks per query block, -1 = none; None: no random part.
+    """
+    nb = -(-n // block)
+    g = min(global_blocks, nb)
+    qb = rearrange(torch.arange(n, device=device) // block, "i -> i 1")  # query blocks B
+    kb = rearrange(torch.arange(n, device=device) // block, "j -> 1 j")  # key blocks C
+    window = (qb - kb).abs() <= 1  # C in {B - 1, B, B + 1}
+    glob = (qb < g) | (kb < g)  # C global, or B global (it reads every block)
+    if random is None:
+        return (window | glob)[None]
+    # R(B): the key blocks drawn for B, as an (h, B, C) table; -1 matches no block
+    drawn = (random[..., None] == torch.arange(nb, device=device)).any(-2)
+    return window | glob | drawn[:, qb, kb]
 
 
 def draw_random_blocks(draw: torch.Tensor, nb: int, global_blocks: int) -> torch.Tensor:
@@ -76,6 +113,8 @@ def bigbird_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     check_qkv(q, k, v, mask, name="bigbird_attention")
     b, h, n, d = q.shape
+    if mask is not None:  # zeros at padded keys (a fill: NaN or inf there reaches nothing real)
+        k, v = (t.masked_fill(rearrange(~mask, "b n -> b 1 n 1"), 0.0) for t in (k, v))
     (qp, pad), (kp, _), (vp, _) = (pad_to_multiple(t, block) for t in (q, k, v))
     real = pad_mask(mask, b, n, pad, q.device)
     nb, g = qp.shape[2] // block, min(global_blocks, qp.shape[2] // block)
@@ -94,7 +133,7 @@ def bigbird_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     sel, s = sel.clamp(0, nb - 1), sel.shape[-1]
     # S(B) as indices into the flattened (b h nb) key blocks, and an additive mask on its scores:
     # 0 on the keys of S(B), the most negative number on missing blocks and padding
-    flat = rearrange(torch.arange(b * h, device=q.device) * nb, "(b h) -> b h 1 1", b=b) + sel
+    flat = rearrange(torch.arange(b * h, device=q.device) * nb, "(b h) -> b h 1 1", b=b, h=h) + sel
     flat = rearrange(flat, "b h nb s -> (b h nb) s")
     key_ok = repeat(ok, "h nb s -> b h nb s c", b=b, c=block)
     if real is not None:
@@ -111,11 +150,12 @@ def bigbird_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     for t in (k_blk, v_blk))  # K_S(B), V_S(B)
         scores = torch.baddbmm(bias[blocks], q_blk[blocks], k_s.transpose(1, 2), alpha=scale)  # (B c w)
         out.append(torch.bmm(scores.softmax(dim=-1), v_s))  # (B c e)
-    out = rearrange(torch.cat(out), "(b h nb) c e -> b h (nb c) e", b=b, h=h)
+    out = rearrange(torch.cat(out), "(b h nb) c e -> b h (nb c) e", b=b, h=h, nb=nb)
 
     # the global blocks attend to every key: softmax attention, by torch's fused kernel (on the
     # blocks' contiguous copies of q, k, v)
-    qp, kp, vp = (rearrange(t, "(b h nb) c d -> b h (nb c) d", b=b, h=h) for t in (q_blk, k_blk, v_blk))
+    qp, kp, vp = (rearrange(t, "(b h nb) c d -> b h (nb c) d", b=b, h=h, nb=nb)
+                  for t in (q_blk, k_blk, v_blk))
     key_bias = None if real is None else rearrange(
         (~real).to(q.dtype) * neg_fill(q.dtype), "b j -> b 1 1 j")
     out[:, :, :g * block] = F.scaled_dot_product_attention(qp[:, :, :g * block], kp, vp,

@@ -13,14 +13,12 @@ $$ O_i = \sum_{u \in \mathcal{C}_k(i)} \operatorname{softmax}_u\!\big(q_i^\top \
    v_j $$
 
 $\mathcal{C}_k(i)$ is token $i$ itself plus its contextual nodes (the paper's contextual edges).
-Each level's nodes of a query form one contiguous range of node indices, so a block of queries
-reads one window of nodes per level, and the windows of all levels side by side are the block's
-keys: the attention is one batched matrix product, one softmax and one product per chunk of
-blocks, not a gather per query.
-
-The file runs past 250 lines because the tiling rule (which span of which level a query reads,
-both sides, causal or not, near the ends) is built here as index windows, with the padding of
-partial spans; the attention itself is the short `window_attention`.
+`bp_attention_reference` is that equation: the nodes of each query walked one at a time
+(`contextual_nodes`), then a softmax over the span means (`zoo.core.blocks.pooled_attention`).
+The fast path `bp_attention`, tested equal, uses that each level's nodes of a query form one
+contiguous range of node indices (`contextual_ranges`): a block of queries then reads one window
+of nodes per level, and the attention is one batched product per chunk of blocks
+(`zoo.core.blocks.window_attention`, shared with `multiscale-transformer`).
 
 Deviations from the paper:
 - One layer, tokens in and tokens out. In the paper span nodes are graph nodes with their own
@@ -35,27 +33,63 @@ Deviations from the paper:
 import functools
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange, reduce
 
+from zoo.core.blocks import level_sizes, level_windows, pooled_attention, window_attention
 from zoo.core.checks import check_qkv, positive_int
-from zoo.core.masks import neg_fill, pad_to_multiple
 from zoo.core.shell import MultiHead
 
-QUERY_BLOCK = 32  # queries that share one window of nodes per level
-CHUNK = 8  # query blocks per pass: their nodes, scores and weights stay in cache
+QUERY_BLOCK = 32  # queries that share one window of nodes per level (zoo.core.blocks)
+
+
+def bp_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None = None, *, k_per_level: int = 4,
+                           causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """`bp_attention` as the paper states it: every query's contextual nodes, walked one node at a
+    time (`contextual_nodes`), as an `(i, u)` pattern over the span nodes; a node's key and value
+    the mean over its real tokens; one softmax over the nodes read."""
+    check_qkv(q, k, v, mask, name="bp_attention")
+    n = q.shape[2]
+    sizes = level_sizes(n, 2)
+    first = [sum(sizes[:level]) for level in range(len(sizes))]  # node p of level l: row first[l] + p
+    reads = torch.zeros(n, sum(sizes), dtype=torch.bool, device=q.device)
+    for i in range(n):
+        for level, p in contextual_nodes(n, k_per_level, i, causal=causal):
+            reads[i, first[level] + p] = True
+    return pooled_attention(q, k, v, mask, reads, ratio=2, scale=scale)
+
+
+def contextual_nodes(n: int, k: int, i: int, *, causal: bool = False) -> set[tuple[int, int]]:
+    """The `(level, index)` nodes token `i` reads, walked as the paper's binary partitioning
+    describes: the token itself, then k nodes per level and side, fine to coarse; where the next
+    level's first span would overlap what is covered, its uncovered half (one level down) is read
+    instead. Causal: the left side only."""
+    sizes = level_sizes(n, 2)
+    nodes = {(0, i)}
+    p, replace = i - 1, False  # left side, walking down to 0
+    for level in range(len(sizes)):
+        for t in range(k):
+            if p < 0:
+                break
+            nodes.add((level - 1, 2 * p) if replace and t == 0 else (level, p))
+            p -= 1
+        replace, p = p % 2 == 0, p // 2
+    if causal:
+        return nodes
+    p, replace = i + 1, False  # right side, walking up to the end
+    for level, size in enumerate(sizes):
+        for t in range(k):
+            if p >= size:
+                break
+            node = (level - 1, 2 * p + 1) if replace and t == 0 else (level, p)
+            if node[1] < sizes[node[0]]:  # a span past the end of the sequence is left out
+                nodes.add(node)
+            p += 1
+        replace, p = p % 2 == 1, p // 2
+    return nodes
 
 
 def _floor_half(t: torch.Tensor) -> torch.Tensor:
     return torch.div(t, 2, rounding_mode="floor")
-
-
-def level_sizes(n: int, ratio: int, levels: int | None = None) -> list[int]:
-    """Spans per level when level l holds spans of ratio^l tokens; None levels: until one span."""
-    sizes = [n]
-    while (sizes[-1] > 1) if levels is None else (len(sizes) < levels):
-        sizes.append(-(-sizes[-1] // ratio))
-    return sizes
 
 
 def contextual_ranges(n: int, k: int, *, causal: bool = False, device=None):
@@ -90,136 +124,6 @@ def contextual_ranges(n: int, k: int, *, causal: bool = False, device=None):
             out.append((level, ptr + ovl.long(), hi))
         ptr, ovl = _floor_half(nxt), ext
     return out
-
-
-def span_means(t: torch.Tensor, weight: torch.Tensor | None, *, ratio: int = 2,
-               levels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and real-token count of aligned spans: level l holds spans of ratio^l tokens.
-
-    Args:
-        t: `(b, h, n, d)`. weight: `(b, n)`, 1 for real tokens and 0 for padding; None: all real.
-        ratio: tokens of level l - 1 per span of level l.
-        levels: how many levels; None means until one span holds everything.
-
-    Returns:
-        All levels in one table, level after level (`level_sizes` spans each): `means (b, h, nodes,
-        d)` and `counts (b, nodes)`. A span with no real token has mean 0.
-    """
-    # contiguous first: summing neighbours of a strided view (the heads of a projection) is slow
-    sums = (t if weight is None else t * rearrange(weight, "b n -> b 1 n 1")).contiguous()
-    counts = t.new_ones(t.shape[0], t.shape[2]) if weight is None else weight
-    level_sums, level_counts = [sums], [counts]
-    while (counts.shape[-1] > 1) if levels is None else (len(level_sums) < levels):
-        sums = reduce(pad_to_multiple(sums, ratio)[0], "b h (m r) d -> b h m d", "sum", r=ratio)
-        counts = reduce(pad_to_multiple(counts, ratio, dim=-1)[0], "b (m r) -> b m", "sum", r=ratio)
-        level_sums.append(sums)
-        level_counts.append(counts)
-    counts = torch.cat(level_counts, -1)
-    means = torch.cat(level_sums, 2).div_(rearrange(counts.clamp(min=1), "b m -> b 1 m 1"))
-    return means, counts
-
-
-def _window(lo: torch.Tensor, hi: torch.Tensor, block: int):
-    """Group queries in blocks; each block reads one window of nodes covering its members' ranges.
-
-    Returns:
-        `idx (nb, w)` node indices of each block's window and `keep (nb, block, w)`, True where the
-        node is in the query's own range; None when every range is empty.
-    """
-    lo, hi = F.pad(lo, (0, (-lo.shape[0]) % block), value=1), F.pad(hi, (0, (-hi.shape[0]) % block))
-    lo, hi = rearrange(lo, "(nb c) -> nb c", c=block), rearrange(hi, "(nb c) -> nb c", c=block)
-    empty = lo > hi  # padded queries too
-    if bool(empty.all()):
-        return None
-    start = lo.masked_fill(empty, torch.iinfo(lo.dtype).max).amin(-1)
-    start = torch.where(empty.all(-1), 0, start)
-    width = int((hi - start[:, None]).masked_fill(empty, 0).max()) + 1
-    idx = start[:, None] + torch.arange(width, device=lo.device)  # (nb w)
-    keep = (idx[:, None, :] >= lo[..., None]) & (idx[:, None, :] <= hi[..., None])
-    return idx, keep
-
-
-def level_windows(ranges, sizes: list[int], block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per block of queries, the windows of every level side by side (`_window` for each level).
-
-    Args:
-        ranges: `(level, lo, hi)` with `lo`, `hi` `(n,)` inclusive node indices.
-        sizes: nodes per level (`level_sizes`).
-        block: queries per block.
-
-    Returns:
-        `node (nb, w)`, rows of the all-level node table (`span_means`), and `keep (nb, block, w)`,
-        True where the node is in the query's own range.
-    """
-    first = [sum(sizes[:level]) for level in range(len(sizes))]  # node u of level l: row first[l] + u
-    node, keep = [], []
-    for level, lo, hi in ranges:
-        window = _window(lo, hi, block)
-        if window is not None:
-            idx, inside = window
-            node.append(first[level] + idx.clamp(max=sizes[level] - 1))
-            keep.append(inside & (idx < sizes[level])[:, None, :])
-    return torch.cat(node, -1), torch.cat(keep, -1)
-
-
-def node_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                   ranges, *, ratio: int, levels: int | None = None,
-                   scale: float | None = None) -> torch.Tensor:
-    """One softmax over span nodes of several levels, each query reading a range of nodes per level.
-
-    Args:
-        q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
-        ranges: `(level, lo, hi)` with `lo`, `hi` `(n,)` inclusive node indices; nodes without a
-            real token are left out.
-        ratio, levels: the spans, as in `span_means`.
-        scale: score scale; None means `d ** -0.5`.
-
-    Returns:
-        `(b, h, n, e)`, as `window_attention`.
-    """
-    node, keep = level_windows(ranges, level_sizes(q.shape[2], ratio, levels), QUERY_BLOCK)
-    return window_attention(q, k, v, mask, node, keep, ratio=ratio, levels=levels, scale=scale)
-
-
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                     node: torch.Tensor, keep: torch.Tensor, *, ratio: int, levels: int | None = None,
-                     scale: float | None = None) -> torch.Tensor:
-    """One softmax over the span nodes each block of queries reads (`level_windows`).
-
-    A node of level l is an aligned span of ratio^l tokens whose key and value are the means over
-    its real tokens (`span_means`). A block's keys are the windows of all levels side by side, so
-    its scores are one batched matrix product and one softmax.
-
-    Args:
-        q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
-        node: `(nb, w)` rows of the all-level node table. keep: `(nb, c, w)`, True where query
-            c of a block reads the node; nodes without a real token are left out.
-        ratio, levels: the spans, as in `span_means`.
-        scale: score scale; None means `d ** -0.5`.
-
-    Returns:
-        `(b, h, n, e)`; a query with no node at all gets the mean of its block's node values.
-    """
-    b, h, n, d = q.shape
-    scale = d ** -0.5 if scale is None else scale
-    weight = None if mask is None else mask.to(q.dtype)
-    k_all, counts = span_means(k, weight, ratio=ratio, levels=levels)  # (b h nodes d), (b nodes)
-    v_all = span_means(v, weight, ratio=ratio, levels=levels)[0]
-    keep = keep & (counts > 0)[:, node][:, :, None, :]  # (b nb c w)
-    bias = (~keep).to(q.dtype) * neg_fill(q.dtype)  # added to the scores: 0 or the most negative
-    nb, c, w = keep.shape[1:]
-    q = rearrange(pad_to_multiple(q * scale, c)[0], "b h (nb c) d -> b h nb c d", c=c)
-    # node rows of the flattened (b h nodes) table, so that a gather copies whole rows
-    rows = rearrange(torch.arange(b * h, device=q.device) * k_all.shape[2], "bh -> bh 1 1") + node
-    k_all, v_all = (rearrange(t, "b h m d -> (b h m) d") for t in (k_all, v_all))
-    out = []
-    for i in range(0, nb, CHUNK):  # over chunks of query blocks, not tokens
-        blocks = slice(i, i + CHUNK)
-        k_w, v_w = (rearrange(t.index_select(0, rows[:, blocks].flatten()), "(b h B w) d -> b h B w d",
-                              b=b, h=h, w=w) for t in (k_all, v_all))
-        scores = (q[:, :, blocks] @ k_w.transpose(-1, -2)).add_(bias[:, None, blocks])  # (b h B c w)
-        out.append(scores.softmax(dim=-1) @ v_w)  # (b h B c e)
-    return rearrange(torch.cat(out, dim=2), "b h nb c e -> b h (nb c) e")[:, :, :n]
 
 
 @functools.lru_cache(maxsize=8)

@@ -16,6 +16,11 @@ $$ A^c = \operatorname{softmax}\!\big(s\, Q^c K^\top\big), \qquad
 
 (clustered attention: $O_i = A^c_{c_i} V$; improved: $O_i = A^t_i V$.)
 
+`clustered_attention_reference` is that definition, token by token in dense form: Hamming
+distances counted bit by bit, each query's centroid row of $A^c$, and for the improved variant
+the top-k set as a bool pattern over the keys. The fast path `clustered_attention`, tested equal,
+works per cluster (agreements as one product, the top keys gathered).
+
 Deviations from the paper: the initial centroids are a seeded buffer of random codes (rather than
 codes of sampled queries), so the clustering is deterministic; a Hamming centroid is the majority
 bit of its members and keeps its old bit on a tie or when empty.
@@ -30,6 +35,51 @@ from zoo.core.masks import masked_fill_scores
 from zoo.core.shell import MultiHead
 
 VARIANTS = ("clustered", "improved")
+
+
+def clustered_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  planes: torch.Tensor, centroids: torch.Tensor,
+                                  mask: torch.Tensor | None = None, *, iterations: int = 10,
+                                  variant: str = "clustered", topk: int = 32,
+                                  scale: float | None = None) -> torch.Tensor:
+    """`clustered_attention` as the definition: B-bit codes, Lloyd's K-means under the Hamming
+    distance (majority bits over the real members; a tie or an empty cluster keeps its bit), the
+    centroid's attention A^c for each query, and (improved) A^t on the centroid's top-k keys."""
+    check_qkv(q, k, v, mask, name="clustered_attention")
+    one_of(variant, VARIANTS, "variant")
+    b, h, n, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
+    real_i = rearrange(real, "b n -> b 1 n 1")
+    bits = einsum(q, planes, "b h n d, f d -> b h n f") >= 0  # (b h n f)
+    cent = (centroids > 0).expand(b, h, *centroids.shape)  # (b h c f)
+
+    def nearest(cent):  # (b h n): the centroid with the fewest differing bits, the first on a tie
+        differ = rearrange(bits, "b h n f -> b h n 1 f") != rearrange(cent, "b h c f -> b h 1 c f")
+        return differ.sum(-1).argmin(dim=-1)
+
+    for _ in range(iterations):
+        members = (F.one_hot(nearest(cent), centroids.shape[0]).bool() & real_i).to(q.dtype)
+        ones = einsum(members, bits.to(q.dtype), "b h n c, b h n f -> b h c f")
+        total = rearrange(members.sum(2), "b h c -> b h c 1")
+        cent = torch.where(2 * ones > total, True, torch.where(2 * ones < total, False, cent))
+    pick = F.one_hot(nearest(cent), centroids.shape[0]).to(q.dtype)  # (b h n c): c_i
+    members = pick * real_i
+    q_c = einsum(members, q, "b h n c, b h n d -> b h c d") / \
+        rearrange(members.sum(2).clamp(min=1), "b h c -> b h c 1")  # the mean of its real queries
+    real_j = rearrange(real, "b j -> b 1 1 j")
+    a_c = masked_fill_scores(einsum(q_c, k, "b h c d, b h j d -> b h c j") * scale,
+                             real_j).softmax(dim=-1)  # A^c
+    a_i = einsum(pick, a_c, "b h n c, b h c j -> b h n j")  # row c_i of A^c for query i
+    if variant == "clustered":
+        return a_i @ v
+    top = torch.zeros_like(a_c, dtype=torch.bool).scatter(-1, a_c.topk(min(topk, n), dim=-1).indices,
+                                                          True)  # (b h c j): T_c
+    in_top = einsum(pick, top.to(q.dtype), "b h n c, b h c j -> b h n j") > 0  # j in T_{c_i}
+    mass = einsum(pick, (a_c * top).sum(-1), "b h n c, b h c -> b h n").unsqueeze(-1)  # m_{c_i}
+    exact = masked_fill_scores(einsum(q, k, "b h i d, b h j d -> b h i j") * scale,
+                               in_top & real_j).softmax(dim=-1)  # softmax over T_{c_i}
+    return torch.where(in_top, mass * exact, a_i) @ v  # A^t V
 
 
 def hamming_kmeans(codes: torch.Tensor, centroids: torch.Tensor, iterations: int,
@@ -72,6 +122,8 @@ def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plane
     one_of(variant, VARIANTS, "variant")
     b, h, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
+    if mask is not None:  # zeros at padded tokens (a fill: NaN or inf there reaches nothing real)
+        q, k, v = (t.masked_fill(rearrange(~mask, "b n -> b 1 n 1"), 0.0) for t in (q, k, v))
     real = q.new_ones(b, 1, n) if mask is None else rearrange(mask, "b n -> b 1 n").to(q.dtype)
     codes = torch.where(einsum(q, planes, "b h n d, f d -> b h n f") >= 0, 1.0, -1.0).to(q.dtype)
     assign = hamming_kmeans(codes, centroids, iterations, real.expand(b, h, n))  # (b h n)

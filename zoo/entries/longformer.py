@@ -17,6 +17,11 @@ Deviations from the paper:
 - `causal=True` keeps the left half of the window ($0 \le m \le w/2$, as in the paper's
   character-level LM) and restricts global attention to $j \le i$ (the paper has no causal global
   attention).
+
+`longformer_attention_reference` is the pattern as an allowed `(i, j)` set and a dense softmax
+over it (the global rows with their own projections). The fast path `longformer_attention`,
+tested equal, computes the band only: each residue mod $\delta$ is an undilated band, cut into
+blocks that read their neighbour blocks.
 """
 
 import copy
@@ -25,9 +30,41 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from zoo.core.checks import check_qkv, check_sequence, positive_int
+from zoo.core.checks import check_dtype, check_qkv, check_sequence, positive_int
 from zoo.core.masks import block_windows, neg_fill, pad_mask, pad_to_multiple
 from zoo.core.shell import MultiHead
+from zoo.core.softmax import softmax_attention
+
+
+def longformer_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   mask: torch.Tensor | None = None, *, window: int = 8,
+                                   dilation: int = 1, global_tokens: int = 0, causal: bool = False,
+                                   global_qkv: tuple | None = None) -> torch.Tensor:
+    """`longformer_attention` as the paper's pattern: softmax over the allowed `(i, j)` set; the
+    global rows with the global projections."""
+    check_qkv(q, k, v, mask, name="longformer_attention")
+    n = q.shape[2]
+    g = min(global_tokens, n)
+    allowed = longformer_pattern(n, window, dilation, global_tokens, causal=causal, device=q.device)
+    out = softmax_attention(q, k, v, mask, causal=causal, allowed=allowed)
+    if g == 0:
+        return out
+    qg, kg, vg = global_qkv or (q, k, v)
+    out_g = softmax_attention(qg[:, :, :g], kg, vg, mask, causal=causal)  # (b h g e)
+    return torch.cat([out_g, out[:, :, g:]], dim=2)
+
+
+def longformer_pattern(n: int, window: int, dilation: int, global_tokens: int, *,
+                       causal: bool = False, device=None) -> torch.Tensor:
+    """`(i, j)` bool: key j is in query i's dilated window W_i, or i or j is global (causal: the
+    left half of the window; `j <= i` is left to the causal mask)."""
+    i = rearrange(torch.arange(n, device=device), "i -> i 1")
+    j = rearrange(torch.arange(n, device=device), "j -> 1 j")
+    m = (i - j) // dilation  # j = i - delta m, when (i - j) is a multiple of delta
+    on_grid = (i - j) % dilation == 0
+    in_window = on_grid & ((m >= 0) & (m <= window // 2) if causal else m.abs() <= window // 2)
+    g = min(global_tokens, n)
+    return in_window | (i < g) | (j < g)  # W_i, and the global rows and columns
 
 
 def longformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -49,6 +86,11 @@ def longformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     check_qkv(q, k, v, mask, name="longformer_attention")
     b, h, n, d = q.shape
+    if mask is not None:  # zeros at padded keys (a fill: NaN or inf there reaches nothing real)
+        padded = rearrange(~mask, "b n -> b 1 n 1")
+        k, v = (t.masked_fill(padded, 0.0) for t in (k, v))
+        if global_qkv is not None:
+            global_qkv = (global_qkv[0], *(t.masked_fill(padded, 0.0) for t in global_qkv[1:]))
     g, r = min(global_tokens, n), window // 2
     c, scale = max(r, 1), d ** -0.5
     (qp, pad), (kp, _), (vp, _) = (pad_to_multiple(t, c * dilation) for t in (q, k, v))
@@ -74,14 +116,14 @@ def longformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     band = (steps >= 0) & (steps <= r) if causal else steps.abs() <= r  # (c w)
     ok_w = band & rearrange(key_ok, "b s m w -> b 1 s m 1 w")
     scores_w = einsum(qb, kw, "bh s m c d, bh s m w d -> bh s m c w")
-    scores_w = rearrange(scores_w, "(b h) s m c w -> b h s m c w", b=b)
+    scores_w = rearrange(scores_w, "(b h) s m c w -> b h s m c w", b=b, h=h)
     # masked as an additive bias (0 or the most negative number): one add, cheaper than a fill
     scores_w = scores_w.add_((~ok_w).to(q.dtype) * neg_fill(q.dtype))
 
     # Every token attends to the global tokens (with the local projections).
     kg = rearrange(kp[:, :, :g], "b h g d -> (b h) g d")
     scores_g = einsum(qb, kg, "bh s m c d, bh g d -> bh s m c g")
-    scores_g = rearrange(scores_g, "(b h) s m c g -> b h s m c g", b=b)
+    scores_g = rearrange(scores_g, "(b h) s m c g -> b h s m c g", b=b, h=h)
     ok_g = rearrange(real[:, :g], "b g -> b 1 1 1 1 g")
     if causal:
         i = blocks(rearrange(pos, "n -> 1 1 n 1"))[0, ..., 0]  # (s m c): each query's position
@@ -90,7 +132,7 @@ def longformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     attn = torch.cat([scores_w, scores_g], dim=-1).softmax(dim=-1)
     attn_w, attn_g = attn.split([scores_w.shape[-1], g], dim=-1)
-    out = (einsum(attn_w, rearrange(vw, "(b h) s m w e -> b h s m w e", b=b),
+    out = (einsum(attn_w, rearrange(vw, "(b h) s m w e -> b h s m w e", b=b, h=h),
                   "b h s m c w, b h s m w e -> b h s m c e")
            + einsum(attn_g, vp[:, :, :g], "b h s m c g, b h g e -> b h s m c e"))
     out = rearrange(out, "b h s m c e -> b h (m c s) e")[:, :, :n]
@@ -138,6 +180,7 @@ class Longformer(MultiHead):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_dtype(x, self, name=type(self).__name__)
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         global_qkv = None
         if self.global_tokens:  # global queries only for the global rows; their keys for all

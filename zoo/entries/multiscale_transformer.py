@@ -20,14 +20,40 @@ Deviations from the paper:
   networks (pooling and upsampling between groups of layers), not one attention layer.
 - Where the windows sit is this reference's choice: aligned to each scale's grid of pooled blocks
   and overlapping across scales (the near context is read at every scale), one softmax over all.
-- The windows of all scales share the machinery of `bp-transformer` (`node_attention`).
+
+`retina_attention_reference` is the formula: the pattern of $W_s(i)$ over the pooled blocks of all
+scales and one softmax (`zoo.core.blocks.pooled_attention`). The fast path `retina_attention`,
+tested equal, reads each scale's blocks as one range per query and shares the windowed machinery
+of `bp-transformer` (`zoo.core.blocks.node_attention`).
 """
 
 import torch
+from einops import rearrange
 
+from zoo.core.blocks import level_sizes, node_attention, pooled_attention
 from zoo.core.checks import check_qkv, positive_int
 from zoo.core.shell import MultiHead
-from zoo.entries.bp_transformer import node_attention
+
+
+def retina_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               mask: torch.Tensor | None = None, *, window: int = 8, ratio: int = 4,
+                               scales: int = 3, causal: bool = False,
+                               scale: float | None = None) -> torch.Tensor:
+    """`retina_attention` as the formula: query i reads block u of scale s for u in W_s(i); the
+    blocks of all scales, as means over their real tokens, share one softmax."""
+    check_qkv(q, k, v, mask, name="retina_attention")
+    n = q.shape[2]
+    i = rearrange(torch.arange(n, device=q.device), "i -> i 1")
+    reads = []
+    for s, size in enumerate(level_sizes(n, ratio, scales)):
+        u, own = torch.arange(size, device=q.device), i // ratio ** s  # (u), (i 1)
+        if causal:  # the tokens i - w .. i; above, the w complete blocks before the query's own
+            w_s = (u >= i - window) & (u <= i) if s == 0 else (u >= own - window) & (u < own)
+        else:
+            w_s = (u - own).abs() <= window
+        reads.append(w_s)  # (i u)
+    return pooled_attention(q, k, v, mask, torch.cat(reads, -1), ratio=ratio, levels=scales,
+                            scale=scale)
 
 
 def retina_ranges(n: int, window: int, ratio: int, scales: int, *, causal: bool = False,

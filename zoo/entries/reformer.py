@@ -16,8 +16,10 @@ $$ o_i = \sum_r e^{z^{(r)}_i - z_i} \sum_{j \in \tilde P^{(r)}_i}
 ($z^{(r)}_i$ is the log normaliser of round $r$, $z_i$ of all rounds, $N_{ij}$ the number of rounds
 in which $i$ and $j$ share a bucket, $\tilde P^{(r)}_i$ the query's chunk and the one before it.)
 
-The sort-chunk-attend-scatter machinery is the core's `zoo.core.sorting` (shared with
-`routing_transformer`, `smyrf` and `sinkhorn_attention`).
+`reformer_attention_reference` is that equation: the hash as written, keys $q/\|q\|$, and the
+dense round-by-round form of the chunked attention (`zoo.core.sorting.bucket_attention_reference`).
+The fast path `reformer_attention`, tested equal, sorts and gathers (`zoo.core.sorting`, shared
+with `routing_transformer`, `smyrf` and `sinkhorn_attention`).
 
 Deviations from the paper:
 - `attend(q, k, v)` hashes `q` and `k` separately and excludes position `i` from row `i`; the layer
@@ -31,14 +33,34 @@ Deviations from the paper:
 """
 
 import torch
-from einops import rearrange
+import torch.nn.functional as F
+from einops import einsum, rearrange
 from torch import nn
 
-from zoo.core.checks import check_qkv, check_sequence, positive_int
+from zoo.core.checks import check_dtype, check_qkv, check_sequence, positive_int
 from zoo.core.shell import MultiHead
-from zoo.core.sorting import bucket_attention
+from zoo.core.sorting import bucket_attention, bucket_attention_reference
 
-# --- Reformer -------------------------------------------------------------------------------------
+
+def reformer_attention_reference(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor,
+                                 rotations: torch.Tensor, mask: torch.Tensor | None = None, *,
+                                 chunk_size: int, causal: bool = False,
+                                 scale: float | None = None) -> torch.Tensor:
+    """`reformer_attention` as the paper writes it: k None means the keys are q / |q|; both are
+    hashed by h(x) = argmax[xR; -xR]; attention within buckets over sorted chunks, densely."""
+    check_qkv(q, q if k is None else k, v, mask, name="reformer_attention")
+    k = F.normalize(q, dim=-1) if k is None else k
+    return bucket_attention_reference(q, k, v, lsh_buckets_reference(q, rotations),
+                                      lsh_buckets_reference(k, rotations), mask, chunk_size=chunk_size,
+                                      causal=causal, exclude_self=True, scale=scale)
+
+
+def lsh_buckets_reference(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """`lsh_buckets` as written, h(x) = argmax[xR; -xR], one round per rotation: `(b, h, n, r)`."""
+    rotated = einsum(x, rotations, "b h n d, r d f -> b h n r f")
+    if rotated.shape[-1] == 0:  # no rotation columns: one bucket
+        return x.new_zeros(*x.shape[:3], rotations.shape[0], dtype=torch.long)
+    return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
 
 
 def lsh_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
@@ -104,6 +126,7 @@ class Reformer(MultiHead):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_dtype(x, self, name=type(self).__name__)
         q, v = map(self.split_heads, self.to_qv(x).chunk(2, dim=-1))
         return self.to_out(self.merge_heads(self.attend(q, None, v, mask)))  # keys: q / |q|
 

@@ -16,6 +16,11 @@ $$ \tilde\mu_c \leftarrow \lambda\tilde\mu_c + (1-\lambda)\Big(\sum_{i:\,\mu(Q_i
    + \sum_{j:\,\mu(K_j)=c}\hat K_j\Big), \quad
    n_c \leftarrow \lambda n_c + (1-\lambda)\,|X_c|, \quad \mu_c = \tilde\mu_c / n_c $$
 
+`routing_attention_reference` is the first equation: routing by the nearest centroid as written
+and the dense form of attention within clusters over sorted chunks
+(`zoo.core.sorting.bucket_attention_reference`); the fast path `routing_attention`, tested equal,
+sorts and gathers (`zoo.core.sorting.bucket_attention`).
+
 Deviations from the paper:
 - The layer shares one projection for queries and keys (the authors' code defaults to
   `share_qk`), so queries and keys sort the same way and causal chunks never see later tokens;
@@ -33,9 +38,27 @@ import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
 from torch import nn
 
-from zoo.core.checks import check_qkv, check_sequence, positive_int
+from zoo.core.checks import check_dtype, check_qkv, check_sequence, positive_int
 from zoo.core.shell import MultiHead
-from zoo.core.sorting import bucket_attention
+from zoo.core.sorting import bucket_attention, bucket_attention_reference
+
+
+def routing_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                centroids: torch.Tensor, mask: torch.Tensor | None = None, *,
+                                window: int, causal: bool = False,
+                                scale: float | None = None) -> torch.Tensor:
+    """`routing_attention` as the equation: mu(x) the centroid nearest to x / |x|, and attention
+    among the queries and keys routed alike, within sorted chunks of `window`, densely."""
+    check_qkv(q, k, v, mask, name="routing_attention")
+    q_clusters, k_clusters = (nearest_centroid_reference(t, centroids).unsqueeze(-1) for t in (q, k))
+    return bucket_attention_reference(q, k, v, q_clusters, k_clusters, mask, chunk_size=window,
+                                      causal=causal, scale=scale)
+
+
+def nearest_centroid_reference(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """`nearest_centroid` as written: argmin_c |x / |x| - mu_c|, `(b, h, n)`."""
+    unit = rearrange(F.normalize(x, dim=-1), "b h n d -> b h n 1 d")
+    return (unit - rearrange(centroids, "h c d -> h 1 c d")).norm(dim=-1).argmin(dim=-1)
 
 
 def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -93,6 +116,7 @@ class RoutingTransformer(MultiHead):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_dtype(x, self, name=type(self).__name__)
         q, v = map(self.split_heads, self.to_qv(x).chunk(2, dim=-1))
         return self.to_out(self.merge_heads(self.attend(q, q, v, mask)))
 

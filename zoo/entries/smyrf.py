@@ -16,10 +16,17 @@ $$ O_i = \sum_r w^{(r)}_i \sum_{j \in C^{(r)}(i)} \operatorname{softmax}_j\big(s
 ($M_Q$, $M_K$ are the largest query and key norms of the sequence; $C^{(r)}(i)$ the key cluster
 matched with query $i$'s cluster in round $r$; $z^{(r)}_i$ its log normaliser.)
 
+`smyrf_attention_reference` is that definition, densely: each token's rank in the order of its
+hash, clusters of `cluster_size` ranks, softmax inside matched clusters, rounds merged. The fast
+path `smyrf_attention`, tested equal, sorts, cuts the sorted rows into chunks and scatters back
+(`zoo.core.sorting`).
+
 Deviations from the paper: the clusters are cut from the order of the raw projection
 $a^\top F(q)$ (the E2LSH hash before quantisation, which only breaks its ties); $M_Q$ and $M_K$
 are taken over real (unpadded) tokens.
 """
+
+import math
 
 import torch
 from einops import einsum, rearrange
@@ -27,7 +34,44 @@ from einops import einsum, rearrange
 from zoo.core.checks import check_qkv, positive_int, refuse_causal
 from zoo.core.masks import pad_mask, pad_to_multiple, zero_padded
 from zoo.core.shell import MultiHead
-from zoo.core.sorting import chunk_softmax, combine_rounds, to_chunks, unsort
+from zoo.core.sorting import (
+    chunk_softmax,
+    combine_rounds,
+    softmax_with_lse,
+    stable_places,
+    to_chunks,
+    unsort,
+)
+
+
+def smyrf_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              projections: torch.Tensor, mask: torch.Tensor | None = None, *,
+                              cluster_size: int, scale: float | None = None) -> torch.Tensor:
+    """`smyrf_attention` as the definition: lift F(q), G(k) with M over the real tokens, hash
+    a^T F(q) and a^T G(k), rank the real tokens by it (padded ones last), cluster t = ranks
+    t c .. t c + c - 1, softmax over the keys of the matched cluster; rounds merge by softmax_r."""
+    check_qkv(q, k, v, mask, name="smyrf_attention")
+    b, h, n, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    c = min(cluster_size, n)
+    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
+    behind = rearrange(~real, "b n -> b 1 n")
+    q2, k2 = (t.square().sum(-1) for t in (q, k))  # (b h n)
+    m_q, m_k = (t.masked_fill(behind, 0).amax(-1, keepdim=True) for t in (q2, k2))  # M^2
+    zero = torch.zeros_like(q2)
+    lifted_q = torch.cat([q, torch.stack([(m_q - q2).clamp(min=0).sqrt(), zero], -1)], -1)
+    lifted_k = torch.cat([k, torch.stack([zero, (m_k - k2).clamp(min=0).sqrt()], -1)], -1)
+    scores = einsum(q, k, "b h i d, b h j d -> b h i j") * scale
+    outs, lses = [], []
+    for a in projections:  # one round each
+        q_cluster, k_cluster = (stable_places((t @ a).masked_fill(behind, math.inf)) // c
+                                for t in (lifted_q, lifted_k))  # (b h n)
+        matched = rearrange(q_cluster, "b h i -> b h i 1") == rearrange(k_cluster, "b h j -> b h 1 j")
+        out, lse = softmax_with_lse(scores, matched & rearrange(real, "b j -> b 1 1 j"), v)
+        outs.append(out)
+        lses.append(lse)
+    weights = torch.stack(lses).softmax(dim=0)  # (r b h i)
+    return einsum(weights, torch.stack(outs), "r b h i, r b h i e -> b h i e")
 
 
 def asymmetric_lift(q: torch.Tensor, k: torch.Tensor, real: torch.Tensor):
@@ -59,9 +103,11 @@ def smyrf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projectio
     (q, pad), (k, _), (v, _) = (pad_to_multiple(t, c) for t in (q, k, v))
     real = pad_mask(mask, b, n, pad, q.device)
     real = torch.ones(b, n + pad, dtype=torch.bool, device=q.device) if real is None else real
+    behind = rearrange(~real, "b n -> b 1 n 1")
+    if mask is not None:  # zeros at padded tokens (a fill: NaN or inf there reaches nothing real)
+        q, k, v = (t.masked_fill(behind, 0.0) for t in (q, k, v))
     lifted_q, lifted_k = asymmetric_lift(q, k, real)
     # Padded tokens sort behind every real one, on both sides, so the clusters stay aligned.
-    behind = rearrange(~real, "b n -> b 1 n 1")
     hq, hk = (einsum(t, projections, "b h n f, r f -> b h n r").masked_fill(behind, float("inf"))
               for t in (lifted_q, lifted_k))
     key_real = rearrange(real, "b n -> b 1 n").expand(b, h, -1)
