@@ -16,20 +16,9 @@ from zoo.entries.softmax_attention import SoftmaxAttention
 from zoo.verify.contract import ContractError, factory
 from zoo.verify.robust import CHECKS, bad_hparams
 
-FORMS_B = "fixed on branch forms-b"
-# Entries in files another branch (forms-b) is rewriting: marked here, not fixed, so that the two
-# branches do not edit the same files. strict: the mark fails once the fix lands, to be removed.
-KNOWN = {
-    ("reformer", "masked-garbage"): FORMS_B,
-    ("routing-transformer", "masked-garbage"): FORMS_B,
-    **{(i, "empty-batch"): FORMS_B for i in ("longformer", "bigbird", "bp-transformer",
-                                               "multiscale-transformer", "reformer",
-                                               "routing-transformer", "smyrf")},
-    ("longformer", "masked-garbage"): "forms-b's file: its forward must fill padded tokens "
-                                      "(zoo.core.masks.zero_padded_tokens) before they mix",
-    **{(i, "dtype-mismatch"): "forms-b's file: its forward must pass layer=self to check_sequence"
-       for i in ("longformer", "reformer", "routing-transformer")},
-}
+# strict: a mark fails once its entry is fixed, so that stale marks are removed.
+# Known failures, each with its reason: (entry, check) -> reason. Empty: every entry passes.
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _case(name, check):
