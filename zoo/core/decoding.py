@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from zoo.core.checks import check_dtype, check_sequence
+from zoo.core.softmax import softmax_attention
 
 Decode = Callable[[torch.Tensor, Any, "torch.Tensor | None", int], "tuple[torch.Tensor, Any]"]
 
@@ -95,14 +96,22 @@ def concat_mask(old: torch.Tensor | None, new: torch.Tensor | None, old_len: int
 
 
 def recompute(layer: torch.nn.Module, x: torch.Tensor, cache: Any, mask: torch.Tensor | None,
-              start: int) -> tuple[torch.Tensor, Any]:
+              start: int, *, reach: int | None = None) -> tuple[torch.Tensor, Any]:
     """The generic fallback: keep every input so far, run `layer` on the whole prefix, return the
-    last `t` rows. The state grows with the context and a step costs a forward over it."""
+    last `t` rows. The state grows with the context and a step costs a forward over it.
+
+    With `reach`, only the last `reach` inputs are kept and the layer runs on those and the chunk:
+    right for a layer whose output at `i` reads inputs `i - reach .. i` only and the same way
+    wherever the window sits (no absolute positions, no blocks aligned to position 0).
+    """
     old_x, old_mask = (x[:, :0], None) if cache is None else cache
     full_x = torch.cat([old_x, x], dim=1)
-    full_mask = concat_mask(old_mask, mask, start, x.shape[1], x.shape[0], x.device)
+    full_mask = concat_mask(old_mask, mask, old_x.shape[1], x.shape[1], x.shape[0], x.device)
     y = layer(full_x) if full_mask is None else layer(full_x, mask=full_mask)
-    return y[:, start:], (full_x, full_mask)
+    if reach is not None:
+        full_x = full_x[:, full_x.shape[1] - min(reach, full_x.shape[1]):]
+        full_mask = None if full_mask is None else full_mask[:, full_mask.shape[1] - full_x.shape[1]:]
+    return y[:, old_x.shape[1]:], (full_x, full_mask)
 
 
 def pointwise(layer: torch.nn.Module) -> Decode:
@@ -126,3 +135,36 @@ def extend_kv(cache: Any, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
 def offset_causal(t: int, start: int, device=None) -> torch.Tensor:
     """`(t, start + t)` bool: new query `i` (position `start + i`) may read key `j <= start + i`."""
     return torch.ones(t, start + t, dtype=torch.bool, device=device).tril(start)
+
+
+def pattern_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Any,
+                 mask: torch.Tensor | None, start: int, *, allowed: Callable, keep: Callable,
+                 scale: float | None = None) -> tuple[torch.Tensor, Any]:
+    """Softmax attention of a chunk's queries over a bounded cache of earlier keys and the chunk's
+    own, for a pattern given by key positions; the cache then keeps only the keys later queries can
+    still read.
+
+    Args:
+        q, k: `(b, h, t, d)`; v: `(b, h, t, e)`; mask: `(b, t)`: the chunk, positions `start ..`.
+        cache: `(k, v, mask, positions)` of the kept keys, or None.
+        allowed: `allowed(i, j) -> bool` on broadcast position tensors: may query `i` read key `j`
+            (`j <= i` is added here).
+        keep: `keep(j, next) -> bool`: whether a query at `next` or later may still read key `j`.
+
+    Returns:
+        `(out (b, h, t, e), cache)`.
+    """
+    t = q.shape[2]
+    new_pos = torch.arange(start, start + t, device=q.device)
+    if cache is None:
+        keys, values, key_mask, pos = k, v, mask, new_pos
+    else:
+        old_k, old_v, old_mask, old_pos = cache
+        keys, values = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
+        key_mask = concat_mask(old_mask, mask, old_pos.numel(), t, q.shape[0], q.device)
+        pos = torch.cat([old_pos, new_pos])
+    i, j = new_pos[:, None], pos[None, :]
+    out = softmax_attention(q, keys, values, key_mask, allowed=allowed(i, j) & (j <= i), scale=scale)
+    kept = keep(pos, start + t)
+    return out, (keys[:, :, kept], values[:, :, kept], None if key_mask is None else key_mask[:, kept],
+                 pos[kept])
