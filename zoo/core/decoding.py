@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from zoo.core.checks import check_dtype, check_sequence
+from zoo.core.checks import check_sequence
+from zoo.core.masks import zero_padded_tokens
 from zoo.core.softmax import softmax_attention
 
 Decode = Callable[[torch.Tensor, Any, "torch.Tensor | None", int], "tuple[torch.Tensor, Any]"]
@@ -62,8 +63,7 @@ def check_step(layer: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | Non
     if not getattr(layer, "causal", False):
         raise ValueError(f"{name}.step decodes causally, but the layer was built with causal=False; "
                          "build it with causal=True (outputs then match step's)")
-    check_sequence(x, layer.dim, mask, name=f"{name}.step")
-    check_dtype(x, layer, name=f"{name}.step")
+    check_sequence(x, layer.dim, mask, name=f"{name}.step", layer=layer)
     if state is None:
         return
     if not isinstance(state, DecodeState):
@@ -76,10 +76,11 @@ def check_step(layer: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | Non
 
 def step(layer: torch.nn.Module, x: torch.Tensor, state: DecodeState | None,
          mask: torch.Tensor | None, decode: Decode) -> tuple[torch.Tensor, DecodeState]:
-    """Check the inputs, run `decode(x, cache, mask, start)`, wrap its cache. Returns `(y, state)`."""
+    """Check the inputs, zero the padded tokens (as `forward` does: nothing behind the mask reaches
+    a real output), run `decode(x, cache, mask, start)`, wrap its cache. Returns `(y, state)`."""
     check_step(layer, x, state, mask)
     cache, start = (None, 0) if state is None else (state.cache, state.length)
-    y, cache = decode(x, cache, mask, start)
+    y, cache = decode(zero_padded_tokens(x, mask), cache, mask, start)
     return y, DecodeState(x.shape[0], start + x.shape[1], cache)
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from zoo.core.checks import check_qkv, one_of, positive_int
 from zoo.core.decoding import concat_mask, recompute
-from zoo.core.masks import causal_mask, neg_fill, pad_to_multiple, zero_padded
+from zoo.core.masks import causal_mask, neg_fill, pad_to_multiple, safe_denominator, zero_padded
 from zoo.core.shell import MultiHead
 
 VARIANTS = ("local", "full", "simple")
@@ -98,7 +98,7 @@ def aft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             left = c - 1 if causal else (c - 1) // 2
             both = band_matmul(torch.expm1(bias), torch.cat([ekv, ek], dim=-1), left)
             num, den = num + both[..., :ekv.shape[-1]], den + both[..., ekv.shape[-1]:]
-    return q.sigmoid() * num / den.clamp(min=torch.finfo(den.dtype).tiny)
+    return q.sigmoid() * num / safe_denominator(den)
 
 
 class AttentionFreeTransformer(MultiHead):
@@ -167,7 +167,7 @@ class AttentionFreeTransformer(MultiHead):
             both = F.pad(torch.cat([ekv, ek], dim=-1), (0, 0, c - 1 - tail, 0)).unfold(2, c, 1)
             both = einsum(torch.expm1(self.w[:, start:start + t]), both, "h t c, b h t x c -> b h t x")
             num, den = num + both[..., :d], den + both[..., d:]
-        out = q.sigmoid() * num / den.clamp(min=torch.finfo(den.dtype).tiny)
+        out = q.sigmoid() * num / safe_denominator(den)
         # the band reaches back window - 1 positions (AFT-simple: none)
         back = min(keys.shape[2], self.w.shape[-1] - 1 if self.variant == "local" else 0)
         tail = slice(keys.shape[2] - back, None)
