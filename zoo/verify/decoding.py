@@ -35,12 +35,12 @@ def declared_exact(e: Entry) -> bool:
 
 
 def splits(n: int, seed: int = 0) -> list[list[int]]:
-    """Chunk sizes that add up to `n`: token by token, a prompt then single tokens, and a random
-    split (sizes 1 to 9)."""
+    """Chunk sizes that add up to `n`: a prompt then single tokens, and a random split (sizes 1 to
+    9, starting with a single token)."""
     g = torch.Generator().manual_seed(seed)
-    out = [[1] * n, [n // 2 + 1] + [1] * (n - n // 2 - 1)]
+    out = [[n // 2 + 1] + [1] * (n - n // 2 - 1)]
     for _ in range(1):
-        sizes, left = [], n
+        sizes, left = [1], n - 1
         while left:
             sizes.append(min(int(torch.randint(1, 10, (1,), generator=g)), left))
             left -= sizes[-1]
@@ -84,7 +84,7 @@ def _run(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.
 
 
 def check_step_equals_forward(e: Entry, make: Make, *, n: int = STEP_N) -> float:
-    """Successive `step` calls over several splits (token by token, prompt + tokens, random),
+    """Successive `step` calls over several splits (a prompt then single tokens, random sizes),
     with and without a padding mask, equal the causal forward over the whole sequence (or, with
     `exact: false`, over the prefix up to each chunk) in float64, at every real token (a padded
     query's output is not part of the contract, as in `check_padding`). Returns the worst error."""
