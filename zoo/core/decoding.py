@@ -146,11 +146,16 @@ def pattern_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Any,
     still read.
 
     Args:
-        q, k: `(b, h, t, d)`; v: `(b, h, t, e)`; mask: `(b, t)`: the chunk, positions `start ..`.
+        q: `(b, h, t, d)`, the chunk's queries (positions `start ..`).
+        k: `(b, h, t, d)`, its keys.
+        v: `(b, h, t, e)`, its values.
         cache: `(k, v, mask, positions)` of the kept keys, or None.
+        mask: `(b, t)`, True = real token, or None.
+        start: the tokens seen before the chunk.
         allowed: `allowed(i, j) -> bool` on broadcast position tensors: may query `i` read key `j`
             (`j <= i` is added here).
         keep: `keep(j, next) -> bool`: whether a query at `next` or later may still read key `j`.
+        scale: the score scale; None means `d ** -0.5`.
 
     Returns:
         `(out (b, h, t, e), cache)`.

@@ -107,9 +107,13 @@ def prefix_sum(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor) -> tor
     return einsum(phi_q, states, "b h n f, b h n f e -> b h n e")
 
 
-def causal_sum_step(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, state=None, *,
-                    chunk: int = 64, log_decay: torch.Tensor | None = None,
-                    key_log_scale: torch.Tensor | None = None):
+KernelState = tuple[torch.Tensor, torch.Tensor]  # the running sums and their shift
+
+
+def causal_sum_step(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
+                    state: KernelState | None = None, *, chunk: int = 64,
+                    log_decay: torch.Tensor | None = None,
+                    key_log_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, KernelState]:
     r"""`causal_sum` over a chunk of `t` new positions after the context summed in `state`.
 
     The state is the running sum `S = sum_j g_{j+1} ... g_now phi_k_j v_j^T` `(b, h, f, e)`, kept
@@ -119,7 +123,9 @@ def causal_sum_step(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, s
     in every ratio of two sums (values over normaliser). Its size does not grow with the context.
 
     Args:
-        phi_q, phi_k: `(b, h, t, f)`. v: `(b, h, t, e)`.
+        phi_q: `(b, h, t, f)`, the new queries' features.
+        phi_k: `(b, h, t, f)`, the new keys' features.
+        v: `(b, h, t, e)`.
         state: `(S, c)` from the previous chunk, or None (empty context).
         log_decay: `(b, h, t)`, `log g <= 0`, or None.
         key_log_scale: `(b, h)`: the chunk's true key features are `phi_k exp(key_log_scale)`.
@@ -148,11 +154,11 @@ def causal_sum_step(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, s
     return out, (s, c)
 
 
-def kernel_attention_step(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, state=None,
-                          mask: torch.Tensor | None = None, *, chunk: int = 64,
-                          log_decay: torch.Tensor | None = None,
+def kernel_attention_step(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
+                          state: KernelState | None = None, mask: torch.Tensor | None = None, *,
+                          chunk: int = 64, log_decay: torch.Tensor | None = None,
                           key_weight: torch.Tensor | None = None,
-                          key_log_scale: torch.Tensor | None = None):
+                          key_log_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, KernelState]:
     """The recurrent form of `kernel_attention(..., causal=True)` on a chunk of `t` new positions:
     the same arguments for the chunk, plus the state of the context before it (None: empty).
 
