@@ -120,8 +120,17 @@ def _build(name: str, dim: int, heads: int, n: int, causal: bool = False):
     return cls(**kwargs), e.input
 
 
+def recomputes(layer) -> bool:
+    """Whether the layer decodes by the shell's generic fallback (each step runs the whole prefix)."""
+    cls = type(layer)
+    return (isinstance(layer, MultiHead) and cls.decode is MultiHead.decode
+            and cls.attend_step is MultiHead.attend_step)
+
+
 def prefill(layer, x: torch.Tensor, chunk: int = PREFILL_CHUNK):
-    """The decoding state after `x` `(b, n, dim)`, built by `step` on chunks of `chunk` tokens."""
+    """The decoding state after `x` `(b, n, dim)`, built by `step` on chunks of `chunk` tokens (in
+    one call for a layer that recomputes the prefix anyway: chunks would run it again each time)."""
+    chunk = max(x.shape[1], 1) if recomputes(layer) else chunk
     state = None
     with torch.no_grad():
         for s in range(0, x.shape[1], chunk):
