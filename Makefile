@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 export NO_MKDOCS_2_WARNING := 1
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test docs clean bench bench-public quality
+.PHONY: install serve test docs clean bench bench-decode bench-public quality
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ clean:
 # The committed benchmark results for this machine kind (2 cores, no GPU); takes several minutes.
 bench: $(STAMP)
 	$(VENV)/bin/zoo bench --n 1024 4096 16384 --repeats 5 --out benchmarks/results.json
+
+# Time per new token (layer.step) after contexts of 1k, 4k and 16k, every autoregressive entry
+# beside SDPA with a KV cache; on a quiet machine, like `bench`.
+bench-decode: $(STAMP)
+	$(VENV)/bin/zoo bench --decode --n 1024 4096 16384 --repeats 5 --out benchmarks/decoding.json
 
 # Side-by-side with public CPU implementations (not dependencies: installed into .cache/public).
 PUBLIC := performer-pytorch nystrom-attention linformer local-attention reformer-pytorch \

@@ -58,3 +58,28 @@ def test_unknown_names_and_globs():
     assert "linear-transformer" in resolve_names(["linear-*"])
     with pytest.raises(LookupError):
         resolve_names(["no-such-*"])
+
+
+def test_decode_bench_writes_results(tmp_path, capsys):
+    """Tiny sizes only: the JSON is well formed, every point ran and records its state's size."""
+    out = tmp_path / "decoding.json"
+    assert main(["bench", "--decode", "linear-transformer", "--n", "16", "48",
+                 "--dim", "32", "--heads", "2", "--repeats", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["settings"]["decode"] is True
+    assert set(data["results"]) == {"sdpa", "linear-transformer"}
+    for name, r in data["results"].items():
+        assert [p["n"] for p in r["points"]] == [16, 48]
+        assert all(p["status"] == "ok" and p["time_s"] > 0 for p in r["points"]), r
+        sizes = [p["state_bytes"] for p in r["points"]]
+        # the baseline's KV cache holds 2 h d floats per earlier token; linear attention a fixed state
+        if name == "linear-transformer":
+            assert sizes[0] == sizes[1] > 0 and r["declared"] == {"time": 0, "memory": 0}
+        else:
+            assert sizes == [2 * 32 * n * 4 for n in (15, 47)], sizes
+    assert "one decoding step" in capsys.readouterr().out
+
+
+def test_decode_bench_refuses_what_cannot_decode(capsys):
+    assert main(["bench", "--decode", "non-local", "--n", "16"]) == 1
+    assert "not autoregressive: non-local" in capsys.readouterr().err

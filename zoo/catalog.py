@@ -188,10 +188,18 @@ SCHEMA: dict[str, tuple[Any, str, bool]] = {
                "a mapping {param: name, values: [at least three numbers]}", False),
     "provenance": (lambda v: v in PROVENANCES, "one of " + ", ".join(PROVENANCES) +
                    " (default awesome-fast-attention)", False),
-    "decoding": (lambda v: v is None or (_dict(v) and {"state", "step"} <= set(v) <= {"state", "step", "why"}
-                                         and _number(v["state"]) and _number(v["step"])),
+    "decoding": (lambda v: v is None or (_dict(v) and {"state", "step"} <= set(v)
+                                         <= {"state", "step", "exact", "contexts", "why"}
+                                         and _number(v["state"]) and _number(v["step"])
+                                         and isinstance(v.get("exact", True), bool)
+                                         and (all(isinstance(n, int) and n > 1 for n in v["contexts"])
+                                              and len(v["contexts"]) >= 2 and _str(v.get("why"))
+                                              if "contexts" in v else True)),
                  "a mapping {state: p, step: q}: the exponent of the context length in the size of "
-                 "the decoding state and in the FLOPs of one decoding step (optionally why)", False),
+                 "the decoding state and in the FLOPs of one decoding step; optionally why, "
+                 "contexts (the lengths to measure at, with why), and exact: false where an output "
+                 "depends on the sequence's total length, so that step can only equal forward on "
+                 "the prefix seen so far", False),
 }
 
 

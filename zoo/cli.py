@@ -200,14 +200,28 @@ def cmd_bench(args) -> int:
             print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
             return 1
     names = bench.resolve_names(args.ids)
-    with progress_bar(len(names) + 1, f"benchmarking at n = {args.n}") as step:
+    if args.decode:
+        if args.backward:
+            print("error: --decode times inference steps; it does not take --backward", file=sys.stderr)
+            return 1
+        refused = [i for i in names if not catalog()[i].autoregressive]
+        if args.ids and refused:
+            print(f"error: --decode needs autoregressive entries; not autoregressive: "
+                  f"{', '.join(refused)}", file=sys.stderr)
+            return 1
+        names = [i for i in names if i not in refused]
+    what = "decoding one token after" if args.decode else "benchmarking at"
+    with progress_bar(len(names) + 1, f"{what} n = {args.n}") as step:
         data = bench.run(names, ns=args.n, dim=args.dim, heads=args.heads, backward=args.backward,
                          repeats=args.repeats, device=args.device, threads=args.threads,
-                         max_time=args.max_time, max_mem=args.max_mem * 2**20, progress=step)
+                         max_time=args.max_time, max_mem=args.max_mem * 2**20, decode=args.decode,
+                         progress=step)
     header, rows = bench.table_rows(data)
     m = data["machine"]
+    mode = ("one decoding step after n - 1 tokens (exponents: step, state)" if args.decode
+            else "forward+backward" if args.backward else "forward")
     print(f"{m['processor']}, {m['cpus']} cpus, torch {m['torch']}, {m['threads']} threads; "
-          f"dim {args.dim}, {args.heads} heads, {'forward+backward' if args.backward else 'forward'}")
+          f"dim {args.dim}, {args.heads} heads, {mode}")
     print(_table(rows, header))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -277,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dim", type=int, default=256)
     bench.add_argument("--heads", type=int, default=4)
     bench.add_argument("--backward", action="store_true", help="time forward + backward")
+    bench.add_argument("--decode", action="store_true",
+                       help="time one decoding step (layer.step on one token) after a context of "
+                            "n - 1 tokens, for the autoregressive entries, beside SDPA with a KV cache")
     bench.add_argument("--repeats", type=int, default=5, help="timed passes after a warm-up")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

@@ -6,6 +6,8 @@
   over several n, and their exponents of n. Counts depend on shapes only, so they are the same on
   every run and machine.
 - `approximation_error`: relative error against softmax attention as an entry's budget grows.
+- `decoding_scaling`: the decoding state's size and one token's step FLOPs after `L` tokens, and
+  their exponents of `L`.
 
 Each takes an `Entry` (or its id) and optionally a `make(**overrides)` factory, so a test can probe
 a deliberately broken layer under the same claims.
@@ -188,6 +190,68 @@ def scaling(e: Entry | str, ns=None, *, make: Make | None = None) -> Scaling:
     return Scaling(ns, tuple(flops), tuple(largest), tuple(writes))
 
 
+DECODING_CONTEXTS = (1024, 2048)
+
+
+@dataclass(frozen=True)
+class DecodingScaling:
+    """Size of the decoding state after `L` tokens, and FLOPs of the single-token step that brings the
+    context to `L` tokens."""
+
+    contexts: tuple[int, ...]
+    state: tuple[int, ...]
+    flops: tuple[int, ...]
+
+    @staticmethod
+    def _exponent(ls, ys) -> float:
+        if ys[-1] == ys[-2]:  # constant, zero included
+            return 0.0
+        if ys[-2] == 0:
+            return math.inf
+        return math.log(ys[-1] / ys[-2]) / math.log(ls[-1] / ls[-2])
+
+    @property
+    def state_exponent(self) -> float:
+        return self._exponent(self.contexts, self.state)
+
+    @property
+    def step_exponent(self) -> float:
+        return self._exponent(self.contexts, self.flops)
+
+
+def decoding_scaling(e: Entry | str, contexts=None, *, make: Make | None = None) -> DecodingScaling:
+    """After a prompt of `L - 1` tokens (one `step` call, float32, eval, no grad), the FLOPs
+    (`torch.utils.flop_counter`) of one more `step` on a single token, and the elements of the
+    state it returns (`L` tokens).
+
+    `contexts` defaults to the entry's `decoding.contexts`, else its `scaling.ns` (a step that runs
+    the prefix again costs a forward, whose lower-order terms that range was chosen to outgrow),
+    else `DECODING_CONTEXTS`.
+    """
+    e = _resolve(e)
+    contexts = tuple(contexts or (e.decoding or {}).get("contexts") or e.scaling.get("ns")
+                     or DECODING_CONTEXTS)
+    make = make or factory(e, dim=SCALING_DIM)
+    keywords = accepted_keywords(load(e.id))
+    extra: dict[str, Any] = {"causal": True}
+    if "max_len" in keywords:
+        extra["max_len"] = max(contexts)
+    if "heads" in keywords and "heads" not in e.hparams:
+        extra["heads"] = SCALING_HEADS
+    sizes, flops = [], []
+    for n in contexts:
+        layer: Any = make(**extra).float()
+        x = torch.randn(1, n, SCALING_DIM)
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad():
+            _, state = layer.step(x[:, :n - 1])
+            with counter:
+                _, state = layer.step(x[:, n - 1:], state)
+        sizes.append(state.numel())
+        flops.append(counter.get_total_flops())
+    return DecodingScaling(contexts, tuple(sizes), tuple(flops))
+
+
 def reference_scale(layer: nn.Module) -> float | None:
     """The score scale the reference softmax uses: the layer's own `scale`, else `d ** -0.5`."""
     return getattr(layer, "scale", None)
@@ -253,5 +317,5 @@ def approximation_error(e: Entry | str, budgets=None, *, n: int = 64, draws: int
     return out
 
 
-__all__ = ["Scaling", "approximation_error", "attention_matrix", "compare_to_softmax",
-           "influence", "qkv_for", "sample", "scaling"]
+__all__ = ["DecodingScaling", "Scaling", "approximation_error", "attention_matrix",
+           "compare_to_softmax", "decoding_scaling", "influence", "qkv_for", "sample", "scaling"]

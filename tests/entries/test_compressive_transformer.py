@@ -45,7 +45,7 @@ def oracle(layer, x, boundaries):
 def stream(layer, x, sizes):
     outs, memory = [], None
     for segment in x.split(sizes, dim=1):
-        out, memory = layer.step(segment, memory)
+        out, memory = layer.segment_step(segment, memory)
         outs.append(out)
     return torch.cat(outs, dim=1), memory
 

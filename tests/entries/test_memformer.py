@@ -56,7 +56,8 @@ def oracle(layer, x, size):
 def stream(layer, x, size, mask=None):
     outs, memory = [], None
     for t, seg in enumerate(x.split(size, dim=1)):
-        out, memory = layer.step(seg, memory, None if mask is None else mask[:, t * size:(t + 1) * size])
+        part = None if mask is None else mask[:, t * size:(t + 1) * size]
+        out, memory = layer.segment_step(seg, memory, part)
         outs.append(out)
     return torch.cat(outs, dim=1), memory
 
@@ -84,7 +85,7 @@ def test_slots_write_without_seeing_each_other():
     """d(new slot i) / d(old slot j) is zero for i != j: the write is slot-wise."""
     layer, x = make(), inputs(n=5)
     memory = F.normalize(torch.randn(2, 3, 12, dtype=torch.float64), dim=-1)
-    y = layer.step(x, memory)[0].detach()
+    y = layer.segment_step(x, memory)[0].detach()
     keep = torch.ones(2, 5, dtype=torch.bool)
     jac = torch.autograd.functional.jacobian(lambda m: layer.write(m, y, keep), memory)
     blocks = jac[0, :, :, 0, :, :].abs().sum(dim=(1, 3))  # (new slot, old slot)
@@ -112,7 +113,7 @@ def test_earlier_segments_reach_later_outputs_only_through_memory():
     y[:, 0] += 1.0
     assert not torch.allclose(layer(y)[:, 16], out[:, 16])  # three segments later
     memory = stream(layer, x[:, :15], 5)[1]
-    torch.testing.assert_close(layer.step(x[:, 15:], memory)[0], out[:, 15:], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.segment_step(x[:, 15:], memory)[0], out[:, 15:], rtol=1e-12, atol=1e-12)
 
 
 def test_padded_tokens_change_neither_outputs_nor_memory():

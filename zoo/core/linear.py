@@ -3,8 +3,9 @@
 With a feature map $\\phi$, attention becomes $O_i = \\phi(q_i)^\top S / \\phi(q_i)^\top z$ with
 $S = \\sum_j \\phi(k_j) v_j^\top$ and $z = \\sum_j \\phi(k_j)$, the sums running over $j \\le i$ when
 causal. The causal sums are computed chunk by chunk (explicit scores inside a chunk, a running
-`(f, e)` state across chunks), optionally with a per-token decay of the state; the plain prefix
-sum and the one-token-at-a-time recurrence are kept as references for tests.
+`(f, e)` state across chunks), optionally with a per-token decay of the state. The same sums carried
+from one call to the next (`kernel_attention_step`) are the recurrent form that decoding uses; the
+plain prefix sum and the one-token-at-a-time recurrence are kept as references for tests.
 """
 
 from __future__ import annotations
@@ -106,34 +107,85 @@ def prefix_sum(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor) -> tor
     return einsum(phi_q, states, "b h n f, b h n f e -> b h n e")
 
 
-def kernel_attention_step(phi_q, phi_k, v, state=None, *, gate=None):
-    """One token of the recurrent form: `S = g S + phi_k v^T`, `z = g z + phi_k`, read by phi_q.
+KernelState = tuple[torch.Tensor, torch.Tensor]  # the running sums and their shift
+
+
+def causal_sum_step(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
+                    state: KernelState | None = None, *, chunk: int = 64,
+                    log_decay: torch.Tensor | None = None,
+                    key_log_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, KernelState]:
+    r"""`causal_sum` over a chunk of `t` new positions after the context summed in `state`.
+
+    The state is the running sum `S = sum_j g_{j+1} ... g_now phi_k_j v_j^T` `(b, h, f, e)`, kept
+    times `exp(-c)` with `c` `(b, h)` the largest key log-scale seen so far: a chunk's keys may
+    arrive scaled down by `exp(-key_log_scale)` (a stabilising shift), and the old sums and the new
+    are brought to the larger of the two shifts. The outputs carry the same factor, which cancels
+    in every ratio of two sums (values over normaliser). Its size does not grow with the context.
 
     Args:
-        phi_q: `(b, h, f)`, the query's features.
-        phi_k: `(b, h, f)`, the key's features.
-        v: `(b, h, e)`.
-        gate: `(b, h)` decay of the old state, or None.
-        state: `(S, z)`, `(b, h, f, e)` and `(b, h, f)`; None starts from zeros.
+        phi_q: `(b, h, t, f)`, the new queries' features.
+        phi_k: `(b, h, t, f)`, the new keys' features.
+        v: `(b, h, t, e)`.
+        state: `(S, c)` from the previous chunk, or None (empty context).
+        log_decay: `(b, h, t)`, `log g <= 0`, or None.
+        key_log_scale: `(b, h)`: the chunk's true key features are `phi_k exp(key_log_scale)`.
 
     Returns:
-        `(out (b, h, e), state)`.
+        `(out (b, h, t, e), state)`.
     """
-    s, z = state if state is not None else (phi_k.new_zeros(*phi_k.shape, v.shape[-1]),
-                                            phi_k.new_zeros(phi_k.shape))
-    if gate is not None:
-        s, z = s * gate[..., None, None], z * gate[..., None]
-    s, z = s + einsum(phi_k, v, "b h f, b h e -> b h f e"), z + phi_k
-    num = einsum(phi_q, s, "b h f, b h f e -> b h e")
-    return num / einsum(phi_q, z, "b h f, b h f -> b h")[..., None], (s, z)
+    b, h = v.shape[:2]
+    shift = v.new_zeros(b, h) if key_log_scale is None else key_log_scale.to(v.dtype)
+    if state is None:
+        old_s, old_c = v.new_zeros(b, h, phi_k.shape[-1], v.shape[-1]), shift
+    else:
+        old_s, old_c = state
+    c = torch.maximum(old_c, shift)
+    old_gain, new_gain = (rearrange((t - c).exp(), "b h -> b h 1 1") for t in (old_c, shift))
+    out = causal_sum(phi_q, phi_k, v, chunk=chunk, log_decay=log_decay) * new_gain
+    if log_decay is None:
+        decay_in, decay_out = None, phi_k.new_ones(b, h)
+    else:
+        a = log_decay.cumsum(dim=-1)  # log of the decay from the chunk's start to each position
+        decay_in, decay_out = rearrange(a.exp(), "b h t -> b h t 1"), a[..., -1].exp()
+        phi_k = phi_k * rearrange((a[..., -1:] - a).exp(), "b h t -> b h t 1")  # to the chunk's end
+    read = phi_q if decay_in is None else phi_q * decay_in
+    out = out + (read @ old_s) * old_gain
+    s = old_s * (old_gain * rearrange(decay_out, "b h -> b h 1 1")) + (phi_k.transpose(-1, -2) @ v) * new_gain
+    return out, (s, c)
+
+
+def kernel_attention_step(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
+                          state: KernelState | None = None, mask: torch.Tensor | None = None, *,
+                          chunk: int = 64, log_decay: torch.Tensor | None = None,
+                          key_weight: torch.Tensor | None = None,
+                          key_log_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, KernelState]:
+    """The recurrent form of `kernel_attention(..., causal=True)` on a chunk of `t` new positions:
+    the same arguments for the chunk, plus the state of the context before it (None: empty).
+
+    Returns `(out (b, h, t, e), state)`; the state, `(b, h, f, e + 1)` sums and a `(b, h)` shift
+    (see `causal_sum_step`), has a size that does not depend on the context's length.
+    """
+    phi_k = zero_padded(phi_k, mask)
+    v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # the last column sums the normaliser
+    if key_weight is not None:
+        v = v * key_weight
+    num, state = causal_sum_step(phi_q, phi_k, v, state, chunk=chunk, log_decay=log_decay,
+                                 key_log_scale=key_log_scale)
+    return ratio(num), state
 
 
 def kernel_attention_recurrent(phi_q, phi_k, v, *, gates=None) -> torch.Tensor:
-    """The recurrent form over a whole sequence, one token at a time (for tests; `(b, h, n, .)`
-    inputs, gates `(b, h, n)` or None). Equals `kernel_attention(..., causal=True)`."""
-    state, outs = None, []
+    """The recurrent form over a whole sequence, one token at a time, written out on its own (for
+    tests; `(b, h, n, .)` inputs, gates `(b, h, n)` or None): `S = g S + phi_k v^T`, `z = g z +
+    phi_k`, read by phi_q. Equals `kernel_attention(..., causal=True)`."""
+    s = phi_k.new_zeros(*phi_k.shape[:2], phi_k.shape[-1], v.shape[-1])
+    z = phi_k.new_zeros(*phi_k.shape[:2], phi_k.shape[-1])
+    outs = []
     for t in range(v.shape[2]):
-        gate = None if gates is None else gates[:, :, t]
-        out, state = kernel_attention_step(phi_q[:, :, t], phi_k[:, :, t], v[:, :, t], state, gate=gate)
-        outs.append(out)
+        if gates is not None:
+            s, z = s * gates[:, :, t, None, None], z * gates[:, :, t, None]
+        s = s + einsum(phi_k[:, :, t], v[:, :, t], "b h f, b h e -> b h f e")
+        z = z + phi_k[:, :, t]
+        num = einsum(phi_q[:, :, t], s, "b h f, b h f e -> b h e")
+        outs.append(num / einsum(phi_q[:, :, t], z, "b h f, b h f -> b h")[..., None])
     return torch.stack(outs, dim=2)

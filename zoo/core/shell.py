@@ -12,6 +12,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from zoo.core import decoding
 from zoo.core.checks import check_sequence, positive_int
 from zoo.core.masks import zero_padded_tokens
 
@@ -59,6 +60,31 @@ class MultiHead(nn.Module):
                mask: torch.Tensor | None = None) -> torch.Tensor:
         """q, k `(b, h, n, d)`, v `(b, h, n, e)`, mask `(b, n)` -> `(b, h, n, e)`."""
         raise NotImplementedError(f"{type(self).__name__} must define attend()")
+
+    def step(self, x: torch.Tensor, state: decoding.DecodeState | None = None, *,
+             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, decoding.DecodeState]:
+        """Decode a chunk `x` `(b, t, dim)` of new tokens after the context in `state` (None: none).
+
+        Returns `(y, state)`: `y` `(b, t, dim)` equals the last `t` rows of the causal forward over
+        the whole sequence so far. Needs `causal=True`. See `zoo.core.decoding`.
+        """
+        return decoding.step(self, x, state, mask, self.decode)
+
+    def decode(self, x: torch.Tensor, cache, mask: torch.Tensor | None, start: int):
+        """One chunk of decoding, `(y, cache)`: `attend_step` on the chunk's q, k, v where the entry
+        defines it, else the generic fallback that runs the whole prefix again."""
+        if type(self).attend_step is MultiHead.attend_step:
+            return decoding.recompute(self, x, cache, mask, start)
+        q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
+        out, cache = self.attend_step(q, k, v, cache, mask, start)
+        return self.to_out(self.merge_heads(out)), cache
+
+    def attend_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache,
+                    mask: torch.Tensor | None = None, start: int = 0):
+        """`attend` on a chunk of `t` new positions after `start` earlier ones: q, k `(b, h, t, d)`,
+        v `(b, h, t, e)`, mask `(b, t)`, the cache from the previous chunk (None at first) ->
+        `(out (b, h, t, e), cache)`. Entries with a recurrent form or a KV cache define it."""
+        raise NotImplementedError(f"{type(self).__name__} has no attend_step")
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, dim_head={self.dim_head}, causal={self.causal}"

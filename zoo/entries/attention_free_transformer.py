@@ -28,6 +28,7 @@ from einops import einsum, rearrange
 from torch import nn
 
 from zoo.core.checks import check_qkv, one_of, positive_int
+from zoo.core.decoding import concat_mask, recompute
 from zoo.core.masks import causal_mask, neg_fill, pad_to_multiple, safe_denominator, zero_padded
 from zoo.core.shell import MultiHead
 
@@ -127,3 +128,48 @@ class AttentionFreeTransformer(MultiHead):
         bias = None if self.w is None else self.w[:, :n, :n] if self.variant == "full" else \
             self.w[:, :n]
         return aft_attention(q, k, v, bias, mask, variant=self.variant, causal=self.causal)
+
+    def decode(self, x: torch.Tensor, cache, mask: torch.Tensor | None, start: int):
+        """AFT-full needs every earlier key: it runs the prefix again (`zoo.core.decoding.recompute`)."""
+        if self.variant == "full":
+            return recompute(self, x, cache, mask, start)
+        return super().decode(x, cache, mask, start)
+
+    def attend_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache,
+                    mask: torch.Tensor | None = None, start: int = 0):
+        """AFT-simple and AFT-local as a recurrence: the running sums of `exp(K) V` and `exp(K)`
+        (kept shifted by the largest key of each channel so far) plus, for AFT-local, the last
+        `window - 1` keys and values that the band of biases still reaches."""
+        b, h, t, d = q.shape
+        if self.w is not None and start + t > self.max_len:
+            raise ValueError(f"{type(self).__name__}: position {start + t - 1} is past max_len="
+                             f"{self.max_len} (the position biases cover max_len positions)")
+        if mask is not None:
+            k = k.masked_fill(~rearrange(mask, "b n -> b 1 n 1"), neg_fill(k.dtype))
+        if cache is None:
+            big = k.new_full((b, h, 1, d), neg_fill(k.dtype))
+            cache = (k.new_zeros(b, h, 1, d), k.new_zeros(b, h, 1, d), big, k[:, :, :0], v[:, :, :0], None)
+        num, den, top, old_k, old_v, old_mask = cache
+        new_top = torch.maximum(top, k.amax(dim=2, keepdim=True).detach())
+        gain = (top - new_top).exp()
+        keys, values = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
+        keep = concat_mask(old_mask, mask, old_k.shape[2], t, b, k.device)
+        ek = zero_padded((keys - new_top).exp(), keep)  # (b h tail+t d)
+        ekv = ek * values
+        tail = old_k.shape[2]
+        # the AFT-simple sums over every position so far, and the window's correction
+        num = num * gain + ekv[:, :, tail:].cumsum(dim=2)  # (b h t d)
+        den = den * gain + ek[:, :, tail:].cumsum(dim=2)
+        cache = (num[:, :, -1:], den[:, :, -1:], new_top)
+        if self.variant == "local":
+            c = self.w.shape[-1]
+            # the window of c positions ending at each new one, zeros before position 0
+            both = F.pad(torch.cat([ekv, ek], dim=-1), (0, 0, c - 1 - tail, 0)).unfold(2, c, 1)
+            both = einsum(torch.expm1(self.w[:, start:start + t]), both, "h t c, b h t x c -> b h t x")
+            num, den = num + both[..., :d], den + both[..., d:]
+        out = q.sigmoid() * num / safe_denominator(den)
+        # the band reaches back window - 1 positions (AFT-simple: none)
+        back = min(keys.shape[2], self.w.shape[-1] - 1 if self.variant == "local" else 0)
+        tail = slice(keys.shape[2] - back, None)
+        cache += (keys[:, :, tail], values[:, :, tail], None if keep is None else keep[:, tail])
+        return out, cache

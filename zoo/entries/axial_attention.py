@@ -84,7 +84,7 @@ class AxialAttention(MultiHead):
         self.to_qkv_column = nn.Linear(dim, 3 * heads * self.dim_head, bias=False)
         self.to_out_column = nn.Linear(heads * self.dim_head, dim)
 
-    def step(self, x, mask, to_qkv, to_out, axis, width):
+    def along(self, x, mask, to_qkv, to_out, axis, width):
         q, k, v = map(self.split_heads, to_qkv(x).chunk(3, dim=-1))
         out = axial_attention(q, k, v, mask, width=width, axis=axis, causal=self.causal)
         return to_out(self.merge_heads(out))
@@ -94,7 +94,7 @@ class AxialAttention(MultiHead):
         x = zero_padded_tokens(x, mask)
         b, n, _ = x.shape
         width = self.width or math.ceil(math.sqrt(n))
-        x = self.step(x, mask, self.to_qkv, self.to_out, "row", width)
+        x = self.along(x, mask, self.to_qkv, self.to_out, "row", width)
         # The columns of the grid are the rows of its transpose: transposing x once (and the
         # output back) moves less memory than taking q, k, v and the output along columns.
         x, pad = pad_to_multiple(x, width)
@@ -103,5 +103,5 @@ class AxialAttention(MultiHead):
         to_columns = "b (r c) ... -> b (c r) ..."
         x = rearrange(x, to_columns, c=width)
         mask = None if mask is None else rearrange(mask, to_columns, c=width)
-        x = self.step(x, mask, self.to_qkv_column, self.to_out_column, "row", rows)
+        x = self.along(x, mask, self.to_qkv_column, self.to_out_column, "row", rows)
         return rearrange(x, "b (c r) e -> b (r c) e", r=rows)[:, :n]

@@ -13,7 +13,7 @@ $$ O_t = \operatorname{softmax}\!\big(Q_t\,[K_{cm}; K_m; K_t]^\top / \sqrt{d} + 
 with $f_c$ a 1D convolution of kernel and stride $c$, and $M$ the causal mask inside the segment.
 
 Two forms that must agree (tested): `forward(x)` computes all segments at once (each segment's
-memories are windows of the input and of its compression), `step(segment, memory)` is the
+memories are windows of the input and of its compression), `segment_step(segment, memory)` is the
 streaming form of the paper's Algorithm 1 that carries `(memory, compressed memory)`.
 
 Deviations from the paper:
@@ -22,7 +22,7 @@ Deviations from the paper:
   paper stops gradients at the memories and trains $f_c$ only with its auxiliary
   attention-reconstruction loss (a training choice; forward values are the same);
 - memories start empty instead of as zero vectors, so the first segment is plain attention;
-- memory is evicted `compression_rate` tokens at a time, so `step` takes segments of any length
+- memory is evicted `compression_rate` tokens at a time, so `segment_step` takes segments of any length
   (with `segment_len` and `mem_len` multiples of `compression_rate`, as required here, it is the
   paper's rule);
 - `causal=False` lets a token see its whole segment (the paper's language model is causal).
@@ -33,6 +33,7 @@ from einops import einsum, rearrange
 from torch import nn
 
 from zoo.core.checks import check_sequence, positive_int, refuse_mask
+from zoo.core.decoding import offset_causal
 from zoo.core.masks import neg_fill, pad_to_multiple
 from zoo.core.shell import MultiHead
 
@@ -109,7 +110,7 @@ class CompressiveTransformer(MultiHead):
         out = rearrange(out, "b h nc i e -> b (nc i) (h e)")[:, :n]
         return self.to_out(out)
 
-    def step(self, x: torch.Tensor, memory=None):
+    def segment_step(self, x: torch.Tensor, memory=None):
         """One segment of the streaming form (the paper's Algorithm 1 for one layer).
 
         Args:
@@ -134,3 +135,28 @@ class CompressiveTransformer(MultiHead):
         evict = max(mem.shape[1] - self.mem_len, 0) // self.compression_rate * self.compression_rate
         cmem = torch.cat([cmem, self.compress(mem[:, :evict])], dim=1)[:, -self.cmem_len:]
         return out, (mem[:, evict:], cmem)
+
+    def decode(self, x: torch.Tensor, cache, mask: torch.Tensor | None, start: int):
+        """Decoding, segment-aligned as `forward`: the raw inputs from `mem_len` before the current
+        segment's start (at most `mem_len + segment_len`) and the compressed memory (at most
+        `cmem_len` slots); when a segment starts, the inputs that leave the window are compressed."""
+        refuse_mask(type(self).__name__, mask)
+        s, m = self.segment_len, self.mem_len
+        raw, cmem = (x[:, :0], x[:, :0]) if cache is None else cache
+        outs, pos, inner = [], 0, self.heads * self.dim_head
+        while pos < x.shape[1]:
+            into = (start + pos) % s
+            size = min(s - into, x.shape[1] - pos)
+            # a segment starts: inputs before its start - mem_len go (a multiple of c, as s and m are)
+            evict = raw.shape[1] - m if into == 0 else 0
+            if evict > 0:
+                cmem = torch.cat([cmem, self.compress(raw[:, :evict])], dim=1)[:, -self.cmem_len:]
+                raw = raw[:, evict:]
+            part = x[:, pos:pos + size]
+            raw = torch.cat([raw, part], dim=1)
+            k, v = self.to_kv(torch.cat([cmem, raw], dim=1))  # oldest first
+            q = self.split_heads(part @ self.to_qkv.weight[:inner].T)
+            allowed = offset_causal(size, k.shape[2] - size, x.device)
+            outs.append(self.to_out(self.merge_heads(_attend(q, k, v, allowed, self.scale))))
+            pos += size
+        return torch.cat(outs, dim=1), (raw, cmem)

@@ -143,3 +143,16 @@ class FastWeightTransformer(MultiHead):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, nu={self.nu}, chunk={self.chunk}"
+
+    def decode(self, x: torch.Tensor, cache, mask: torch.Tensor | None, start: int):
+        """The recurrent form, token by token: the `(f, e)` fast weights carried over."""
+        q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
+        beta = rearrange(self.to_beta(x), "b n h -> b h n").sigmoid()
+        if mask is not None:
+            beta = beta * rearrange(mask, "b n -> b 1 n").to(beta.dtype)  # padded tokens do not write
+        q, k = sum_normalised(dpfp(q, self.nu)), sum_normalised(dpfp(k, self.nu))
+        outs = []
+        for t in range(x.shape[1]):
+            out, cache = delta_rule_step(q[:, :, t], k[:, :, t], v[:, :, t], beta[:, :, t], cache)
+            outs.append(out)
+        return self.to_out(self.merge_heads(torch.stack(outs, dim=2))), cache

@@ -109,3 +109,35 @@ class LambdaNetworks(MultiHead):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         return lambda_attention(q, k, v, self.emb, mask, causal=self.causal)
+
+    def decode(self, x: torch.Tensor, cache, mask: torch.Tensor | None, start: int):
+        """Decoding as a recurrence: the content lambda's running sums (kept shifted by the largest
+        key of each channel so far) and the last `scope - 1` values the position lambdas reach."""
+        h, d = self.heads, self.dim_key
+        q, k, v = self.to_qkv(x).split([h * d, d, self.dim_head], dim=-1)
+        q, k, v = self.split_heads(q), rearrange(k, "b n d -> b 1 n d"), rearrange(v, "b n e -> b 1 n e")
+        if mask is not None:
+            k = k.masked_fill(~rearrange(mask, "b n -> b 1 n 1"), neg_fill(k.dtype))
+        v = zero_padded(v, mask)
+        if cache is None:
+            b = x.shape[0]
+            cache = (k.new_zeros(b, 1, d, v.shape[-1]), k.new_zeros(b, 1, d, 1),
+                     k.new_full((b, 1, 1, d), neg_fill(k.dtype)), v[:, :, :0])
+        state, norm, top, tail = cache  # tail: the last values, padded ones zeroed
+        new_top = torch.maximum(top, k.amax(dim=2, keepdim=True).detach())
+        gain = rearrange((top - new_top).exp(), "b h 1 d -> b h d 1")
+        weights = zero_padded((k - new_top).exp(), mask)
+        steps = einsum(weights, v, "b h m d, b h m e -> b h d e m").cumsum(dim=-1)
+        state = state[..., None] * gain[..., None] + steps  # (b h d e t)
+        norm = (norm * gain)[..., None] + rearrange(weights, "b h m d -> b h d 1 m").cumsum(dim=-1)
+        content = state / safe_denominator(norm)
+        out = einsum(q, content, "b h n d, b h d e n -> b h n e")
+        left = self.scope - 1
+        if self.emb is not None:
+            windows = F.pad(torch.cat([tail, v], dim=2), (0, 0, left - tail.shape[2], 0))
+            windows = windows.unfold(2, left + 1, 1)  # (b h t e r): values n - left .. n
+            out = out + einsum(einsum(q, self.emb, "b h n d, r d -> b h n r"), windows,
+                               "b h n r, b h n e r -> b h n e")
+        tail = torch.cat([tail, v], dim=2)
+        tail = tail[:, :, tail.shape[2] - min(left, tail.shape[2]):]
+        return self.to_out(self.merge_heads(out)), (state[..., -1], norm[..., -1], new_top, tail)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import einsum, reduce
 
 from zoo.core.checks import check_qkv, nonnegative_float
-from zoo.core.linear import causal_sum
+from zoo.core.linear import causal_sum, causal_sum_step
 from zoo.core.masks import zero_padded
 from zoo.core.shell import MultiHead
 
@@ -90,3 +90,11 @@ class LinearTransformer(MultiHead):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         return linear_attention(q, k, v, mask, causal=self.causal, eps=self.eps)
+
+    def attend_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache,
+                    mask: torch.Tensor | None = None, start: int = 0):
+        """The RNN form (eq. 16-20) on a chunk of new tokens: the `(d, e)` state and the `(d)`
+        normaliser (one more value column) carried from the chunk before."""
+        q, k = elu_feature_map(q), zero_padded(elu_feature_map(k), mask)
+        sums, cache = causal_sum_step(q, k, torch.cat([v, torch.ones_like(v[..., :1])], dim=-1), cache)
+        return sums[..., :-1] / (sums[..., -1:] + self.eps), cache

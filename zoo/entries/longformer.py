@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 
 from zoo.core.checks import check_dtype, check_qkv, check_sequence, positive_int
+from zoo.core.decoding import extend_kv, offset_causal, pattern_step
 from zoo.core.masks import block_windows, neg_fill, pad_mask, pad_to_multiple
 from zoo.core.shell import MultiHead
 from zoo.core.softmax import softmax_attention
@@ -191,3 +192,28 @@ class Longformer(MultiHead):
                                    global_tokens=self.global_tokens, causal=self.causal,
                                    global_qkv=global_qkv)
         return self.to_out(self.merge_heads(out))
+
+    def decode(self, x: torch.Tensor, cache, mask: torch.Tensor | None, start: int):
+        """Decoding with a bounded cache: the keys of the global tokens and of the last
+        `window // 2 * dilation` positions (all a later window reaches), plus the global rows' own
+        keys while the chunk holds global rows."""
+        g, reach, step = self.global_tokens, self.window // 2 * self.dilation, self.dilation
+        local, glob = (None, None) if cache is None else cache
+        q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
+
+        def allowed(i, j):  # a global key, or a window key of the query's residue
+            return (j < g) | ((i - j <= reach) & ((i - j) % step == 0))
+
+        def keep(j, later):
+            return (j < g) | (j > later - 1 - reach)
+
+        out, local = pattern_step(q, k, v, local, mask, start, allowed=allowed, keep=keep)
+        rows = max(min(g - start, x.shape[1]), 0)  # global rows in this chunk
+        if rows:  # they read every earlier token with their own projections (all global then)
+            w_q, w_kv = self.to_qkv_global.weight.tensor_split([self.heads * self.dim_head])
+            q_g = self.split_heads(F.linear(x[:, :rows], w_q))
+            k_g, v_g = map(self.split_heads, F.linear(x[:, :rows], w_kv).chunk(2, dim=-1))
+            k_g, v_g, m_g = glob = extend_kv(glob, k_g, v_g, None if mask is None else mask[:, :rows], start)
+            out_g = softmax_attention(q_g, k_g, v_g, m_g, allowed=offset_causal(rows, start, x.device))
+            out = torch.cat([out_g, out[:, :, rows:]], dim=2)
+        return self.to_out(self.merge_heads(out)), (local, glob if start + x.shape[1] < g else None)

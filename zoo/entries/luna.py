@@ -107,3 +107,23 @@ class Luna(MultiHead):
         pq = rearrange(self.to_pq(self.p), "l (h d) -> h l d", h=self.heads)
         out = luna_attention(q, k, v, pq, self.to_unpack_kv.weight, mask, causal=self.causal)
         return self.to_out(self.merge_heads(out))
+
+    def decode(self, x: torch.Tensor, cache, mask: torch.Tensor | None, start: int):
+        """Decoding as a recurrence: the running pack sums `(b, h, l, e)` and the count of real
+        tokens; each new position unpacks its own prefix's average."""
+        q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
+        pq = rearrange(self.to_pq(self.p), "l (h d) -> h l d", h=self.heads)
+        scale = self.dim_head ** -0.5
+        real = (torch.ones_like(k[:, 0, :, 0]) if mask is None else mask).to(k.dtype)  # (b t)
+        scores = einsum(pq, k, "h l d, b h n d -> b h n l") * scale
+        weights = (F.elu(scores) + 1) * rearrange(real, "b n -> b 1 n 1")
+        sums = einsum(weights, v, "b h n l, b h n e -> b h n l e").cumsum(dim=2)
+        count = real.cumsum(dim=-1)
+        if cache is not None:
+            sums, count = sums + cache[0][:, :, None], count + cache[1][:, None]
+        packed = sums / rearrange(count.clamp(min=1), "b n -> b 1 n 1 1")  # Y_P of each prefix
+        pk, pv = rearrange(rearrange(packed, "b h n l e -> b n l (h e)") @ self.to_unpack_kv.weight.T,
+                           "b n l (two h e) -> two b h n l e", two=2, h=self.heads)
+        attn = (einsum(q, pk, "b h n d, b h n l d -> b h n l") * scale).softmax(dim=-1)  # unpack
+        out = einsum(attn, pv, "b h n l, b h n l e -> b h n e")
+        return self.to_out(self.merge_heads(out)), (sums[:, :, -1], count[:, -1])

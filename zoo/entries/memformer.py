@@ -13,7 +13,7 @@ $$ Y_t = \operatorname{softmax}\!\big(Q_t\,[K(M_t); K_t]^\top / \sqrt{d} + M\big
    [v(m^i_t); v(Y_t)] $$
 
 `forward(x)` projects all tokens at once, then reads and writes the memory segment after segment
-(`read_write`); `step` is the streaming form that takes and returns the memory
+(`read_write`); `segment_step` is the streaming form that takes and returns the memory
 `(b, num_slots, dim)`, and runs the same `read_write` on one segment.
 
 Deviations from the paper:
@@ -33,6 +33,7 @@ from einops import einsum, rearrange
 from torch import nn
 
 from zoo.core.checks import check_sequence, positive_int
+from zoo.core.decoding import concat_mask, offset_causal
 from zoo.core.masks import masked_fill_scores, neg_fill, zero_padded_tokens
 from zoo.core.shell import MultiHead
 
@@ -79,7 +80,7 @@ class Memformer(MultiHead):
         """The learned initial memory `(b, r, dim)`, a copy per sample (not a view)."""
         return self.initial_memory.to(x.dtype).repeat(x.shape[0], 1, 1)
 
-    def step(self, x: torch.Tensor, memory: torch.Tensor | None = None,
+    def segment_step(self, x: torch.Tensor, memory: torch.Tensor | None = None,
              mask: torch.Tensor | None = None):
         """One segment: read the memory, then write it.
 
@@ -131,3 +132,34 @@ class Memformer(MultiHead):
         read = einsum(attn[..., 1:], y, "b h r n, b n x -> b h r x")
         new = attn[..., :1] * v_m + einsum(read, w_v, "b h r x, h e x -> b h r e")
         return F.normalize(self.write_out(self.merge_heads(new)) + self.memory_bias, dim=-1)
+
+    def decode(self, x: torch.Tensor, cache, mask: torch.Tensor | None, start: int):
+        """Decoding: the memory `(b, r, dim)` plus the keys, values and outputs of the segment in
+        progress (at most `segment_len` tokens); a completed segment writes the memory."""
+        memory, seg = (self.first_memory(x), None) if cache is None else cache
+        q, k, v = self.token_qkv(x)
+        inner, r, outs, pos = self.heads * self.dim_head, self.num_slots, [], 0
+        while pos < x.shape[1]:
+            into = (start + pos) % self.segment_len  # tokens of this segment already seen
+            size = min(self.segment_len - into, x.shape[1] - pos)
+            part = slice(pos, pos + size)
+            keep = None if mask is None else mask[:, part]
+            if seg is None:
+                seg = (k[:, :, part], v[:, :, part], x[:, :0], keep)
+            else:
+                seg = (torch.cat([seg[0], k[:, :, part]], dim=2), torch.cat([seg[1], v[:, :, part]], dim=2),
+                       seg[2], concat_mask(seg[3], keep, into, size, x.shape[0], x.device))
+            k_m, v_m = map(self.split_heads, (memory @ self.to_qkv.weight[inner:].T).chunk(2, dim=-1))
+            allowed = F.pad(offset_causal(size, into, x.device), (r, 0), value=True)  # (i r+j)
+            if seg[3] is not None:
+                allowed = allowed & rearrange(F.pad(seg[3], (r, 0), value=True), "b j -> b 1 1 j")
+            scores = einsum(q[:, :, part], torch.cat([k_m, seg[0]], dim=2), "b h i d, b h j d -> b h i j")
+            attn = masked_fill_scores(scores, allowed).softmax(dim=-1)
+            out = einsum(attn, torch.cat([v_m, seg[1]], dim=2), "b h i j, b h j e -> b h i e")
+            out = self.to_out(self.merge_heads(out))
+            seg = (seg[0], seg[1], torch.cat([seg[2], out], dim=1), seg[3])
+            if into + size == self.segment_len:  # the segment is complete: it writes the memory
+                memory, seg = self.write(memory, seg[2], seg[3]), None
+            outs.append(out)
+            pos += size
+        return torch.cat(outs, dim=1), (memory, seg)

@@ -30,6 +30,7 @@ from einops import einsum, rearrange, reduce
 from torch import nn
 
 from zoo.core.checks import check_qkv, one_of, positive_int
+from zoo.core.decoding import concat_mask, pattern_step
 from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple, zero_padded
 from zoo.core.shell import MultiHead
 
@@ -58,7 +59,7 @@ def compress(t: torch.Tensor, conv: nn.Conv1d, mask: torch.Tensor | None):
 
 def compressed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          mask: torch.Tensor | None = None, *, compression: int,
-                         causal: bool = False) -> torch.Tensor:
+                         causal: bool = False, offset: int = 0) -> torch.Tensor:
     """Attention of every query over the compressed slots.
 
     Args:
@@ -66,6 +67,7 @@ def compressed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         mask: `(b, r)`, True = slot holds a real token.
         compression: c, the tokens per slot (sets which slots are complete under causality).
         causal: query i reads slot s only if `s * c + c - 1 <= i`.
+        offset: the position of the first query (decoding a chunk after `offset` tokens).
 
     Returns:
         `(b, h, i, e)`; zero for a query that may read no slot.
@@ -74,7 +76,7 @@ def compressed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     allowed = torch.ones(1, 1, n, r, dtype=torch.bool, device=q.device)
     if causal:
         last = torch.arange(r, device=q.device) * compression + compression - 1
-        allowed = allowed & (last <= torch.arange(n, device=q.device)[:, None])
+        allowed = allowed & (last <= torch.arange(offset, offset + n, device=q.device)[:, None])
     if mask is not None:
         allowed = allowed & rearrange(mask, "b r -> b 1 1 r")
     scores = einsum(q * q.shape[-1] ** -0.5, k, "b h i d, b h r d -> b h i r")
@@ -139,6 +141,34 @@ class MemoryCompressedAttention(MultiHead):
         v, _ = compress(v, self.compress_v, mask)
         return compressed_attention(q, k, v, live, compression=self.compression,
                                     causal=self.causal)
+
+    def attend_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache,
+                    mask: torch.Tensor | None = None, start: int = 0):
+        """Decoding. Compressed: a cache of the completed slots (one per c tokens) and of the up to
+        c - 1 tokens of the slot in progress. Local: the keys of the current block only."""
+        if self.kind == "local":
+            blk = self.block
+            return pattern_step(q, k, v, cache, mask, start, allowed=lambda i, j: i // blk == j // blk,
+                                keep=lambda j, later: j >= later // blk * blk)
+        c = self.compression
+        if cache is None:
+            cache = (k[:, :, :0], v[:, :, :0], None, k[:, :, :0], v[:, :, :0], None)
+        slots_k, slots_v, live, wait_k, wait_v, wait_mask = cache
+        wait_mask = concat_mask(wait_mask, mask, wait_k.shape[2], k.shape[2], k.shape[0], k.device)
+        wait_k = torch.cat([wait_k, zero_padded(k, mask)], dim=2)
+        wait_v = torch.cat([wait_v, zero_padded(v, mask)], dim=2)
+        done = wait_k.shape[2] // c * c  # tokens that complete a slot
+        if done:
+            new_k, new_live = compress(wait_k[:, :, :done], self.compress_k,
+                                       None if wait_mask is None else wait_mask[:, :done])
+            new_v, _ = compress(wait_v[:, :, :done], self.compress_v, None)
+            live = concat_mask(live, new_live if wait_mask is not None else None, slots_k.shape[2],
+                               new_k.shape[2], k.shape[0], k.device)
+            slots_k, slots_v = torch.cat([slots_k, new_k], dim=2), torch.cat([slots_v, new_v], dim=2)
+            wait_k, wait_v = wait_k[:, :, done:], wait_v[:, :, done:]
+            wait_mask = None if wait_mask is None else wait_mask[:, done:]
+        out = compressed_attention(q, slots_k, slots_v, live, compression=c, causal=True, offset=start)
+        return out, (slots_k, slots_v, live, wait_k, wait_v, wait_mask)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, kind={self.kind!r}, compression={self.compression}, "

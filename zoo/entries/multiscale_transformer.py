@@ -28,11 +28,12 @@ of `bp-transformer` (`zoo.core.blocks.node_attention`).
 """
 
 import torch
-from einops import rearrange
+from einops import rearrange, reduce
 
 from zoo.core.blocks import level_sizes, node_attention, pooled_attention
 from zoo.core.checks import check_qkv, positive_int
 from zoo.core.shell import MultiHead
+from zoo.core.softmax import softmax_attention
 
 
 def retina_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -120,6 +121,38 @@ class MultiscaleTransformer(MultiHead):
                mask: torch.Tensor | None = None) -> torch.Tensor:
         return retina_attention(q, k, v, mask, window=self.window, ratio=self.ratio,
                                 scales=self.scales, causal=self.causal)
+
+    def attend_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache,
+                    mask: torch.Tensor | None = None, start: int = 0):
+        """Decoding with a bounded cache: the last `(window + 1) ratio^(scales - 1)` tokens hold
+        every block a later query reads; the blocks' means are taken from them at each step."""
+        w, t = self.window, q.shape[2]
+        weight = torch.ones_like(k[:, 0, :, 0]) if mask is None else mask.to(k.dtype)  # (b n)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            weight = torch.cat([cache[2], weight], dim=1)
+        first, end = start + t - k.shape[2], start + t  # positions of the kept tokens
+        i = torch.arange(start, end, device=q.device)[:, None]
+        keys, values, live, allowed = [], [], [], []
+        for scale in range(self.scales):
+            size = self.ratio ** scale
+            lo, hi = -(-first // size), end // size  # the blocks wholly kept: lo <= u < hi
+            if hi <= lo:
+                continue
+            part = slice(lo * size - first, hi * size - first)
+            counts = reduce(weight[:, part], "b (u r) -> b u", "sum", r=size)
+            for t_all, out in ((k, keys), (v, values)):
+                sums = reduce(t_all[:, :, part] * weight[:, None, part, None], "b h (u r) d -> b h u d",
+                              "sum", r=size)
+                out.append(sums / counts.clamp(min=1)[:, None, :, None])
+            u, own = torch.arange(lo, hi, device=q.device), i // size
+            # as retina_ranges: tokens i - w .. i at scale 0, complete blocks own - w .. own - 1 above
+            allowed.append((u >= own - w) & (u <= (i if scale == 0 else own - 1)))
+            live.append(counts > 0)
+        out = softmax_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2),
+                                torch.cat(live, dim=1), allowed=torch.cat(allowed, dim=1))
+        cut = max(k.shape[2] - (w + 1) * self.ratio ** (self.scales - 1), 0)
+        return out, (k[:, :, cut:], v[:, :, cut:], weight[:, cut:])
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, window={self.window}, ratio={self.ratio}, "

@@ -30,7 +30,7 @@ import torch
 from einops import einsum, rearrange
 
 from zoo.core.checks import check_qkv
-from zoo.core.linear import kernel_attention
+from zoo.core.linear import kernel_attention, kernel_attention_step
 from zoo.core.masks import neg_fill
 from zoo.entries.performer_favor import PerformerFavor, key_shift
 
@@ -92,3 +92,20 @@ class Performer(PerformerFavor):
                mask: torch.Tensor | None = None) -> torch.Tensor:
         return favor_plus_attention(q, k, v, self.current_projection(), mask, causal=self.causal,
                                     chunk=self.chunk)
+
+    def attend_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache,
+                    mask: torch.Tensor | None = None, start: int = 0):
+        """The recurrent form on a chunk: the `(m, e)` sums carried from the chunk before; the
+        keys' stabilising shift is the largest seen so far (`zoo.core.linear.causal_sum_step`)."""
+        w = self.current_projection()
+        phi_q, phi_k = favor_plus_features(q, k, w, mask)
+        return kernel_attention_step(phi_q, phi_k, v, cache, mask, chunk=self.chunk,
+                                     key_log_scale=favor_plus_key_shift(k, w, mask))
+
+
+def favor_plus_key_shift(k: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The keys' shift `favor_plus_features` drops, `(b, h)`: its largest exponent over the real keys."""
+    k = k * k.shape[-1] ** -0.25
+    proj_k = einsum(k, w, "b h n d, h m d -> b h n m")
+    exponent = proj_k.amax(dim=-1, keepdim=True) - k.square().sum(-1, keepdim=True) / 2
+    return key_shift(exponent, mask)[..., 0, 0]

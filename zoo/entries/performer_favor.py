@@ -36,7 +36,7 @@ import torch
 from einops import rearrange, reduce, repeat
 
 from zoo.core.checks import check_qkv, positive_int
-from zoo.core.linear import kernel_attention
+from zoo.core.linear import kernel_attention, kernel_attention_step
 from zoo.core.masks import neg_fill, zero_padded
 from zoo.core.shell import MultiHead
 
@@ -151,3 +151,14 @@ class PerformerFavor(RandomFeatureHeads):
                mask: torch.Tensor | None = None) -> torch.Tensor:
         return favor_attention(q, k, v, self.current_projection(), mask, causal=self.causal,
                                chunk=self.chunk)
+
+    def attend_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache,
+                    mask: torch.Tensor | None = None, start: int = 0):
+        """The recurrent form on a chunk: the `(2m, e)` sums carried from the chunk before; the
+        keys' stabilising shift is the largest seen so far (`zoo.core.linear.causal_sum_step`)."""
+        w = self.current_projection() * q.shape[-1] ** -0.25
+        phi_q, phi_k = trig_features(q, w, normalise=False), trig_features(k, w, normalise=False)
+        exponent = k.square().sum(-1, keepdim=True) / (2 * q.shape[-1] ** 0.5)  # (b h t 1)
+        return kernel_attention_step(phi_q, phi_k, v, cache, mask, chunk=self.chunk,
+                                     key_weight=exp_over_keys(exponent, mask),
+                                     key_log_scale=key_shift(exponent, mask)[..., 0, 0])

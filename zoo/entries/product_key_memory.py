@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
+from zoo.core import decoding
 from zoo.core.checks import check_sequence, positive_int
 
 
@@ -85,3 +86,9 @@ class ProductKeyMemory(nn.Module):
         out = F.embedding_bag(rearrange(idx, "b n h k -> (b n) (h k)"), self.values, mode="sum",
                               per_sample_weights=rearrange(weights, "b n h k -> (b n) (h k)"))
         return rearrange(out, "(b n) x -> b n x", b=x.shape[0], n=x.shape[1])
+
+    def step(self, x: torch.Tensor, state: decoding.DecodeState | None = None, *,
+             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, decoding.DecodeState]:
+        """Decoding (see `zoo.core.decoding`): each token is read alone, so a chunk's output is its
+        forward and the state holds nothing but the length."""
+        return decoding.step(self, x, state, mask, decoding.pointwise(self))

@@ -34,7 +34,7 @@ from einops import rearrange
 from torch import nn
 
 from zoo.core.checks import check_qkv, check_sequence
-from zoo.core.linear import kernel_attention
+from zoo.core.linear import kernel_attention, kernel_attention_step
 from zoo.core.masks import zero_padded_tokens
 from zoo.entries.performer_favor import RandomFeatureHeads, trig_features
 
@@ -106,3 +106,19 @@ class RandomFeatureAttention(RandomFeatureHeads):
         w = self.current_projection() * rearrange(self.sigma, "h d -> h 1 d")
         return random_feature_attention(q, k, v, w, mask, causal=self.causal,
                                         gate_logits=gate_logits, chunk=self.chunk)
+
+    def decode(self, x: torch.Tensor, cache, mask: torch.Tensor | None, start: int):
+        """The recurrent form on a chunk: the `(2m, e)` sums (decayed by the gate) carried over."""
+        q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
+        w = self.current_projection() * rearrange(self.sigma, "h d -> h 1 d")
+        phi_q, phi_k = (trig_features(F.normalize(t, dim=-1), w, normalise=False) for t in (q, k))
+        log_decay = write = None
+        if self.gate:
+            gate_logits = rearrange(self.to_gate(x), "b n h -> b h n")
+            log_decay = F.logsigmoid(gate_logits)
+            if mask is not None:  # a padded token does not touch the state
+                log_decay = log_decay.masked_fill(~rearrange(mask, "b n -> b 1 n"), 0.0)
+            write = rearrange(torch.sigmoid(-gate_logits), "b h n -> b h n 1")
+        out, cache = kernel_attention_step(phi_q, phi_k, v, cache, mask, chunk=self.chunk,
+                                           log_decay=log_decay, key_weight=write)
+        return self.to_out(self.merge_heads(out)), cache

@@ -11,6 +11,7 @@ Deviations from the paper: none (dropout on the weights is left out; it is a tra
 
 import torch
 
+from zoo.core.decoding import extend_kv, offset_causal
 from zoo.core.shell import MultiHead
 from zoo.core.softmax import softmax_attention
 
@@ -25,3 +26,9 @@ class SoftmaxAttention(MultiHead):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         return softmax_attention(q, k, v, mask, causal=self.causal)
+
+    def attend_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache,
+                    mask: torch.Tensor | None = None, start: int = 0):
+        """Decoding with a KV cache: the new queries read every cached key up to their position."""
+        k, v, mask = cache = extend_kv(cache, k, v, mask, start)
+        return softmax_attention(q, k, v, mask, allowed=offset_causal(q.shape[2], start, q.device)), cache

@@ -26,6 +26,7 @@ from einops import einsum, rearrange
 from torch import nn
 
 from zoo.core.checks import check_sequence, one_of, positive_int
+from zoo.core.decoding import concat_mask, offset_causal
 from zoo.core.masks import masked_fill_scores, score_mask, zero_padded_tokens
 from zoo.core.shell import MultiHead
 
@@ -107,3 +108,25 @@ class Synthesizer(MultiHead):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, variant={self.variant!r}, max_len={self.max_len}"
+
+    def decode(self, x: torch.Tensor, cache, mask: torch.Tensor | None, start: int):
+        """Decoding with a cache of the values: the new rows of the synthesized weights, over every
+        position up to their own."""
+        t, end = x.shape[1], start + x.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"{type(self).__name__}: position {end - 1} is past max_len={self.max_len} "
+                             "(the synthesized weights cover max_len positions); pass a larger max_len")
+        v = self.split_heads(self.to_v(x))
+        if cache is not None:
+            v = torch.cat([cache[0], v], dim=2)
+            mask = concat_mask(cache[1], mask, start, t, x.shape[0], x.device)
+        if self.variant == "dense":
+            hidden = F.relu(self.w1(x))
+            scores = einsum(hidden, self.w2[:, :end], "b i c, h j c -> b h i j") + self.b2[:, None, :end]
+        else:
+            scores = rearrange(self.r[:, start:end, :end], "h i j -> 1 h i j")
+        keep = offset_causal(t, start, x.device)
+        keep = keep if mask is None else keep & rearrange(mask, "b j -> b 1 1 j")
+        attn = masked_fill_scores(scores, keep).softmax(dim=-1)  # (b h i j)
+        out = einsum(attn, v, "b h i j, b h j e -> b h i e")
+        return self.to_out(self.merge_heads(out)), (v, mask)

@@ -26,6 +26,7 @@ from einops import rearrange
 from torch import nn
 
 from zoo.core.checks import check_sequence, positive_int
+from zoo.core.decoding import recompute
 from zoo.core.masks import zero_padded, zero_padded_tokens
 from zoo.core.shell import MultiHead
 
@@ -91,3 +92,8 @@ class TaLKConvolution(MultiHead):
         out = talk_convolution(self.split_heads(v), offsets[0], right, mask,
                                max_left=self.max_left, max_right=self.max_right)
         return self.to_out(self.merge_heads(out))
+
+    def decode(self, x: torch.Tensor, cache, mask: torch.Tensor | None, start: int):
+        """Decoding: a window reaches `max_left` tokens back, so only those are kept, and the layer
+        runs on them and the new chunk (`zoo.core.decoding.recompute` with a reach)."""
+        return recompute(self, x, cache, mask, start, reach=self.max_left)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 
 from zoo.core.checks import check_qkv, one_of, positive_int
+from zoo.core.decoding import pattern_step
 from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
 from zoo.core.shell import MultiHead
 
@@ -123,3 +124,15 @@ class TransformerOnADiet(MultiHead):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         return diet_attention(q, k, v, mask, levels=self.levels, causal=self.causal)
+
+    def attend_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache,
+                    mask: torch.Tensor | None = None, start: int = 0):
+        """Decoding with a bounded cache: the keys of the last `max(dilation * reach)` positions."""
+        furthest = max(dil * reach for dil, reach in self.levels)
+
+        def allowed(i, j):
+            return torch.stack([((i - j) % dil == 0) & ((i - j) <= dil * reach)
+                                for dil, reach in self.levels]).any(dim=0)
+
+        return pattern_step(q, k, v, cache, mask, start, allowed=allowed,
+                            keep=lambda j, later: j >= later - furthest)

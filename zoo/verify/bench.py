@@ -25,6 +25,11 @@ How it measures:
   (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`), so memory kept from an earlier pass does
   not hide the next pass's peak. On CUDA:
   `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`.
+- Decoding (`decode=True`, `zoo bench --decode`): every autoregressive entry, built causal, is given a
+  context of `n - 1` tokens (`step` on chunks of `PREFILL_CHUNK`, not timed), then one `step` on a
+  single token is timed and its peak memory measured as above, from the same state each time (a
+  step does not change the state it is given; the contract checks it). The baseline is the SDPA
+  layer with a KV cache. Each point also records the state's size in bytes.
 - Budgets: a length whose predicted time or memory (from the previous length and the declared
   exponent) exceeds `--max-time` / `--max-mem` is recorded as over budget and skipped, as are the
   longer ones; a worker that dies or overruns is recorded as such, and the run goes on.
@@ -46,9 +51,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from zoo.core.decoding import extend_kv, offset_causal
 from zoo.core.shell import MultiHead
 
 BASELINE = "sdpa"
+PREFILL_CHUNK = 2048  # tokens per step call while building a decoding context
 FLUSH_BYTES = 64 << 20  # written before each timed CPU pass: twice the L3 cache of this machine kind
 # glibc: serve every block over 64 KiB by mmap and give freed memory back at once, so the
 # resident size follows what is live and one worker can measure several lengths in a row.
@@ -70,6 +77,14 @@ class SDPABaseline(MultiHead):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                               is_causal=self.causal and mask is None)
 
+    def attend_step(self, q, k, v, cache, mask=None, start=0):
+        """Decoding with a KV cache: the new queries read every cached key up to their position."""
+        k, v, mask = cache = extend_kv(cache, k, v, mask, start)
+        allowed = None if q.shape[2] == 1 and mask is None else offset_causal(q.shape[2], start, q.device)
+        if mask is not None:
+            allowed = allowed & mask[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed), cache
+
 
 # --- inside the worker ----------------------------------------------------------------------
 
@@ -84,17 +99,17 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def _build(name: str, dim: int, heads: int, n: int):
+def _build(name: str, dim: int, heads: int, n: int, causal: bool = False):
     import inspect
 
     from zoo.registry import accepted_keywords, entry, load
 
     if name == BASELINE:
-        return SDPABaseline(dim, heads=heads), "sequence"
+        return SDPABaseline(dim, heads=heads, causal=causal), "sequence"
     e = entry(name)
     cls = load(name)
     accepted = accepted_keywords(cls)
-    kwargs = {"dim": dim}
+    kwargs: dict = {"dim": dim, **({"causal": True} if causal else {})}
     if "heads" in accepted:
         kwargs["heads"] = heads
     if "max_len" in accepted:
@@ -105,19 +120,43 @@ def _build(name: str, dim: int, heads: int, n: int):
     return cls(**kwargs), e.input
 
 
+def recomputes(layer) -> bool:
+    """Whether the layer decodes by the shell's generic fallback (each step runs the whole prefix)."""
+    cls = type(layer)
+    return (isinstance(layer, MultiHead) and cls.decode is MultiHead.decode
+            and cls.attend_step is MultiHead.attend_step)
+
+
+def prefill(layer, x: torch.Tensor, chunk: int = PREFILL_CHUNK):
+    """The decoding state after `x` `(b, n, dim)`, built by `step` on chunks of `chunk` tokens (in
+    one call for a layer that recomputes the prefix anyway: chunks would run it again each time)."""
+    chunk = max(x.shape[1], 1) if recomputes(layer) else chunk
+    state = None
+    with torch.no_grad():
+        for s in range(0, x.shape[1], chunk):
+            _, state = layer.step(x[:, s:s + chunk], state)
+    return state
+
+
 def measure(name: str, n: int, *, dim: int, heads: int, backward: bool, repeats: int,
-            device: str) -> dict:
-    """One (entry, n) measurement in this process."""
+            device: str, decode: bool = False) -> dict:
+    """One (entry, n) measurement in this process; with `decode`, of one token's `step` after a
+    context of `n - 1` tokens."""
     torch.manual_seed(0)
-    layer, kind = _build(name, dim, heads, n)
+    layer, kind = _build(name, dim, heads, n, causal=decode)
     layer = layer.to(device)
-    layer.train(backward)
+    layer.train(backward and not decode)
     side = round(math.sqrt(n))
     shape = (1, dim, side, side) if kind == "image" else (1, n, dim)
-    x = torch.randn(shape, device=device, requires_grad=backward)
+    x = torch.randn(shape, device=device, requires_grad=backward and not decode)
+    state = prefill(layer, x[:, :-1]) if decode and n > 1 else None
+    extra = {} if not decode else {"state_bytes": 0 if state is None else state.numel() * x.element_size()}
 
     def run():
-        if backward:
+        if decode:
+            with torch.no_grad():
+                layer.step(x[:, -1:], state)
+        elif backward:
             layer(x).sum().backward()
             layer.zero_grad(set_to_none=True)
             x.grad = None
@@ -160,7 +199,7 @@ def measure(name: str, n: int, *, dim: int, heads: int, backward: bool, repeats:
         run()
         times.append(time.perf_counter() - start)
     return {"n": side * side if kind == "image" else n, "time_s": statistics.median(times),
-            "peak_bytes": peak, "status": "ok"}
+            "peak_bytes": peak, "status": "ok", **extra}
 
 
 def worker(spec: dict) -> None:
@@ -191,7 +230,8 @@ def worker(spec: dict) -> None:
             continue
         try:
             prev = measure(spec["name"], n, dim=spec["dim"], heads=spec["heads"],
-                           backward=spec["backward"], repeats=spec["repeats"], device=spec["device"])
+                           backward=spec["backward"], repeats=spec["repeats"], device=spec["device"],
+                           decode=spec.get("decode", False))
         except Exception as err:  # noqa: BLE001 - recorded, and the run goes on
             prev = {"n": n, "status": f"error: {type(err).__name__}: {str(err)[:200]}"}
         print(json.dumps(prev), flush=True)
@@ -247,6 +287,8 @@ def run_entry(name: str, spec: dict, timeout: float) -> list[dict]:
     timing = _run_worker(name, {**spec, "skip": skip}, timeout, TIME_ENV)
     for m, p in zip(memory, timing, strict=True):
         p["peak_bytes"] = m.get("peak_bytes") if m["status"] == "ok" else None
+        if "state_bytes" in m:
+            p["state_bytes"] = m["state_bytes"]
     return timing
 
 
@@ -270,26 +312,41 @@ def resolve_names(patterns: list[str]) -> list[str]:
     return out
 
 
-def run(names: list[str], *, ns: list[int], dim: int = 256, heads: int = 4, backward: bool = False,
-        repeats: int = 5, device: str = "cpu", threads: int | None = None,
-        max_time: float = 60.0, max_mem: float = 8 * 2**30, progress=None) -> dict:
-    """Benchmark the SDPA baseline and `names`; returns the JSON-ready results."""
+def declared_exponents(name: str, decode: bool) -> dict:
+    """`{time, memory}` exponents to budget with: the catalogue's `scaling`, or with `decode` its
+    `decoding` (step FLOPs as time, state size as memory); the baseline's are softmax's."""
     from zoo.registry import entry
 
+    if decode:
+        d = {"step": 1, "state": 1} if name == BASELINE else dict(entry(name).decoding or {})
+        if "step" not in d:
+            raise LookupError(f"{name} declares no decoding in the catalogue")
+        return {"time": d["step"], "memory": d["state"]}
+    return {"time": 2, "memory": 2} if name == BASELINE else dict(entry(name).scaling)
+
+
+def run(names: list[str], *, ns: list[int], dim: int = 256, heads: int = 4, backward: bool = False,
+        repeats: int = 5, device: str = "cpu", threads: int | None = None,
+        max_time: float = 60.0, max_mem: float = 8 * 2**30, decode: bool = False,
+        progress=None) -> dict:
+    """Benchmark the SDPA baseline and `names`; returns the JSON-ready results. With `decode`,
+    one token's `step` after each context length (the baseline with a KV cache)."""
     threads = threads or torch.get_num_threads()
     base = {"ns": sorted(ns), "dim": dim, "heads": heads, "backward": backward,
             "repeats": repeats, "device": device, "threads": threads, "max_time": max_time,
-            "max_mem": max_mem}
+            "max_mem": max_mem, "decode": decode}
     results = {}
     for name in [BASELINE, *names]:
-        declared = {"time": 2, "memory": 2} if name == BASELINE else dict(entry(name).scaling)
-        spec = {**base, "time_exp": declared["time"], "mem_exp": declared["memory"]}
+        declared = declared_exponents(name, decode)
+        # a step's peak memory grows as the larger of the state and the step's own work
+        spec = {**base, "time_exp": declared["time"],
+                "mem_exp": max(declared["memory"], declared["time"]) if decode else declared["memory"]}
         timeout = 60 + len(ns) * max_time * (repeats + 2)
         points = run_entry(name, spec, timeout)
         results[name] = {
             "declared": {"time": declared["time"], "memory": declared["memory"]},
             "fitted": {"time": fitted_exponent(points, "time_s"),
-                       "memory": fitted_exponent(points, "peak_bytes")},
+                       "memory": fitted_exponent(points, "state_bytes" if decode else "peak_bytes")},
             "points": points,
         }
         if progress:

@@ -89,6 +89,24 @@ def claim_scaling(e: Entry, make: Make | None = None) -> probe.Scaling:
     return s
 
 
+def claim_decoding(e: Entry, make: Make | None = None) -> probe.DecodingScaling:
+    """decoding: {state, step} => the measured exponents of the context length in the decoding
+    state's size and in one single-token step's FLOPs are within 0.25 of the declared ones."""
+    if e.decoding is None:
+        raise ContractError(f"{e.id} is autoregressive but declares no decoding: {{state: p, step: q}}")
+    d = probe.decoding_scaling(e, make=make)
+    problems = []
+    for kind, measured, counts in (("state", d.state_exponent, d.state), ("step", d.step_exponent, d.flops)):
+        declared = e.decoding[kind]
+        if not abs(measured - declared) <= SCALING_TOLERANCE:
+            problems.append(f"decoding {kind}: measured exponent {measured:.2f} over contexts "
+                            f"{d.contexts} ({'state elements' if kind == 'state' else 'step FLOPs'} "
+                            f"{counts}), declared {declared} (tolerance {SCALING_TOLERANCE})")
+    if problems:
+        raise ContractError("; ".join(problems))
+    return d
+
+
 def claim_exact(e: Entry, make: Make) -> float:
     """exact_when => at those hyper-parameters the output equals softmax attention (float64,
     relative error 1e-10), with a padding mask and causally where the entry supports them."""
@@ -155,12 +173,13 @@ CLAIMS: dict[str, tuple[Callable, Callable[[Entry], bool]]] = {
     "exact": (claim_exact, lambda e: e.exact_when is not None),
     "approximation": (claim_approximation, lambda e: e.budget is not None),
     "kernel": (claim_kernel, lambda e: e.kernel),
+    "decoding": (claim_decoding, lambda e: e.autoregressive and e.input == "sequence"),
 }
 
 
 # --- the report ---------------------------------------------------------------------------
 
-COLUMNS = ("autoregressive", "masking", "time", "memory", "exact", "approximation")
+COLUMNS = ("autoregressive", "masking", "time", "memory", "exact", "approximation", "state", "step")
 
 
 def _fmt(x: float) -> str:
@@ -211,6 +230,18 @@ def claims_row(e: Entry) -> dict:
             at_default = f"{at[default]:.3f} at {e.budget['param']}={default}"
         row["approximation"] = {"declared": e.budget["param"], "held": held,
                                 "measured": at_default or info}
+    row["state"] = row["step"] = None
+    if CLAIMS["decoding"][1](e):
+        try:
+            d = probe.decoding_scaling(e)
+        except Exception as err:  # noqa: BLE001 - a crash is a failed claim, shown as such
+            row["state"] = row["step"] = {"declared": None, "held": False,
+                                          "measured": f"{type(err).__name__}: {err}"}
+        else:
+            for kind, measured in (("state", d.state_exponent), ("step", d.step_exponent)):
+                declared = (e.decoding or {}).get(kind)
+                row[kind] = {"declared": declared, "measured": _fmt(measured),
+                             "held": declared is not None and abs(measured - declared) <= SCALING_TOLERANCE}
     return row
 
 
@@ -264,4 +295,5 @@ def report_cells(row: dict) -> list[tuple[str, bool | None]]:
 
 
 HEADERS = ("entry", "autoregressive", "masking", "time exp. declared / measured",
-           "memory exp. declared / measured", "exact limit", "approx. error at default budget")
+           "memory exp. declared / measured", "exact limit", "approx. error at default budget",
+           "decoding state exp. declared / measured", "decoding step exp. declared / measured")

@@ -241,9 +241,13 @@ CHECKS: dict[str, tuple[Callable[[Entry, Make], None], Callable[[Entry], bool]]]
 
 def run_contract(entry: Entry, make: Make | None = None) -> list[str]:
     """Run every applicable check; return the failures as 'check: reason' lines."""
+    from zoo.verify import decoding  # it builds on this module
+
     make = make or factory(entry)
     problems = []
-    for name, (check, applies) in CHECKS.items():
+    steps = {f"decoding-{name}": (check, decoding.applies)
+             for name, check in decoding.DECODING_CHECKS.items()}
+    for name, (check, applies) in {**CHECKS, **steps}.items():
         if not applies(entry):
             continue
         try:
