@@ -31,9 +31,9 @@ from einops import rearrange
 from torch import nn
 
 from zoo.core.checks import check_qkv, positive_int
+from zoo.core.edges import drawn_edge_attention
 from zoo.core.masks import neg_fill
 from zoo.core.shell import MultiHead
-from zoo.entries.smart_bird import drawn_edge_attention
 
 CHUNK = 128  # nodes whose pointer logits are held at once
 

@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from einops import einsum, rearrange, reduce
 from torch import nn
 
-from zoo.core.checks import check_sequence, positive_int, refuse_causal
+from zoo.core.checks import check_sequence, head_width, positive_int, refuse_causal
 from zoo.core.masks import neg_fill
-from zoo.entries.set_transformer import head_width
 
 
 class StarAttention(nn.Module):
