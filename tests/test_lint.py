@@ -24,3 +24,37 @@ def test_mypy_clean_on_the_public_modules():
                            "--cache-dir", "/dev/null", *modules], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def entry_imports(source: str) -> list[str]:
+    """The modules of `zoo.entries` a file imports (absolute or relative), from its syntax tree."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("zoo.entries")]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # inside zoo/entries, `from . import x` and `from .x import y`
+                module = "zoo.entries" + ("." + module if module else "")
+            if module == "zoo.entries":
+                found += [f"zoo.entries.{a.name}" for a in node.names]
+            elif module.startswith("zoo.entries."):
+                found.append(module)
+    return found
+
+
+def test_no_entry_imports_another_entry():
+    """Shared math lives in zoo/core; an entry file imports no other entry."""
+    offenders = {p.name: entry_imports(p.read_text()) for p in sorted((ROOT / "zoo/entries").glob("*.py"))}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_entry_import_check_catches_planted_imports():
+    planted = ("import torch\nfrom zoo.core.masks import neg_fill\nfrom zoo.entries.performer import Performer\n"
+               "import zoo.entries.bigbird as bb\nfrom zoo.entries import smyrf\nfrom . import sac\n"
+               "from .luna import luna_attention\n")
+    assert entry_imports(planted) == ["zoo.entries.performer", "zoo.entries.bigbird", "zoo.entries.smyrf",
+                                      "zoo.entries.sac", "zoo.entries.luna"]
+    assert entry_imports("import zoo\nfrom zoo.core import features\n") == []
