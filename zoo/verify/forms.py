@@ -152,12 +152,23 @@ def configurations(entry: Entry) -> list[tuple[str, dict, torch.Tensor | None]]:
     return out
 
 
+def awake(layer: nn.Module) -> nn.Module:
+    """The layer with every parameter that starts all zero (a position bias, a gate) drawn at
+    random instead: a zero there would hide the path it feeds from the comparison."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.numel() and not p.any():
+                p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return layer
+
+
 def check_pair(entry: Entry, pair: Pair, make: Make | None = None) -> None:
     """The entry's layer equals itself with `pair`'s function replaced by its reference."""
     make = make or factory(entry)
     reached = 0
     for label, overrides, mask in configurations(entry):
-        layer = make(**overrides).double()
+        layer = awake(make(**overrides).double())
         names = ["output", "grad x", *(f"grad {n}" for n, p in layer.named_parameters()
                                        if p.requires_grad)]
         x = sample(entry, n=N)
