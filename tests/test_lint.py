@@ -52,9 +52,9 @@ def test_no_entry_imports_another_entry():
 
 
 def test_entry_import_check_catches_planted_imports():
-    planted = ("import torch\nfrom zoo.core.masks import neg_fill\nfrom zoo.entries.performer import Performer\n"
-               "import zoo.entries.bigbird as bb\nfrom zoo.entries import smyrf\nfrom . import sac\n"
-               "from .luna import luna_attention\n")
+    planted = ("import torch\nfrom zoo.core.masks import neg_fill\n"
+               "from zoo.entries.performer import Performer\nimport zoo.entries.bigbird as bb\n"
+               "from zoo.entries import smyrf\nfrom . import sac\nfrom .luna import luna_attention\n")
     assert entry_imports(planted) == ["zoo.entries.performer", "zoo.entries.bigbird", "zoo.entries.smyrf",
                                       "zoo.entries.sac", "zoo.entries.luna"]
     assert entry_imports("import zoo\nfrom zoo.core import features\n") == []

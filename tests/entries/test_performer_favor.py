@@ -10,7 +10,7 @@ import zoo
 from zoo import probe
 from zoo.core.features import gaussian_projection, trig_features
 from zoo.core.linear import causal_sum, kernel_attention_recurrent, prefix_sum
-from zoo.entries.performer_favor import favor_attention
+from zoo.entries.performer_favor import favor_attention, favor_attention_reference
 
 RANDOM_FEATURE_ENTRIES = ["performer-favor", "performer", "slim-performer", "random-feature-attention"]
 

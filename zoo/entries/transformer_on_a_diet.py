@@ -18,6 +18,9 @@ Deviations from the paper:
   both);
 - the paper is a language model (left context only); `causal=False` mirrors each set to the right
   ($|m| < k$).
+
+`diet_attention_reference` is the key sets as a pattern under one softmax; `diet_attention`, what
+the layer runs, gathers the bands block by block (tested equal).
 """
 
 import math
@@ -29,6 +32,7 @@ from einops import einsum, rearrange
 from zoo.core.checks import check_qkv, one_of, positive_int
 from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
 from zoo.core.shell import MultiHead
+from zoo.core.softmax import softmax_attention
 
 PATTERNS = ("dilated", "dilated-memory", "cascade")
 
@@ -41,10 +45,27 @@ def diet_levels(pattern: str, layer: int, kernel_size: int, base: int, window: i
     return [(base ** level, kernel_size - 1) for level in levels]
 
 
+def diet_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             mask: torch.Tensor | None = None, *, levels: list[tuple[int, int]],
+                             causal: bool = False) -> torch.Tensor:
+    """The paper's key sets as an allowed `(i, j)` pattern, and softmax over it: key `j` is in
+    `S_i` when `i - j = dilation m` with `0 <= m <= reach` (`|m| <= reach` when not causal) for
+    one of the levels. Same arguments as `diet_attention`."""
+    n = q.shape[2]
+    pos = torch.arange(n, device=q.device)
+    gap = rearrange(pos, "i -> i 1") - rearrange(pos, "j -> 1 j")  # i - j
+    allowed = torch.zeros(n, n, dtype=torch.bool, device=q.device)
+    for dil, reach in levels:
+        allowed |= (gap % dil == 0) & (gap.abs() <= dil * reach) & ((gap >= 0) | (not causal))
+    return softmax_attention(q, k, v, mask, causal=causal, allowed=allowed)
+
+
 def diet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    mask: torch.Tensor | None = None, *, levels: list[tuple[int, int]],
                    causal: bool = False) -> torch.Tensor:
-    """Attention over a union of dilated bands, in one softmax.
+    """What the layer runs: `diet_attention_reference` without the `n x n` pattern. Each level
+    is an undilated band over the positions of one residue mod its dilation, in blocks with their
+    neighbours; the levels' scores share one softmax (tested equal).
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
