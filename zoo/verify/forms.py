@@ -143,13 +143,15 @@ def _compare(fast: list, ref: list, what: str, names: list[str]) -> None:
 
 
 def configurations(entry: Entry) -> list[tuple[str, dict, torch.Tensor | None]]:
-    """(label, layer overrides, mask): with a padding mask where the entry takes one, and causal
-    too where it is autoregressive."""
-    mask = padding_mask() if entry.masking and entry.input == "sequence" else None
-    out = [("bidirectional" if entry.autoregressive else "default", {}, mask)]
+    """(label, layer overrides, mask): with a padding mask where the entry takes one (and without,
+    since fast paths often branch on it), causal too where the entry is autoregressive."""
+    masks: list[tuple[str, torch.Tensor | None]] = [("no mask", None)]
+    if entry.masking and entry.input == "sequence":
+        masks.insert(0, ("padding mask", padding_mask()))
+    modes: list[tuple[str, dict]] = [("bidirectional", {})]
     if entry.autoregressive:
-        out.append(("causal", {"causal": True}, mask))
-    return out
+        modes.append(("causal", {"causal": True}))
+    return [(f"{mode}, {what}", overrides, mask) for mode, overrides in modes for what, mask in masks]
 
 
 def awake(layer: nn.Module) -> nn.Module:
