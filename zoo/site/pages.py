@@ -6,9 +6,12 @@ Kept in the package, not the hook, so the tests can check (and execute) what the
 from __future__ import annotations
 
 import html
+import importlib
+import inspect
 import re
+from pathlib import Path
 
-from zoo.catalog import FAMILIES, Entry
+from zoo.catalog import FAMILIES, PACKAGE, Entry
 from zoo.probe import SCALING_NS
 
 FAMILY_TITLES = {
@@ -22,6 +25,8 @@ FAMILY_TITLES = {
     "recurrence": "Recurrence",
     "downsampling": "Downsampling",
     "gating": "Gating and channel/spatial modules",
+    "decay": "Decay and gated recurrence",
+    "kv-sharing": "Shared keys and values",
 }
 assert set(FAMILY_TITLES) == set(FAMILIES)
 
@@ -81,6 +86,54 @@ def _measured(row: dict | None, kind: str) -> str:
     return f"{cell['measured']}{mark}"
 
 
+def _repo_path(path: Path) -> str:
+    return path.resolve().relative_to(PACKAGE.parent.resolve()).as_posix()
+
+
+def reference_snippets(e: Entry) -> list[tuple[str, str, str]]:
+    """`(reference, fast function, snippet path)` for each reference pair of the entry (its own
+    first, then the core's it calls): the path as pymdownx.snippets reads it, `file:start:end`, the
+    reference function's own lines of the tested file."""
+    from zoo.verify.forms import reference_pairs
+
+    out = []
+    for pair in reference_pairs(e):
+        fn = inspect.unwrap(getattr(importlib.import_module(pair.module), pair.reference))
+        lines, start = inspect.getsourcelines(fn)
+        path = _repo_path(Path(inspect.getsourcefile(fn) or ""))
+        out.append((pair.reference, pair.name, f"{path}:{start}:{start + len(lines) - 1}"))
+    # a decorator sits above the def: getsourcelines includes it, unwrap finds the file
+    return out
+
+
+def math_section(e: Entry) -> list[str]:
+    """'The math': the source of each reference function, for entries that have one."""
+    snippets = reference_snippets(e)
+    if not snippets:
+        return []
+    lines = ["## The math", "",
+             "The paper's equations as code: the reference form, with no tricks for speed. The "
+             "layer runs the fast form below, held equal to this one in float64, outputs and "
+             "gradients, with a padding mask and causally where claimed (`tests/test_forms.py`).",
+             ""]
+    for ref, fast, snippet in snippets:
+        lines += [f"`{ref}` (the reference of `{fast}`, `{snippet.split(':')[0]}`):", "",
+                  "```python", f'--8<-- "{snippet}"', "```", ""]
+    return lines
+
+
+def source_section(e: Entry) -> list[str]:
+    """The tested file itself: 'What runs, tested equal' after the math, else 'Source'."""
+    path = _repo_path(e.source)
+    if reference_snippets(e):
+        head = ["## What runs, tested equal", "",
+                f"The fast path, `{e.module}`, exactly as tested (its references above, first in "
+                "the file):", ""]
+    else:
+        head = ["## Source", "", f"The reference, `{e.module}`, exactly as tested:", ""]
+    return [*head, "```python", f'--8<-- "{path}"', "```", ""]
+
+
 def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
                bench: bool = False) -> str:
     cites = (f"{e.citations['count']} (Semantic Scholar, as of {e.citations['as_of']})"
@@ -114,6 +167,7 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
         "",
         f"$$\n{e.formula}\n$$",
         "",
+        *math_section(e),
         "## Complexity",
         "",
         "| | as the paper states it | exponent of n, declared | exponent of n, measured |",
@@ -174,14 +228,7 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
         usage(e).rstrip(),
         "```",
         "",
-        "## Source",
-        "",
-        f"The reference, `{e.module}`, exactly as tested:",
-        "",
-        "```python",
-        f'--8<-- "zoo/entries/{e.source.name}"',
-        "```",
-        "",
+        *source_section(e),
         "## BibTeX",
         "",
         "```bibtex",
@@ -211,6 +258,10 @@ FAMILY_TEXT = {
     "downsampling": "The sequence is shortened (pooling, strided convolution) before attending.",
     "gating": "Channel and spatial modules that re-weight features instead of mixing positions "
               "pairwise.",
+    "decay": "A state carried along the sequence fades by a fixed or input-dependent factor at "
+             "every step, so older tokens count less.",
+    "kv-sharing": "Several query heads read the same keys and values, which shrinks the cache a "
+                  "decoder keeps.",
 }
 assert set(FAMILY_TEXT) == set(FAMILIES)
 
