@@ -124,6 +124,8 @@ class RandomFeatureHeads(MultiHead):
         return (f"{super().extra_repr()}, features={self.features}, orthogonal={self.orthogonal}, "
                 f"redraw={self.redraw}, chunk={self.chunk}")
 
+    projection: torch.Tensor  # the buffer registered in __init__
+
     def current_projection(self) -> torch.Tensor:
         """The buffer, or (redraw=True, training mode) a fresh draw for this call."""
         if self.redraw and self.training:
