@@ -67,6 +67,8 @@ def block_windows(t: torch.Tensor, block: int, *, dim: int = -2, after: int = 1,
     block before it and the `after` blocks after it, `value` past the ends: overlapping views of
     one padded copy, the window of `(2 + after) * block` positions as the last axis."""
     dim = dim % t.ndim
+    if t.shape[dim] == 0:  # no blocks: an empty window axis
+        return t.unsqueeze(-1).expand(*t.shape, (2 + after) * block)
     widths = [0, 0] * (t.ndim - dim - 1) + [block, after * block]
     return F.pad(t, widths, value=value).unfold(dim, (2 + after) * block, block)
 
