@@ -32,10 +32,26 @@ from zoo.core.shell import MultiHead
 from zoo.core.softmax import softmax_attention
 
 
+def gmat_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor,
+                             mem_v: torch.Tensor, mask: torch.Tensor | None = None, *,
+                             window: int) -> torch.Tensor:
+    """The paper's sequence step as one softmax over `[memory; sequence]`: every memory slot, and
+    key `j` where `|i - j| <= window`, as an allowed pattern. Same arguments as `gmat_attention`."""
+    b, n, m = q.shape[0], q.shape[2], mem_k.shape[2]
+    pos = torch.arange(n, device=q.device)
+    band = (rearrange(pos, "i -> i 1") - rearrange(pos, "j -> 1 j")).abs() <= window
+    allowed = torch.cat([band.new_ones(n, m), band], dim=1)  # (i, m + j)
+    keys = None if mask is None else torch.cat([mask.new_ones(b, m), mask], dim=1)
+    return softmax_attention(q, torch.cat([mem_k, k], dim=2), torch.cat([mem_v, v], dim=2), keys,
+                             allowed=allowed)
+
+
 def gmat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor,
                    mem_v: torch.Tensor, mask: torch.Tensor | None = None, *,
                    window: int) -> torch.Tensor:
-    """Sequence queries over every memory slot and the keys within `window` positions.
+    """What the layer runs: `gmat_attention_reference` without the `n x n` pattern, the band in
+    blocks of `window` with their neighbour blocks, the memory scores beside them (tested equal).
+    Sequence queries over every memory slot and the keys within `window` positions.
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
