@@ -31,8 +31,28 @@ from einops import einsum, rearrange
 from zoo.core.checks import check_qkv, one_of, positive_int
 from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
 from zoo.core.shell import MultiHead
+from zoo.core.softmax import softmax_attention
 
 PATTERNS = ("strided", "fixed")
+
+
+def sparse_transformer_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                           mask: torch.Tensor | None = None, *,
+                                           pattern: str = "strided", stride: int | None = None,
+                                           summary: int = 1, causal: bool = False) -> torch.Tensor:
+    """The merged head of Sec. 4.2 as an allowed `(i, j)` set, `A_i = A^(1)_i | A^(2)_i`:
+    strided, `|i - j| <= l` or `(i - j) mod l = 0`; fixed, `floor(i / l) = floor(j / l)` or
+    `j mod l >= l - c`; softmax over it. Same arguments as `sparse_transformer_attention`."""
+    one_of(pattern, PATTERNS, "pattern")
+    n = q.shape[2]
+    l = stride or math.ceil(math.sqrt(n))  # noqa: E741 - the paper's name
+    pos = torch.arange(n, device=q.device)
+    i, j = rearrange(pos, "i -> i 1"), rearrange(pos, "j -> 1 j")
+    if pattern == "strided":
+        allowed = ((i - j).abs() <= l) | ((i - j) % l == 0)
+    else:
+        allowed = (i // l == j // l) | (j % l >= l - min(summary, l))
+    return softmax_attention(q, k, v, mask, causal=causal, allowed=allowed)
 
 
 def neighbour_blocks(t: torch.Tensor, l: int, before: int, after: int) -> torch.Tensor:  # noqa: E741
@@ -46,7 +66,9 @@ def sparse_transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  mask: torch.Tensor | None = None, *, pattern: str = "strided",
                                  stride: int | None = None, summary: int = 1,
                                  causal: bool = False) -> torch.Tensor:
-    """Merged-head factorised attention.
+    """What the layer runs: `sparse_transformer_attention_reference` without the `n x n` pattern:
+    A^(1) from neighbour blocks, A^(2) from the columns (strided) or the summary positions (fixed),
+    both in one softmax (tested equal).
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
