@@ -7,7 +7,8 @@ import torch
 import zoo
 from zoo.entries.lambda_networks import lambda_attention, lambda_attention_reference
 
-FORMS = pytest.mark.parametrize("form", [lambda_attention, lambda_attention_reference], ids=["fast", "reference"])
+FORMS = pytest.mark.parametrize("form", [lambda_attention, lambda_attention_reference],
+                                ids=["fast", "reference"])
 
 
 def inputs(b=2, h=3, n=23, d=4, e=5, r=5, seed=0):
