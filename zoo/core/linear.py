@@ -41,6 +41,19 @@ def kernel_attention_reference(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torc
     return ratio(einsum(attn, torch.cat([v, ones], dim=-1), "b h i j, b h j e -> b h i e"))
 
 
+def causal_sum_reference(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *,
+                         chunk: int = 64, log_decay: torch.Tensor | None = None) -> torch.Tensor:
+    """`causal_sum` as an explicit `(n, n)` map: `out_i = sum_{j <= i} g_{j+1} ... g_i
+    (phi_q_i . phi_k_j) v_j`; `chunk` is unused here."""
+    scores = einsum(phi_q, phi_k, "b h i f, b h j f -> b h i j")
+    tri = causal_mask(phi_q.shape[2], phi_k.shape[2], phi_q.device)
+    if log_decay is not None:  # log(g_{j+1} ... g_i) = a_i - a_j, with a the running sum
+        a = log_decay.cumsum(dim=-1)
+        gap = rearrange(a, "b h i -> b h i 1") - rearrange(a, "b h j -> b h 1 j")
+        scores = scores * gap.masked_fill(~tri, neg_fill(gap.dtype)).exp()
+    return einsum(scores * tri, v, "b h i j, b h j e -> b h i e")
+
+
 def causal_sum(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *, chunk: int = 64,
                log_decay: torch.Tensor | None = None) -> torch.Tensor:
     r"""`out_i = sum_{j <= i} g_{j+1} ... g_i (phi_q_i . phi_k_j) v_j`, computed chunk by chunk.
