@@ -83,3 +83,14 @@ def pad_mask(mask: torch.Tensor | None, b: int, n: int, pad: int, device) -> tor
     if mask is None:
         mask = torch.ones(b, n, dtype=torch.bool, device=device)
     return F.pad(mask, (0, pad), value=False)
+
+
+def pad_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            multiple: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v `(b, h, n, .)` padded with zeros along the positions to a multiple of `multiple`,
+    and the key-padding mask `(b, n + pad)` that goes with them: `mask` (all True where None)
+    extended with False over the padding. The one spelling of "pad to a block multiple"."""
+    b, n = q.shape[0], q.shape[2]
+    (q, pad), (k, _), (v, _) = (pad_to_multiple(t, multiple) for t in (q, k, v))
+    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
+    return q, k, v, F.pad(real, (0, pad), value=False)

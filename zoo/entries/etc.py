@@ -23,7 +23,7 @@ import torch
 from einops import einsum, rearrange
 
 from zoo.core.checks import check_qkv, positive_int, refuse_causal
-from zoo.core.masks import block_windows, neg_fill, pad_mask, pad_to_multiple
+from zoo.core.masks import block_windows, neg_fill, pad_qkv
 from zoo.core.shell import MultiHead
 from zoo.core.softmax import softmax_attention
 
@@ -62,8 +62,7 @@ def etc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     real = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
 
     # long-to-long: blocks of c long tokens, each reading blocks m-1, m, m+1 (Sec. 2.1)
-    (ql, pad), (kl, _), (vl, _) = (pad_to_multiple(t[:, :, g:], c) for t in (q, k, v))
-    real_l = pad_mask(real[:, g:], b, n - g, pad, q.device)
+    ql, kl, vl, real_l = pad_qkv(q[:, :, g:], k[:, :, g:], v[:, :, g:], real[:, g:], c)
     ql, kl, vl = (rearrange(t, "b h (m c) d -> b h m c d", c=c) for t in (ql, kl, vl))
     real_l = rearrange(real_l, "b (m c) -> b 1 m c 1", c=c).float()
 

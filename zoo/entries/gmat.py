@@ -27,7 +27,7 @@ import torch
 from einops import einsum, rearrange
 
 from zoo.core.checks import check_qkv, check_sequence, positive_int, refuse_causal
-from zoo.core.masks import block_windows, neg_fill, pad_mask, pad_to_multiple
+from zoo.core.masks import block_windows, neg_fill, pad_qkv
 from zoo.core.shell import MultiHead
 from zoo.core.softmax import softmax_attention
 
@@ -64,9 +64,7 @@ def gmat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: tor
     check_qkv(q, k, v, mask, name="gmat_attention")
     b, _, n, d = q.shape
     m, w = mem_k.shape[2], window
-    (q, pad), (k, _), (v, _) = (pad_to_multiple(t, w) for t in (q * d ** -0.5, k, v))
-    real = pad_mask(mask, b, n, pad, q.device)
-    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if real is None else real
+    q, k, v, real = pad_qkv(q * d ** -0.5, k, v, mask, w)
     q = rearrange(q, "b h (nc i) d -> b h nc i d", i=w)
     k, v = (rearrange(block_windows(t, w, dim=2), "b h nc d j -> b h nc j d") for t in (k, v))
     # Query i of a block and key j of its window are j - w - i positions apart, in every block;

@@ -25,7 +25,7 @@ import torch
 from einops import einsum, rearrange
 
 from zoo.core.checks import check_qkv, one_of, positive_int
-from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
+from zoo.core.masks import neg_fill, pad_qkv
 from zoo.core.shell import MultiHead
 from zoo.core.softmax import softmax_attention
 
@@ -89,9 +89,7 @@ def jukebox_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     b, h, n, d = q.shape
     c = default_block(n) if block is None else positive_int(block, "block")
     scale = d ** -0.5 if scale is None else scale
-    (q, pad), (k, _), (v, _) = (pad_to_multiple(t, c) for t in (q, k, v))
-    keep = pad_mask(mask, b, n, pad, q.device)
-    keep = q.new_ones(b, n + pad, dtype=torch.bool) if keep is None else keep
+    q, k, v, keep = pad_qkv(q, k, v, mask, c)
     keep = rearrange(keep, "b n -> b 1 n")
     if pattern == "previous-row":  # row r reads row r - 1; row 0 reads an empty row
         k, v, keep = (torch.roll(t, c, dims=2) for t in (k, v, keep))

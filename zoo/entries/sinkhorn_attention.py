@@ -29,7 +29,7 @@ from einops import einsum, rearrange
 from torch import nn
 
 from zoo.core.checks import check_qkv, positive_int
-from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple, zero_padded
+from zoo.core.masks import neg_fill, pad_mask, pad_qkv, pad_to_multiple, zero_padded
 from zoo.core.shell import MultiHead
 from zoo.core.sorting import LOG2E, softmax_attend
 
@@ -43,9 +43,7 @@ def sinkhorn_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     b, h, n, d = q.shape
     nb = sort.shape[-1]
     c = math.ceil(n / nb)
-    (q, pad), (k, _), (v, _) = (pad_to_multiple(t, c * nb) for t in (q, k, v))
-    real = pad_mask(mask, b, n, pad, q.device)
-    real = torch.ones(b, n + pad, dtype=torch.bool, device=q.device) if real is None else real
+    q, k, v, real = pad_qkv(q, k, v, mask, c * nb)
     qb, kb, vb = (rearrange(t, "b h (nb c) d -> b h nb c d", c=c) for t in (q, zero_padded(k, real),
                                                                           zero_padded(v, real)))
     real = rearrange(real, "b (nb c) -> b 1 nb c", c=c).to(q.dtype).expand(b, h, nb, c)
@@ -100,9 +98,8 @@ def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sort: 
     b, h, n, d = q.shape
     nb = sort.shape[-1]
     c = math.ceil(n / nb)
-    (q, pad), (k, _), (v, _) = (pad_to_multiple(t, c * nb) for t in (q, k, v))
-    real = pad_mask(mask, b, n, pad, q.device)
-    real = torch.ones(b, n + pad, dtype=torch.bool, device=q.device) if real is None else real
+    q, k, v, real = pad_qkv(q, k, v, mask, c * nb)
+    pad = q.shape[2] - n
     qb = rearrange(q, "b h (nb c) d -> b h nb c d", c=c)
     kb, vb = (rearrange(zero_padded(t, real), "b h (nb c) d -> b h nb c d", c=c) for t in (k, v))
     k_sorted, v_sorted = (einsum(sort, t, "b h i j, b h j c d -> b h i c d") for t in (kb, vb))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 
 from zoo.core.checks import check_qkv, one_of, positive_int
-from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
+from zoo.core.masks import neg_fill, pad_qkv
 from zoo.core.shell import MultiHead
 from zoo.core.softmax import softmax_attention
 
@@ -84,9 +84,7 @@ def sparse_transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     one_of(pattern, PATTERNS, "pattern")
     b, _, n, d = q.shape
     l = stride or math.ceil(math.sqrt(n))  # noqa: E741 - the paper's name
-    (q, pad), (k, _), (v, _) = (pad_to_multiple(t, l) for t in (q, k, v))
-    real = pad_mask(mask, b, n, pad, q.device)
-    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if real is None else real
+    q, k, v, real = pad_qkv(q, k, v, mask, l)
     q = q * d ** -0.5  # scaled once here rather than every score
 
     # A^(1): a band around the query, read from neighbouring blocks (eq. 2 / eq. 3)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 
 from zoo.core.checks import check_qkv, one_of, positive_int
-from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
+from zoo.core.masks import neg_fill, pad_qkv
 from zoo.core.shell import MultiHead
 from zoo.core.softmax import softmax_attention
 
@@ -79,9 +79,7 @@ def diet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_qkv(q, k, v, mask, name="diet_attention")
     b, h, n, d = q.shape
     step = math.lcm(*(dil * max(reach, 1) for dil, reach in levels))
-    (q, pad), (k, _), (v, _) = (pad_to_multiple(t, step) for t in (q, k, v))
-    real = pad_mask(mask, b, n, pad, q.device)
-    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if real is None else real
+    q, k, v, real = pad_qkv(q, k, v, mask, step)
     after = 0 if causal else 1
     scores, values = [], []
     for level, (dil, reach) in enumerate(levels):
