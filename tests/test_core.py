@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.core.checks import check_qkv, check_sequence
-from zoo.core.masks import block_windows, causal_mask, pad_mask, pad_to_multiple
+from zoo.core.masks import block_windows, causal_mask, pad_mask, pad_qkv, pad_to_multiple
 from zoo.core.shell import MultiHead
 from zoo.core.softmax import softmax_attention
 
@@ -129,8 +129,6 @@ def test_allowed_pattern_equals_sdpa_with_the_same_bool_mask():
 
 
 def test_pad_qkv_pads_to_the_multiple_and_extends_the_mask():
-    from zoo.core.masks import pad_qkv
-
     q, k, v = torch.randn(2, 3, 10, 4), torch.randn(2, 3, 10, 4), torch.randn(2, 3, 10, 5)
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[1, 7:] = False
