@@ -61,16 +61,18 @@ def pad_to_multiple(t: torch.Tensor, multiple: int, *, dim: int = -2, value: flo
     return F.pad(t, widths, value=value), pad
 
 
-def block_windows(t: torch.Tensor, block: int, *, dim: int = -2, after: int = 1,
+def block_windows(t: torch.Tensor, block: int, *, dim: int = -2, after: int = 1, before: int = 1,
                   value: float = 0.0) -> torch.Tensor:
     """Blocks of `block` positions along `dim` (its length a multiple of `block`), each with the
-    block before it and the `after` blocks after it, `value` past the ends: overlapping views of
-    one padded copy, the window of `(2 + after) * block` positions as the last axis."""
+    `before` blocks before it and the `after` blocks after it, `value` past the ends: overlapping
+    views of one padded copy, the window of `(before + 1 + after) * block` positions as the last
+    axis."""
     dim = dim % t.ndim
+    width = (before + 1 + after) * block
     if t.shape[dim] == 0:  # no blocks: an empty window axis
-        return t.unsqueeze(-1).expand(*t.shape, (2 + after) * block)
-    widths = [0, 0] * (t.ndim - dim - 1) + [block, after * block]
-    return F.pad(t, widths, value=value).unfold(dim, (2 + after) * block, block)
+        return t.unsqueeze(-1).expand(*t.shape, width)
+    widths = [0, 0] * (t.ndim - dim - 1) + [before * block, after * block]
+    return F.pad(t, widths, value=value).unfold(dim, width, block)
 
 
 def pad_mask(mask: torch.Tensor | None, b: int, n: int, pad: int, device) -> torch.Tensor | None:

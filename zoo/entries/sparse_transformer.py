@@ -25,11 +25,10 @@ Deviations from the paper:
 import math
 
 import torch
-import torch.nn.functional as F
 from einops import einsum, rearrange
 
 from zoo.core.checks import check_qkv, one_of, positive_int
-from zoo.core.masks import neg_fill, pad_qkv
+from zoo.core.masks import block_windows, neg_fill, pad_qkv
 from zoo.core.shell import MultiHead
 from zoo.core.softmax import softmax_attention
 
@@ -57,9 +56,8 @@ def sparse_transformer_attention_reference(q: torch.Tensor, k: torch.Tensor, v: 
 
 def neighbour_blocks(t: torch.Tensor, l: int, before: int, after: int) -> torch.Tensor:  # noqa: E741
     """`(..., n, d)` -> `(..., r, w, d)`, `n = r l`: each block of `l` with its `before`/`after`
-    neighbour blocks (zeros past the ends), `w = (before + 1 + after) l`; a view of `t` padded once."""
-    padded = F.pad(t.movedim(-2, -1), (before * l, after * l))  # (... d n+)
-    return padded.unfold(-1, (before + 1 + after) * l, l).movedim(-3, -1)
+    neighbour blocks (zeros past the ends), `w = (before + 1 + after) l` (`block_windows`)."""
+    return rearrange(block_windows(t, l, dim=-2, before=before, after=after), "... r d w -> ... r w d")
 
 
 def sparse_transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -26,11 +26,10 @@ the layer runs, gathers the bands block by block (tested equal).
 import math
 
 import torch
-import torch.nn.functional as F
 from einops import einsum, rearrange
 
 from zoo.core.checks import check_qkv, one_of, positive_int
-from zoo.core.masks import neg_fill, pad_qkv
+from zoo.core.masks import block_windows, neg_fill, pad_qkv
 from zoo.core.shell import MultiHead
 from zoo.core.softmax import softmax_attention
 
@@ -88,9 +87,9 @@ def diet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         def blocks(t, c=c, dil=dil):  # residue s = i mod dil; an undilated band over i // dil
             return rearrange(t, "b h (m c s) d -> b h s m c d", c=c, s=dil)
 
-        def with_neighbours(t):  # block m with blocks m-1 .. m+after, zeros past the ends
-            padded = F.pad(t, (0, 0, 0, 0, 1, after))
-            return torch.cat([padded[:, :, :, o:o + t.shape[3]] for o in range(2 + after)], dim=4)
+        def with_neighbours(t, c=c):  # block m with blocks m-1 .. m+after, zeros past the ends
+            flat = rearrange(t, "b h s m c d -> b h s (m c) d")
+            return rearrange(block_windows(flat, c, dim=3, after=after), "b h s m d w -> b h s m w d")
 
         pos = rearrange(torch.arange(q.shape[2], device=q.device), "n -> 1 1 n 1")
         i = blocks(pos)[0, 0, ..., 0]  # (s m c)
