@@ -125,10 +125,13 @@ def math_section(e: Entry) -> list[str]:
 def source_section(e: Entry) -> list[str]:
     """The tested file itself: 'What runs, tested equal' after the math, else 'Source'."""
     path = _repo_path(e.source)
-    if reference_snippets(e):
+    snippets = reference_snippets(e)
+    if snippets:
+        own = [s for s in snippets if s[2].startswith(path + ":")]
+        where = ("its references above come first in the file" if own else
+                 "the references above are the core's, in `zoo/core`")
         head = ["## What runs, tested equal", "",
-                f"The fast path, `{e.module}`, exactly as tested (its references above, first in "
-                "the file):", ""]
+                f"The fast path, `{e.module}`, exactly as tested ({where}):", ""]
     else:
         head = ["## Source", "", f"The reference, `{e.module}`, exactly as tested:", ""]
     return [*head, "```python", f'--8<-- "{path}"', "```", ""]
