@@ -36,14 +36,6 @@ from zoo.core.softmax import softmax_attention
 PATTERNS = ("dilated", "dilated-memory", "cascade")
 
 
-def diet_levels(pattern: str, layer: int, kernel_size: int, base: int, window: int):
-    """`[(dilation, reach), ...]`: the key sets of one layer, each `{i - dilation m : m <= reach}`."""
-    if pattern == "cascade":
-        return [(1, window * base ** layer - 1)]
-    levels = range(layer + 1) if pattern == "dilated-memory" else [layer]
-    return [(base ** level, kernel_size - 1) for level in levels]
-
-
 def diet_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              mask: torch.Tensor | None = None, *, levels: list[tuple[int, int]],
                              causal: bool = False) -> torch.Tensor:
@@ -57,6 +49,14 @@ def diet_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for dil, reach in levels:
         allowed |= (gap % dil == 0) & (gap.abs() <= dil * reach) & ((gap >= 0) | (not causal))
     return softmax_attention(q, k, v, mask, causal=causal, allowed=allowed)
+
+
+def diet_levels(pattern: str, layer: int, kernel_size: int, base: int, window: int):
+    """`[(dilation, reach), ...]`: the key sets of one layer, each `{i - dilation m : m <= reach}`."""
+    if pattern == "cascade":
+        return [(1, window * base ** layer - 1)]
+    levels = range(layer + 1) if pattern == "dilated-memory" else [layer]
+    return [(base ** level, kernel_size - 1) for level in levels]
 
 
 def diet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
