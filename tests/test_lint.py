@@ -58,3 +58,28 @@ def test_entry_import_check_catches_planted_imports():
     assert entry_imports(planted) == ["zoo.entries.performer", "zoo.entries.bigbird", "zoo.entries.smyrf",
                                       "zoo.entries.sac", "zoo.entries.luna"]
     assert entry_imports("import zoo\nfrom zoo.core import features\n") == []
+
+
+def long_files_without_a_reason(paths, limit: int = 250) -> list[str]:
+    """Entry files over `limit` lines whose module docstring does not mention the limit (STYLE:
+    past 250 lines, the docstring says why)."""
+    import ast
+    import re
+
+    out = []
+    for path in paths:
+        text = path.read_text()
+        reason = re.search(rf"{limit}\s+lines", ast.get_docstring(ast.parse(text)) or "")
+        if len(text.splitlines()) > limit and not reason:
+            out.append(path.name)
+    return out
+
+
+def test_entry_files_over_250_lines_say_why(tmp_path):
+    assert not long_files_without_a_reason(sorted((ROOT / "zoo/entries").glob("*.py")))
+    planted = tmp_path / "long.py"
+    planted.write_text('"""A long file."""\n' + "x = 1\n" * 260)
+    assert long_files_without_a_reason([planted]) == ["long.py"]
+    planted.write_text('"""A long file: longer than 250\nlines because both forms live here."""\n'
+                       + "x = 1\n" * 260)
+    assert not long_files_without_a_reason([planted])
