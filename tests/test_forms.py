@@ -53,40 +53,32 @@ def _pair(name):
     return next(p for p in forms.reference_pairs(zoo.entry(PLANT)) if p.name == name)
 
 
-def test_a_reference_that_differs_slightly_is_caught(monkeypatch):
+def _plant(monkeypatch, wrap):
+    """favor_attention's reference replaced by `wrap(reference)`; returns the pair."""
     pair = _pair("favor_attention")
     module = importlib.import_module(pair.module)
-    reference = getattr(module, pair.reference)
-    forms.check_pair(zoo.entry(PLANT), pair)  # sound as it is
-    monkeypatch.setattr(module, pair.reference, lambda *a, **kw: reference(*a, **kw) * (1 + 1e-8))
+    monkeypatch.setattr(module, pair.reference, wrap(getattr(module, pair.reference)))
+    return pair
+
+
+def test_a_reference_that_differs_slightly_is_caught(monkeypatch):
+    forms.check_pair(zoo.entry(PLANT), _pair("favor_attention"))  # sound as it is
+    pair = _plant(monkeypatch, lambda ref: lambda *a, **kw: ref(*a, **kw) * (1 + 1e-8))
     with pytest.raises(ContractError, match="output differs"):
         forms.check_pair(zoo.entry(PLANT), pair)
 
 
 def test_a_reference_whose_gradient_differs_is_caught(monkeypatch):
     """Same values, different gradient: a detached term changes only the backward pass."""
-    pair = _pair("favor_attention")
-    module = importlib.import_module(pair.module)
-    reference = getattr(module, pair.reference)
-
-    def planted(q, k, v, *a, **kw):
-        out = reference(q, k, v, *a, **kw)
-        return out + 1e-6 * (q.sum() - q.sum().detach())
-
-    monkeypatch.setattr(module, pair.reference, planted)
+    pair = _plant(monkeypatch, lambda ref: lambda q, k, v, *a, **kw: (
+        ref(q, k, v, *a, **kw) + 1e-6 * (q.sum() - q.sum().detach())))
     with pytest.raises(ContractError, match="grad"):
         forms.check_pair(zoo.entry(PLANT), pair)
 
 
 def test_a_causal_only_difference_is_caught(monkeypatch):
-    pair = _pair("favor_attention")
-    module = importlib.import_module(pair.module)
-    reference = getattr(module, pair.reference)
-
-    def planted(q, k, v, w, mask=None, *, causal=False, chunk=64):
-        return reference(q, k, v, w, mask, causal=False, chunk=chunk)
-
-    monkeypatch.setattr(module, pair.reference, planted)
+    pair = _plant(monkeypatch, lambda ref: lambda q, k, v, w, mask=None, *, causal=False, chunk=64: (
+        ref(q, k, v, w, mask, causal=False, chunk=chunk)))
     with pytest.raises(ContractError, match="causal"):
         forms.check_pair(zoo.entry(PLANT), pair)
 
