@@ -122,6 +122,12 @@ def math_section(e: Entry) -> list[str]:
     return lines
 
 
+def two_forms(e: Entry) -> str:
+    """The card's cell: the references the fast path is tested equal to, or why there are none."""
+    refs = [f"`{ref}`" for ref, _, _ in reference_snippets(e)]
+    return (", ".join(refs) + " (see The math)") if refs else "no: the file is a direct transcription"
+
+
 def source_section(e: Entry) -> list[str]:
     """The tested file itself: 'What runs, tested equal' after the math, else 'Source'."""
     path = _repo_path(e.source)
@@ -161,6 +167,7 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
         f"| Padding mask | {_yes(e.masking)} |",
         f"| Kernel form (`attend`) | {_yes(e.kernel)} |",
         f"| Equals softmax attention | {('at ' + exact) if e.exact_when is not None else 'no'} |",
+        f"| Two forms | {two_forms(e)} |",
         "",
         "## Idea",
         "",
