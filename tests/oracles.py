@@ -32,3 +32,12 @@ def assert_same_outputs_and_grads(out, ref, inputs, *, rtol=1e-10, atol=1e-12):
     grads = torch.autograd.grad(out.square().sum(), inputs)
     for got, want in zip(grads, torch.autograd.grad(ref.square().sum(), inputs), strict=True):
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+def assert_equals_at_real_tokens(out, ref, inputs, mask, *, rtol=1e-10, atol=1e-12):
+    """`out` equals `ref` `(b, h, n, e)` at the real tokens of `mask` `(b, n)`, and so do the
+    gradients of their squared sums there with respect to `inputs`."""
+    real = mask[:, None, :, None].expand_as(out)
+    for got, want in zip(outputs_and_grads(out, real, inputs), outputs_and_grads(ref, real, inputs),
+                         strict=True):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.core.checks import check_qkv, check_sequence
-from zoo.core.masks import block_windows, causal_mask, pad_mask, pad_to_multiple
+from zoo.core.masks import block_windows, causal_mask, pad_mask, pad_qkv, pad_to_multiple
 from zoo.core.shell import MultiHead
 from zoo.core.softmax import softmax_attention
 
@@ -126,3 +126,15 @@ def test_allowed_pattern_equals_sdpa_with_the_same_bool_mask():
     assert torch.allclose(got[1, :, :, :], want[1], atol=1e-12)
     with pytest.raises(ValueError, match="allowed must be a bool"):
         softmax_attention(q, k, v, allowed=allowed.double())
+
+
+def test_pad_qkv_pads_to_the_multiple_and_extends_the_mask():
+    q, k, v = torch.randn(2, 3, 10, 4), torch.randn(2, 3, 10, 4), torch.randn(2, 3, 10, 5)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 7:] = False
+    pq, pk, pv, real = pad_qkv(q, k, v, mask, 4)
+    assert pq.shape == (2, 3, 12, 4) and pv.shape == (2, 3, 12, 5)
+    assert torch.equal(pq[:, :, :10], q) and not pk[:, :, 10:].any()
+    assert torch.equal(real, torch.cat([mask, torch.zeros(2, 2, dtype=torch.bool)], dim=1))
+    *_, real = pad_qkv(q, k, v, None, 5)  # already a multiple, no mask: every position real
+    assert real.shape == (2, 10) and real.all()

@@ -86,3 +86,35 @@ def test_home_claims_table_agrees_with_zoo_claims(site, capsys):
         row = home[home.index(f'href="entries/{i}/"><code>'):]
         row = row[: row.index("</tr>")]
         assert re.findall(r"\[(held|NOT HELD)\]", row) == cells, i
+
+
+def _snippets(markdown_text: str) -> str:
+    """The page's markdown with its `--8<--` includes resolved, as mkdocs resolves them (no build)."""
+    import markdown
+
+    md = markdown.Markdown(extensions=["pymdownx.snippets"], extension_configs={
+        "pymdownx.snippets": {"base_path": [str(ROOT)], "check_paths": True}})
+    return "\n".join(md.preprocessors["snippet"].run(markdown_text.splitlines()))
+
+
+@pytest.mark.parametrize("name", ["performer-favor", "scram", "star-transformer"])
+def test_entry_page_shows_the_reference_first_then_the_fast_path(name):
+    e = zoo.entry(name)
+    text = _snippets(entry_page(e, figures=False))
+    math, rest = text.split("## The math", 1)[1].split("## What runs, tested equal", 1)
+    module = __import__(e.module, fromlist=["_"])
+    refs = [f for f in vars(module) if f.endswith("_reference")]
+    assert refs
+    for ref in refs:
+        block = math.split(f"`{ref}`", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+        body = block.removeprefix("@torch.no_grad()\n")  # a decorator comes with its function
+        assert body.startswith(f"def {ref}("), block[:80]
+        assert "\ndef " not in body  # only that function
+    assert rest.split("```python\n", 1)[1].startswith(e.source.read_text()[:200])
+    assert text.index("## The math") < text.index("## Complexity")
+
+
+def test_entry_page_without_a_reference_shows_the_file():
+    text = _snippets(entry_page(zoo.entry("softmax-attention"), figures=False))
+    assert "## The math" not in text and "## Source" in text
+    assert zoo.entry("softmax-attention").source.read_text()[:200] in text

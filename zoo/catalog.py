@@ -7,6 +7,7 @@ the last of two equal keys; this loader refuses them.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import os
@@ -29,7 +30,8 @@ INPUTS = ("sequence", "image")
 ID_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 PLACEHOLDER = "TODO"
 
-ENTRIES_DIR = Path(__file__).parent / "entries"
+PACKAGE = Path(__file__).parent
+ENTRIES_DIR = PACKAGE / "entries"
 
 
 class CatalogError(ValueError):
@@ -54,6 +56,46 @@ def cache_root() -> Path:
     """Where measurements and pictures are cached: $ZOO_CACHE, else `.cache/` beside the catalogue.
     Entries are keyed by a fingerprint of their content, so a cache may be shared between copies."""
     return Path(os.environ.get("ZOO_CACHE") or catalog_path().parent / ".cache")
+
+
+def module_file(name: str, root: Path | None = None) -> Path | None:
+    """The file of module `name` (`zoo.core.masks`) under `root` (the folder holding the `zoo`
+    package), or None when it is not a module of that tree."""
+    root = root or PACKAGE.parent
+    base = root.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _in_zoo(name: str) -> bool:
+    return name == "zoo" or name.startswith("zoo.")
+
+
+def zoo_imports(path: Path, root: Path | None = None) -> list[Path]:
+    """Every file of the `zoo` package that `path` imports, directly or through the files it
+    imports (read from the import statements, nothing is executed), sorted; `path` excluded."""
+    root = root or PACKAGE.parent
+    seen: set[Path] = set()
+    todo = [path]
+    while todo:
+        tree = ast.parse(todo.pop().read_text())
+        for node in ast.walk(tree):
+            found: list[Path | None] = []
+            if isinstance(node, ast.Import):
+                found = [module_file(a.name, root) for a in node.names if _in_zoo(a.name)]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                if _in_zoo(node.module):
+                    # `from zoo.core import masks` imports a module, `from zoo.core.masks import f`
+                    # a name of one
+                    found = [module_file(f"{node.module}.{a.name}", root)
+                             or module_file(node.module, root) for a in node.names]
+            for file in found:
+                if file is not None and file != path and file not in seen:
+                    seen.add(file)
+                    todo.append(file)
+    return sorted(seen)
 
 
 def fingerprint(*parts: object) -> str:
@@ -120,6 +162,12 @@ class Entry:
     @property
     def source(self) -> Path:
         return ENTRIES_DIR / f"{self.id.replace('-', '_')}.py"
+
+    @property
+    def sources(self) -> tuple[Path, ...]:
+        """The entry's file and every `zoo` file it imports, transitively: what a cache key of
+        its measurements or pictures must cover."""
+        return (self.source, *zoo_imports(self.source))
 
 
 # --- schema -------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import zoo
 from zoo import probe
-from zoo.entries.gmat import gmat_attention
+from zoo.entries.gmat import gmat_attention, gmat_attention_reference
 
 
 def tensors(*shapes, seed=0):
@@ -27,9 +27,7 @@ def allowed_dense(n, m, window, mask=None):
 
 
 def dense_oracle(q, k, v, mem_k, mem_v, window, mask=None):
-    allowed = allowed_dense(q.shape[2], mem_k.shape[2], window, mask)
-    return F.scaled_dot_product_attention(q, torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2),
-                                          attn_mask=allowed[:, None])
+    return gmat_attention_reference(q, k, v, mem_k, mem_v, mask, window=window)
 
 
 @pytest.mark.parametrize("n, window", [(37, 4), (12, 5), (5, 8), (16, 1)])

@@ -5,7 +5,10 @@ import pytest
 import torch
 
 import zoo
-from zoo.entries.lambda_networks import lambda_attention
+from zoo.entries.lambda_networks import lambda_attention, lambda_attention_reference
+
+FORMS = pytest.mark.parametrize("form", [lambda_attention, lambda_attention_reference],
+                                ids=["fast", "reference"])
 
 
 def inputs(b=2, h=3, n=23, d=4, e=5, r=5, seed=0):
@@ -44,17 +47,19 @@ def by_hand(q, k, v, emb, *, causal):
     return out
 
 
+@FORMS
 @pytest.mark.parametrize("causal", [False, True], ids=["global-context", "masked-context"])
-def test_content_lambda_equals_formula_by_hand(causal):
+def test_content_lambda_equals_formula_by_hand(causal, form):
     q, k, v, _ = inputs()
-    torch.testing.assert_close(lambda_attention(q, k, v, None, causal=causal),
+    torch.testing.assert_close(form(q, k, v, None, causal=causal),
                                by_hand(q, k, v, None, causal=causal), rtol=1e-12, atol=1e-12)
 
 
+@FORMS
 @pytest.mark.parametrize("causal", [False, True], ids=["global-context", "masked-context"])
-def test_content_and_position_lambdas_equal_formula_by_hand(causal):
+def test_content_and_position_lambdas_equal_formula_by_hand(causal, form):
     q, k, v, emb = inputs()
-    torch.testing.assert_close(lambda_attention(q, k, v, emb, causal=causal),
+    torch.testing.assert_close(form(q, k, v, emb, causal=causal),
                                by_hand(q, k, v, emb, causal=causal), rtol=1e-12, atol=1e-12)
 
 

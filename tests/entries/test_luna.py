@@ -3,12 +3,11 @@ separately, is truly causal, and stays linear in n and in the packed length."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import zoo
 from zoo import probe
-from zoo.entries.luna import luna_attention
+from zoo.entries.luna import luna_attention, luna_attention_reference
 from zoo.verify.contract import factory
 
 B, H, D, L = 2, 2, 4, 3
@@ -42,15 +41,9 @@ def test_bidirectional_equals_pack_then_unpack():
 
 
 def causal_oracle(q, k, v, pq, w, mask=None):
-    """Position t unpacks Y_P(t) = mean over real s <= t of (elu(pq . k_s / sqrt d) + 1) v_s."""
-    mask = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool) if mask is None else mask
-    outs = []
-    for t in range(q.shape[2]):
-        weights = F.elu(torch.einsum("hld,bhsd->bhls", pq, k[:, :, :t + 1]) / D ** 0.5) + 1
-        weights = weights * mask[:, None, None, :t + 1]
-        count = mask[:, :t + 1].sum(-1).clamp(min=1).to(q.dtype)[:, None, None, None]
-        outs.append(unpack(q[:, :, t], weights @ v[:, :, :t + 1] / count, w))
-    return torch.stack(outs, dim=2)
+    """Position t unpacks Y_P(t) = mean over real s <= t of (elu(pq . k_s / sqrt d) + 1) v_s: the
+    entry's reference, which holds one pack per prefix."""
+    return luna_attention_reference(q, k, v, pq, w, mask, causal=True)
 
 
 @pytest.mark.parametrize("n", [1, 9, 70, 130], ids=lambda n: f"n={n}")

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
+from zoo.core.features import gaussian_projection, positive_features, trig_features
 from zoo.core.linear import kernel_attention_recurrent
 from zoo.core.softmax import softmax_attention
-from zoo.entries.performer import favor_plus_attention, positive_features
-from zoo.entries.performer_favor import gaussian_projection, trig_features
+from zoo.entries.performer import favor_plus_attention
 
 D = 8
 

@@ -8,8 +8,9 @@ import torch
 
 import zoo
 from zoo import probe
+from zoo.core.features import gaussian_projection, trig_features
 from zoo.core.linear import causal_sum, kernel_attention_recurrent, prefix_sum
-from zoo.entries.performer_favor import favor_attention, gaussian_projection, trig_features
+from zoo.entries.performer_favor import favor_attention, favor_attention_reference
 
 RANDOM_FEATURE_ENTRIES = ["performer-favor", "performer", "slim-performer", "random-feature-attention"]
 
@@ -31,11 +32,13 @@ def explicit_favor(q, k, v, w, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-def test_favor_equals_explicit_cosine_kernel(causal):
+def test_favor_sin_cos_features_give_the_cosine_kernel_of_the_difference(causal):
+    """The reference's sin/cos features multiply out to mean_r cos(w_r.(q - k)), the Gaussian
+    kernel's estimate (the fast path is held equal to the reference by tests/test_forms.py)."""
     q, k, v = randn(2, 3, 37, 8, seed=1), randn(2, 3, 37, 8, seed=2), randn(2, 3, 37, 5, seed=3)
     w = torch.stack([gaussian_projection(16, 8, generator=torch.Generator().manual_seed(h))
                      for h in range(3)])
-    torch.testing.assert_close(favor_attention(q, k, v, w, causal=causal, chunk=8),
+    torch.testing.assert_close(favor_attention_reference(q, k, v, w, causal=causal),
                                explicit_favor(q, k, v, w, causal), rtol=1e-9, atol=1e-10)
 
 

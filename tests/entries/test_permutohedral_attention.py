@@ -10,7 +10,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import zoo
-from zoo.entries.permutohedral_attention import lattice_filter, permutohedral_attention
+from zoo.entries.permutohedral_attention import (
+    lattice_filter,
+    lattice_filter_reference,
+    permutohedral_attention,
+)
+
+FORMS = pytest.mark.parametrize("form", [lattice_filter, lattice_filter_reference], ids=["fast", "reference"])
 
 
 def adams_filter(f_out, f_in, v):
@@ -86,20 +92,21 @@ def one_group(n):
     return torch.zeros(n, dtype=torch.long)
 
 
+@FORMS
 @pytest.mark.parametrize("d", [1, 2, 3, 5])
-def test_self_filtering_equals_the_lattice_algorithm(d):
+def test_self_filtering_equals_the_lattice_algorithm(d, form):
     f, v = features(40, d, 1.5, seed=d)
     g = one_group(40)
-    torch.testing.assert_close(lattice_filter(f, f, v, g, g), adams_filter(f, f, v),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(form(f, f, v, g, g), adams_filter(f, f, v), rtol=1e-12, atol=1e-12)
 
 
-def test_cross_filtering_and_groups_equal_the_lattice_algorithm():
+@FORMS
+def test_cross_filtering_and_groups_equal_the_lattice_algorithm(form):
     """Slice at other points than the splat points; two groups never share a lattice point."""
     f_in, v = features(30, 3, 1.5, seed=0)
     f_out, _ = features(25, 3, 1.5, seed=1)
     g_in, g_out = torch.arange(30) % 2, torch.arange(25) % 2
-    out = lattice_filter(f_out, f_in, v, g_out, g_in)
+    out = form(f_out, f_in, v, g_out, g_in)
     for group in (0, 1):
         ref = adams_filter(f_out[g_out == group], f_in[g_in == group], v[g_in == group])
         torch.testing.assert_close(out[g_out == group], ref, rtol=1e-12, atol=1e-12)

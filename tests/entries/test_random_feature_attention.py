@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 import zoo
 from zoo import probe
+from zoo.core.features import gaussian_projection, trig_features
 from zoo.core.linear import kernel_attention_recurrent
 from zoo.core.softmax import softmax_attention
-from zoo.entries.performer_favor import gaussian_projection, trig_features
 from zoo.entries.random_feature_attention import random_feature_attention
 from zoo.verify.contract import factory, run_contract
 

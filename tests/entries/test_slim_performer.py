@@ -6,11 +6,9 @@ import torch
 
 import zoo
 from zoo import probe
+from zoo.core.features import favor_plus_features, gaussian_projection
 from zoo.core.linear import kernel_attention_recurrent, prefix_sum
-from zoo.core.masks import zero_padded
-from zoo.entries.performer import favor_plus_features
-from zoo.entries.performer_favor import gaussian_projection
-from zoo.entries.slim_performer import SlimPerformer, SlimPrefixSum, slim_attention
+from zoo.entries.slim_performer import SlimPerformer, SlimPrefixSum, slim_attention, slim_attention_reference
 from zoo.verify.contract import factory
 
 
@@ -23,16 +21,9 @@ def projections(m, d, heads):
                         for h in range(heads)])
 
 
-def plain_prefix_attention(q, k, v, w, mask=None):
-    """The Performer's causal form with the plain (b, h, n, m, e) prefix sums."""
-    phi_q, phi_k = favor_plus_features(q, k, w, mask)
-    num = prefix_sum(phi_q, zero_padded(phi_k, mask), torch.cat([v, torch.ones_like(v[..., :1])], -1))
-    return num[..., :-1] / num[..., -1:]
-
-
 class PlainPrefixPerformer(SlimPerformer):
     def attend(self, q, k, v, mask=None):
-        return plain_prefix_attention(q, k, v, self.projection, mask)
+        return slim_attention_reference(q, k, v, self.projection, mask, causal=self.causal)
 
 
 @pytest.mark.parametrize("chunk", [1, 6, 64])
@@ -42,7 +33,7 @@ def test_sliced_form_equals_plain_prefix_sums_outputs_and_gradients(chunk):
     mask = torch.ones(2, 37, dtype=torch.bool)
     mask[1, 30:] = False
     out = slim_attention(*inputs, w, mask, causal=True, chunk=chunk)
-    ref = plain_prefix_attention(*inputs, w, mask)
+    ref = slim_attention_reference(*inputs, w, mask, causal=True)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     grads = torch.autograd.grad(out.square().sum(), inputs)
     for a, b in zip(grads, torch.autograd.grad(ref.square().sum(), inputs), strict=True):

@@ -143,3 +143,13 @@ def refuse_mask(name: str, mask) -> None:
         raise ValueError(
             f"{name} does not take a padding mask (catalogue: masking: false); pass mask=None"
         )
+
+
+def head_width(dim: int, heads: int, dim_head: int | None, name: str) -> int:
+    """`dim_head`, or `dim // heads` when None (then `heads` must divide `dim`), as the shell does
+    for layers that do not use it."""
+    if dim_head is None:
+        if dim % heads:
+            raise ValueError(f"{name}: heads={heads} must divide dim={dim}, or pass dim_head")
+        dim_head = dim // heads
+    return positive_int(dim_head, "dim_head")

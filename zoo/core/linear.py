@@ -4,8 +4,9 @@ With a feature map $\\phi$, attention becomes $O_i = \\phi(q_i)^\top S / \\phi(q
 $S = \\sum_j \\phi(k_j) v_j^\top$ and $z = \\sum_j \\phi(k_j)$, the sums running over $j \\le i$ when
 causal. The causal sums are computed chunk by chunk (explicit scores inside a chunk, a running
 `(f, e)` state across chunks), optionally with a per-token decay of the state. The same sums carried
-from one call to the next (`kernel_attention_step`) are the recurrent form that decoding uses; the
-plain prefix sum and the one-token-at-a-time recurrence are kept as references for tests.
+from one call to the next (`kernel_attention_step`) are the recurrent form that decoding uses;
+`kernel_attention_reference`, the explicit `(n, n)` map, is the form the two-forms check holds
+`kernel_attention` equal to in every entry that calls it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,42 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 
 from zoo.core.masks import causal_mask, neg_fill, pad_to_multiple, zero_padded
+
+
+def kernel_attention_reference(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
+                               mask: torch.Tensor | None = None, *, causal: bool = False,
+                               chunk: int = 64, log_decay: torch.Tensor | None = None,
+                               key_weight: torch.Tensor | None = None) -> torch.Tensor:
+    r"""`kernel_attention` as an explicit `(n, n)` map: $A_{ij} = \phi(q_i)^\top \phi(k_j)\, a_j\,
+    g_{j+1} \cdots g_i$ over the real keys (and $j \le i$ when causal), $O = D^{-1} A V$ with $D$
+    its row sums. The decays apply only when causal; `chunk` is unused here."""
+    attn = einsum(phi_q, phi_k, "b h i f, b h j f -> b h i j")
+    if key_weight is not None:
+        attn = attn * rearrange(key_weight, "b h j 1 -> b h 1 j")
+    if mask is not None:
+        attn = attn * rearrange(mask, "b j -> b 1 1 j")
+    if causal:
+        tri = causal_mask(phi_q.shape[2], phi_k.shape[2], phi_q.device)
+        if log_decay is not None:  # log(g_{j+1} ... g_i) = a_i - a_j, with a the running sum
+            a = log_decay.cumsum(dim=-1)
+            gap = rearrange(a, "b h i -> b h i 1") - rearrange(a, "b h j -> b h 1 j")
+            attn = attn * gap.masked_fill(~tri, neg_fill(gap.dtype)).exp()
+        attn = attn * tri
+    ones = torch.ones_like(v[..., :1])
+    return ratio(einsum(attn, torch.cat([v, ones], dim=-1), "b h i j, b h j e -> b h i e"))
+
+
+def causal_sum_reference(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *,
+                         chunk: int = 64, log_decay: torch.Tensor | None = None) -> torch.Tensor:
+    """`causal_sum` as an explicit `(n, n)` map: `out_i = sum_{j <= i} g_{j+1} ... g_i
+    (phi_q_i . phi_k_j) v_j`; `chunk` is unused here."""
+    scores = einsum(phi_q, phi_k, "b h i f, b h j f -> b h i j")
+    tri = causal_mask(phi_q.shape[2], phi_k.shape[2], phi_q.device)
+    if log_decay is not None:  # log(g_{j+1} ... g_i) = a_i - a_j, with a the running sum
+        a = log_decay.cumsum(dim=-1)
+        gap = rearrange(a, "b h i -> b h i 1") - rearrange(a, "b h j -> b h 1 j")
+        scores = scores * gap.masked_fill(~tri, neg_fill(gap.dtype)).exp()
+    return einsum(scores * tri, v, "b h i j, b h j e -> b h i e")
 
 
 def causal_sum(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *, chunk: int = 64,

@@ -79,14 +79,18 @@ def pad_to_multiple(t: torch.Tensor, multiple: int, *, dim: int = -2, value: flo
     return F.pad(t, widths, value=value), pad
 
 
-def block_windows(t: torch.Tensor, block: int, *, dim: int = -2, after: int = 1,
+def block_windows(t: torch.Tensor, block: int, *, dim: int = -2, after: int = 1, before: int = 1,
                   value: float = 0.0) -> torch.Tensor:
     """Blocks of `block` positions along `dim` (its length a multiple of `block`), each with the
-    block before it and the `after` blocks after it, `value` past the ends: overlapping views of
-    one padded copy, the window of `(2 + after) * block` positions as the last axis."""
+    `before` blocks before it and the `after` blocks after it, `value` past the ends: overlapping
+    views of one padded copy, the window of `(before + 1 + after) * block` positions as the last
+    axis."""
     dim = dim % t.ndim
-    widths = [0, 0] * (t.ndim - dim - 1) + [block, after * block]
-    return F.pad(t, widths, value=value).unfold(dim, (2 + after) * block, block)
+    width = (before + 1 + after) * block
+    if t.shape[dim] == 0:  # no blocks: an empty window axis
+        return t.unsqueeze(-1).expand(*t.shape, width)
+    widths = [0, 0] * (t.ndim - dim - 1) + [before * block, after * block]
+    return F.pad(t, widths, value=value).unfold(dim, width, block)
 
 
 def pad_mask(mask: torch.Tensor | None, b: int, n: int, pad: int, device) -> torch.Tensor | None:
@@ -99,3 +103,14 @@ def pad_mask(mask: torch.Tensor | None, b: int, n: int, pad: int, device) -> tor
     if mask is None:
         mask = torch.ones(b, n, dtype=torch.bool, device=device)
     return F.pad(mask, (0, pad), value=False)
+
+
+def pad_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            multiple: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v `(b, h, n, .)` padded with zeros along the positions to a multiple of `multiple`,
+    and the key-padding mask `(b, n + pad)` that goes with them: `mask` (all True where None)
+    extended with False over the padding. The one spelling of "pad to a block multiple"."""
+    b, n = q.shape[0], q.shape[2]
+    (q, pad), (k, _), (v, _) = (pad_to_multiple(t, multiple) for t in (q, k, v))
+    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
+    return q, k, v, F.pad(real, (0, pad), value=False)

@@ -20,6 +20,9 @@ Deviations from the paper: the biases are free parameters (the paper also report
 $w = U V^\top$), stored for AFT-local as the band they are non-zero on, and start at zero (so every
 variant starts as AFT-simple); `heads` > 1 gives each group of channels its own biases (the paper
 has one set; `heads=1` is the default). AFT-conv is not included.
+
+`aft_attention_reference` is the equation as written, one weight per pair of positions;
+`aft_attention`, what the layer runs, folds the keys into the values first (tested equal).
 """
 
 import torch
@@ -33,6 +36,37 @@ from zoo.core.masks import causal_mask, neg_fill, pad_to_multiple, safe_denomina
 from zoo.core.shell import MultiHead
 
 VARIANTS = ("local", "full", "simple")
+
+
+def aft_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            bias: torch.Tensor | None = None, mask: torch.Tensor | None = None, *,
+                            variant: str = "local", causal: bool = False) -> torch.Tensor:
+    """The paper's equation as written: the weight of every pair `(t, t')` is
+    `exp(K_t' + w_tt')`, over the real `t'` (and `t' <= t` when causal). Same arguments as
+    `aft_attention`; `w` is `bias` as a dense `(h, t, t')` matrix (zero outside AFT-local's band)."""
+    check_qkv(q, k, v, mask, name="aft_attention_reference")
+    one_of(variant, VARIANTS, "variant")
+    h, n = q.shape[1], q.shape[2]
+    t, t_ = torch.arange(n, device=q.device)[:, None], torch.arange(n, device=q.device)[None, :]
+    if variant == "full":
+        w = bias
+    elif variant == "local":  # band column j holds t' = t - left + j
+        c = bias.shape[-1]
+        left = c - 1 if causal else (c - 1) // 2
+        col = t_ - t + left  # (t t')
+        inside = (col >= 0) & (col < c)
+        w = torch.gather(bias, -1, col.clamp(0, c - 1).expand(h, n, n)) * inside
+    else:
+        w = q.new_zeros(h, n, n)
+    weight = (rearrange(k, "b h s d -> b h 1 s d") + rearrange(w, "h t s -> 1 h t s 1")).exp()
+    keep = torch.ones(n, n, dtype=torch.bool, device=q.device) if not causal else t_ <= t
+    keep = rearrange(keep, "t s -> 1 1 t s 1")
+    if mask is not None:
+        keep = keep & rearrange(mask, "b s -> b 1 1 s 1")
+    weight = weight * keep  # (b h t t' d)
+    num = einsum(weight, v, "b h t s d, b h s d -> b h t d")
+    den = weight.sum(dim=3)
+    return q.sigmoid() * num / den.clamp(min=torch.finfo(den.dtype).tiny)
 
 
 def prefix_or_total(t: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -65,7 +99,9 @@ def band_matmul(band: torch.Tensor, x: torch.Tensor, left: int) -> torch.Tensor:
 def aft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   bias: torch.Tensor | None = None, mask: torch.Tensor | None = None, *,
                   variant: str = "local", causal: bool = False) -> torch.Tensor:
-    """AFT on `(b, h, n, d)` tensors; heads split the channels, each head has its own biases.
+    """What the layer runs: `aft_attention_reference` with the keys and values folded first
+    (`exp(w) @ (exp(K) V)`), AFT-local as the zero-bias prefix sums plus `expm1(w)` on the band
+    in skewed block matmuls (tested equal). Heads split the channels, each with its own biases.
 
     Args:
         q, k, v: `(b, h, n, d)`. mask: `(b, n)`, True = real token.

@@ -28,7 +28,7 @@ from einops import einsum, rearrange
 from torch import nn
 
 from zoo.core.checks import check_qkv, check_sequence, one_of, positive_int
-from zoo.core.masks import causal_mask, neg_fill, pad_mask, pad_to_multiple, zero_padded_tokens
+from zoo.core.masks import causal_mask, neg_fill, pad_mask, pad_qkv, pad_to_multiple, zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 AXES = {"row": "b h (r c) d -> b h r c d", "column": "b h (r c) d -> b h c r d"}
@@ -51,9 +51,8 @@ def axial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_qkv(q, k, v, mask, name="axial_attention")
     one_of(axis, tuple(AXES), "axis")
     b, _, n, d = q.shape
-    (q, pad), (k, _), (v, _) = (pad_to_multiple(t, width) for t in (q, k, v))
-    real = pad_mask(mask, b, n, pad, q.device)
-    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if real is None else real
+    q, k, v, real = pad_qkv(q, k, v, mask, width)
+    pad = q.shape[2] - n
     q, k, v = (rearrange(t, AXES[axis], c=width) for t in (q, k, v))  # (b h g t d), g lines
     real = rearrange(real[:, None, :, None], AXES[axis], c=width)[:, 0, ..., 0]  # (b g t)
     scores = einsum(q * d ** -0.5, k, "b h g i d, b h g j d -> b h g i j")

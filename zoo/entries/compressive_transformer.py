@@ -36,6 +36,65 @@ from zoo.core.checks import check_sequence, positive_int, refuse_mask
 from zoo.core.decoding import offset_causal
 from zoo.core.masks import neg_fill, pad_to_multiple
 from zoo.core.shell import MultiHead
+from zoo.core.softmax import softmax_attention
+
+
+def compressive_attention_reference(q: torch.Tensor, k: torch.Tensor, kc: torch.Tensor,
+                                    v: torch.Tensor, vc: torch.Tensor, *, n: int, segment_len: int,
+                                    mem_len: int, cmem_len: int, compression_rate: int,
+                                    causal: bool, scale: float) -> torch.Tensor:
+    """Algorithm 1's attention as an allowed pattern over `[compressed; inputs]`: a query of the
+    segment starting at `T` reads the raw inputs `T - n_m .. T + n_s - 1` (up to itself when
+    causal, none past the sequence) and the `n_cm` compressed slots before input `T - n_m`.
+
+    Args:
+        q, k: `(b, h, L, d)`, v `(b, h, L, e)` for the sequence padded to `L`, a multiple of
+            `segment_len`; kc, vc: `(b, h, L / c, .)`, one slot per `c` inputs. n: the real length.
+
+    Returns:
+        `(b, h, L, e)`.
+    """
+    s, m, r, c = segment_len, mem_len, cmem_len, compression_rate
+    pos = torch.arange(q.shape[2], device=q.device)
+    start = rearrange(pos // s * s, "i -> i 1")  # T of each query's segment
+    j, u = rearrange(pos, "j -> 1 j"), rearrange(torch.arange(kc.shape[2], device=q.device), "u -> 1 u")
+    raw = (j >= start - m) & (j < start + s) & (j < n)
+    if causal:
+        raw = raw & (j <= rearrange(pos, "i -> i 1"))
+    slots = (u < (start - m) // c) & (u >= (start - m) // c - r)
+    allowed = torch.cat([slots, raw], dim=-1)  # (i, slots + j)
+    return softmax_attention(q, torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2), scale=scale,
+                             allowed=allowed)
+
+
+def compressive_attention(q: torch.Tensor, k: torch.Tensor, kc: torch.Tensor, v: torch.Tensor,
+                          vc: torch.Tensor, *, n: int, segment_len: int, mem_len: int,
+                          cmem_len: int, compression_rate: int, causal: bool,
+                          scale: float) -> torch.Tensor:
+    """What the layer runs: `compressive_attention_reference` with each segment's keys as one
+    window of the front-padded sequences (`unfold`), never the `L x L` pattern (tested equal).
+    Same arguments."""
+    s, m, r, c = segment_len, mem_len, cmem_len, compression_rate
+    nc = q.shape[2] // s
+
+    # Segment t attends to raw inputs t*s - m .. t*s + s - 1 and to the r compressed slots
+    # before input t*s - m: windows of the front-padded sequences, one per segment.
+    def windows(t, front, size, step):
+        t = nn.functional.pad(t, (0, 0, front, 0))
+        return rearrange(t.unfold(2, size, step)[:, :, :nc], "b h nc d w -> b h nc w d")
+
+    keys = torch.cat([windows(kc, r + m // c, r, s // c), windows(k, m, m + s, s)], dim=3)
+    values = torch.cat([windows(vc, r + m // c, r, s // c), windows(v, m, m + s, s)], dim=3)
+    seg = torch.arange(nc, device=q.device)[:, None, None]  # (nc 1 1)
+    i = torch.arange(s, device=q.device)[:, None]  # query offset in its segment (i 1)
+    u = torch.arange(r, device=q.device)
+    w = torch.arange(m + s, device=q.device)
+    slot_ok = (seg * (s // c) - m // c - r + u) >= 0  # (nc 1 r)
+    pos = seg * s - m + w  # (nc 1 w): input position of each raw key
+    raw_ok = (pos >= 0) & (pos < n) & ((w <= m + i) if causal else True)  # (nc i w)
+    allowed = torch.cat([slot_ok.expand(nc, s, r), raw_ok.expand(nc, s, m + s)], dim=-1)
+    out = _attend(rearrange(q, "b h (nc i) d -> b h nc i d", i=s), keys, values, allowed, scale)
+    return rearrange(out, "b h nc i e -> b h (nc i) e")
 
 
 def _attend(q, k, v, allowed, scale):
@@ -85,30 +144,11 @@ class CompressiveTransformer(MultiHead):
         refuse_mask(type(self).__name__, mask)
         n, s, m, r, c = x.shape[1], self.segment_len, self.mem_len, self.cmem_len, self.compression_rate
         x, _ = pad_to_multiple(x, s, dim=1)
-        nc = x.shape[1] // s
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))  # (b h n d)
         kc, vc = self.to_kv(self.compress(x))  # (b h n/c d)
-
-        # Segment t attends to raw inputs t*s - m .. t*s + s - 1 and to the r compressed slots
-        # before input t*s - m: windows of the front-padded sequences, one per segment.
-        def windows(t, front, size, step):
-            t = nn.functional.pad(t, (0, 0, front, 0))
-            return rearrange(t.unfold(2, size, step)[:, :, :nc], "b h nc d w -> b h nc w d")
-
-        keys = torch.cat([windows(kc, r + m // c, r, s // c), windows(k, m, m + s, s)], dim=3)
-        values = torch.cat([windows(vc, r + m // c, r, s // c), windows(v, m, m + s, s)], dim=3)
-        seg = torch.arange(nc, device=x.device)[:, None, None]  # (nc 1 1)
-        i = torch.arange(s, device=x.device)[:, None]  # query offset in its segment (i 1)
-        u = torch.arange(r, device=x.device)
-        w = torch.arange(m + s, device=x.device)
-        slot_ok = (seg * (s // c) - m // c - r + u) >= 0  # (nc 1 r)
-        pos = seg * s - m + w  # (nc 1 w): input position of each raw key
-        raw_ok = (pos >= 0) & (pos < n) & ((w <= m + i) if self.causal else True)  # (nc i w)
-        allowed = torch.cat([slot_ok.expand(nc, s, r), raw_ok.expand(nc, s, m + s)], dim=-1)
-        out = _attend(rearrange(q, "b h (nc i) d -> b h nc i d", i=s), keys, values, allowed,
-                      self.scale)
-        out = rearrange(out, "b h nc i e -> b (nc i) (h e)")[:, :n]
-        return self.to_out(out)
+        out = compressive_attention(q, k, kc, v, vc, n=n, segment_len=s, mem_len=m, cmem_len=r,
+                                    compression_rate=c, causal=self.causal, scale=self.scale)
+        return self.to_out(rearrange(out, "b h n e -> b n (h e)")[:, :n])
 
     def segment_step(self, x: torch.Tensor, memory=None):
         """One segment of the streaming form (the paper's Algorithm 1 for one layer).

@@ -20,18 +20,33 @@ Deviations from the paper:
 """
 
 import torch
-import torch.nn.functional as F
 from einops import einsum, rearrange
 
 from zoo.core.checks import check_qkv, positive_int, refuse_causal
-from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
+from zoo.core.masks import block_windows, neg_fill, pad_qkv
 from zoo.core.shell import MultiHead
+from zoo.core.softmax import softmax_attention
+
+
+def etc_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            mask: torch.Tensor | None = None, *, global_tokens: int = 1,
+                            radius: int = 8) -> torch.Tensor:
+    """The paper's four pieces as one allowed `(i, j)` pattern: global-to-global, global-to-long
+    and long-to-global unrestricted, long-to-long where `|i - j| <= radius`; softmax over it.
+    Same arguments as `etc_attention`."""
+    n = q.shape[2]
+    pos = torch.arange(n, device=q.device)
+    i, j = rearrange(pos, "i -> i 1"), rearrange(pos, "j -> 1 j")
+    allowed = (i < global_tokens) | (j < global_tokens) | ((i - j).abs() <= radius)
+    return softmax_attention(q, k, v, mask, allowed=allowed)
 
 
 def etc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   mask: torch.Tensor | None = None, *, global_tokens: int = 1,
                   radius: int = 8) -> torch.Tensor:
-    """Global-local attention.
+    """What the layer runs: `etc_attention_reference` without the `n x n` pattern: the long
+    tokens in blocks of `radius`, each reading its neighbour blocks and the global tokens in one
+    softmax, the global rows dense (tested equal).
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
@@ -47,14 +62,13 @@ def etc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     real = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
 
     # long-to-long: blocks of c long tokens, each reading blocks m-1, m, m+1 (Sec. 2.1)
-    (ql, pad), (kl, _), (vl, _) = (pad_to_multiple(t[:, :, g:], c) for t in (q, k, v))
-    real_l = pad_mask(real[:, g:], b, n - g, pad, q.device)
+    ql, kl, vl, real_l = pad_qkv(q[:, :, g:], k[:, :, g:], v[:, :, g:], real[:, g:], c)
     ql, kl, vl = (rearrange(t, "b h (m c) d -> b h m c d", c=c) for t in (ql, kl, vl))
     real_l = rearrange(real_l, "b (m c) -> b 1 m c 1", c=c).float()
 
-    def neighbours(t):  # (b h m c d) -> (b h m 3c d), zeros past the ends
-        padded = F.pad(t, (0, 0, 0, 0, 1, 1))
-        return torch.cat([padded[:, :, o:o + t.shape[2]] for o in range(3)], dim=3)
+    def neighbours(t):  # (b h m c d) -> (b h m 3c d): blocks m-1, m, m+1, zeros past the ends
+        return rearrange(block_windows(rearrange(t, "b h m c d -> b h (m c) d"), c, dim=2),
+                         "b h m d w -> b h m w d")
 
     i = torch.arange(ql.shape[2] * c, device=q.device).view(-1, c)  # (m c), long positions
     j = neighbours(rearrange(i + c, "m c -> 1 1 m c 1"))[0, 0, ..., 0] - c  # (m w)

@@ -35,6 +35,26 @@ from zoo.core.masks import pad_to_multiple, safe_denominator, zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
+def delta_rule_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
+                         causal: bool = True, chunk: int = 64) -> torch.Tensor:
+    """The paper's update, token by token, with the fast weights `W` `(e, f)` as written there:
+    `v_bar = W k_t`, `v_new = beta_t v_t + (1 - beta_t) v_bar`, `W += (v_new - v_bar) k_t^T`,
+    `y_t = W q_t` (every query reads the final `W` when not causal). Same arguments as
+    `delta_rule`; `chunk` is unused here."""
+    b, h, n, f = k.shape
+    w = k.new_zeros(b, h, v.shape[-1], f)
+    outs = []
+    for t in range(n):
+        phi_k, phi_q, rate = k[:, :, t], q[:, :, t], rearrange(beta[:, :, t], "b h -> b h 1")
+        v_bar = einsum(w, phi_k, "b h e f, b h f -> b h e")
+        v_new = rate * v[:, :, t] + (1 - rate) * v_bar
+        w = w + einsum(v_new - v_bar, phi_k, "b h e, b h f -> b h e f")
+        outs.append(einsum(w, phi_q, "b h e f, b h f -> b h e"))
+    if not causal:
+        return einsum(w, q, "b h e f, b h n f -> b h n e")
+    return torch.stack(outs, dim=2)
+
+
 def dpfp(x: torch.Tensor, nu: int = 1) -> torch.Tensor:
     """The DPFP feature map: `(..., d) -> (..., 2 d nu)`, entry `i + 2d(j-1)` is `r_i r_{i+j}`."""
     r = torch.cat([x, -x], dim=-1).relu_()
@@ -48,7 +68,8 @@ def sum_normalised(phi: torch.Tensor) -> torch.Tensor:
 
 def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
                causal: bool = True, chunk: int = 64) -> torch.Tensor:
-    """The delta rule on features, chunk by chunk.
+    """What the layer runs: `delta_rule_reference` chunk by chunk, each chunk's corrections from
+    one triangular solve, the system built in place (tested equal).
 
     Args:
         q, k: `(b, h, n, f)` features. v: `(b, h, n, e)`. beta: `(b, h, n)` write rates.

@@ -34,6 +34,14 @@ from torch import nn
 from zoo.core.checks import check_image, nonnegative_float, positive_int
 
 
+def spatial_and_channel_reference(q: torch.Tensor, k: torch.Tensor, *, depth: int, smooth: float):
+    """The paper's two similarities, each by its definition: `fractal_tanimoto_complement` over
+    the channels `(b, 1, y, x)` and over the pixels `(b, c, 1, 1)`. Same arguments as
+    `spatial_and_channel`."""
+    return (fractal_tanimoto_complement(q, k, depth=depth, dim=1, smooth=smooth),
+            fractal_tanimoto_complement(q, k, depth=depth, dim=(2, 3), smooth=smooth))
+
+
 def fractal_tanimoto(p: torch.Tensor, l: torch.Tensor, *, depth: int = 5, dim=-1,
                      smooth: float = 0.0) -> torch.Tensor:
     """The fractal Tanimoto similarity of depth d, reducing over `dim` (kept, size 1)."""
@@ -57,9 +65,8 @@ def fractal_tanimoto_complement(p: torch.Tensor, l: torch.Tensor, *, depth: int 
 
 
 def spatial_and_channel(q: torch.Tensor, k: torch.Tensor, *, depth: int, smooth: float):
-    """`fractal_tanimoto_complement` over the channels `(b, 1, y, x)` and over the pixels
-    `(b, c, 1, 1)` of q, k `(b, c, y, x)`: each elementwise product is formed once and summed both
-    ways."""
+    """What the layer runs: `spatial_and_channel_reference` with each elementwise product of q, k
+    `(b, c, y, x)` formed once and summed both ways (tested equal)."""
     spatial = channel = 0.0
     for p, l in ((q, k), (1 - q, 1 - k)):
         products = [a * b for a, b in ((p, l), (p, p), (l, l))]  # (b c y x) each

@@ -27,15 +27,31 @@ import torch
 from einops import einsum, rearrange
 
 from zoo.core.checks import check_qkv, check_sequence, positive_int, refuse_causal
-from zoo.core.masks import block_windows, neg_fill, pad_mask, pad_to_multiple, zero_padded_tokens
+from zoo.core.masks import block_windows, neg_fill, pad_qkv, zero_padded_tokens
 from zoo.core.shell import MultiHead
 from zoo.core.softmax import softmax_attention
+
+
+def gmat_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor,
+                             mem_v: torch.Tensor, mask: torch.Tensor | None = None, *,
+                             window: int) -> torch.Tensor:
+    """The paper's sequence step as one softmax over `[memory; sequence]`: every memory slot, and
+    key `j` where `|i - j| <= window`, as an allowed pattern. Same arguments as `gmat_attention`."""
+    b, n, m = q.shape[0], q.shape[2], mem_k.shape[2]
+    pos = torch.arange(n, device=q.device)
+    band = (rearrange(pos, "i -> i 1") - rearrange(pos, "j -> 1 j")).abs() <= window
+    allowed = torch.cat([band.new_ones(n, m), band], dim=1)  # (i, m + j)
+    keys = None if mask is None else torch.cat([mask.new_ones(b, m), mask], dim=1)
+    return softmax_attention(q, torch.cat([mem_k, k], dim=2), torch.cat([mem_v, v], dim=2), keys,
+                             allowed=allowed)
 
 
 def gmat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor,
                    mem_v: torch.Tensor, mask: torch.Tensor | None = None, *,
                    window: int) -> torch.Tensor:
-    """Sequence queries over every memory slot and the keys within `window` positions.
+    """What the layer runs: `gmat_attention_reference` without the `n x n` pattern, the band in
+    blocks of `window` with their neighbour blocks, the memory scores beside them (tested equal).
+    Sequence queries over every memory slot and the keys within `window` positions.
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
@@ -48,9 +64,7 @@ def gmat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: tor
     check_qkv(q, k, v, mask, name="gmat_attention")
     b, _, n, d = q.shape
     m, w = mem_k.shape[2], window
-    (q, pad), (k, _), (v, _) = (pad_to_multiple(t, w) for t in (q * d ** -0.5, k, v))
-    real = pad_mask(mask, b, n, pad, q.device)
-    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if real is None else real
+    q, k, v, real = pad_qkv(q * d ** -0.5, k, v, mask, w)
     q = rearrange(q, "b h (nc i) d -> b h nc i d", i=w)
     k, v = (rearrange(block_windows(t, w, dim=2), "b h nc d j -> b h nc j d") for t in (k, v))
     # Query i of a block and key j of its window are j - w - i positions apart, in every block;

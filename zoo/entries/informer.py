@@ -43,6 +43,35 @@ from zoo.core.masks import masked_fill_scores, neg_fill
 from zoo.core.shell import MultiHead
 
 
+def probsparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   sample: torch.Tensor, mask: torch.Tensor | None = None, *,
+                                   factor: int = 5, masked: bool = False,
+                                   block: int = 1) -> torch.Tensor:
+    """The paper's equations for every query at once: the measurement `M(q_i, K)` on each query's
+    own sampled keys (row `i // block` of `sample`), the `u` largest, exact softmax rows for them
+    and the mean of the values (the cumulative sum when `masked`) for the rest. Same arguments as
+    `probsparse_attention`."""
+    b, h, n, d = q.shape
+    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
+    count = rearrange(real.sum(-1).clamp(min=1).to(q.dtype), "b -> b 1 1")
+    scores = einsum(q, k, "b h i d, b h j d -> b h i j") * d ** -0.5
+    # M: the max and the mean (over all n real keys) of the sampled real scores
+    per_query = repeat(sample, "c s -> (c w) s", w=block)[:n]  # (i s)
+    picked = scores.gather(-1, repeat(per_query, "i s -> b h i s", b=b, h=h))  # (b h i s)
+    seen = rearrange(real[:, per_query], "b i s -> b 1 i s")
+    gap = picked.masked_fill(~seen, neg_fill(q.dtype)).amax(-1) - (picked * seen).sum(-1) / count
+    gap = gap.masked_fill(~rearrange(real, "b i -> b 1 i"), neg_fill(q.dtype))  # padded: last
+    top = gap.topk(sample_size(n, factor), dim=-1).indices  # (b h u)
+    active = torch.zeros(b, h, n, dtype=torch.bool, device=q.device).scatter(-1, top, True)
+    keys = rearrange(real, "b j -> b 1 1 j")
+    if masked:
+        keys = keys & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    exact = einsum(masked_fill_scores(scores, keys).softmax(dim=-1), v, "b h i j, b h j e -> b h i e")
+    v = v * rearrange(real, "b j -> b 1 j 1").to(v.dtype)  # padded values count as 0
+    lazy = v.cumsum(dim=2) if masked else (v.sum(2, keepdim=True) / rearrange(count, "b 1 1 -> b 1 1 1"))
+    return torch.where(rearrange(active, "b h i -> b h i 1"), exact, lazy)
+
+
 def sample_size(n: int, factor: int) -> int:
     """c * ceil(ln n), at least 1 and at most n: the number of active queries and of sampled keys."""
     return min(n, max(1, factor * math.ceil(math.log(n))))
@@ -68,7 +97,9 @@ def sampled_scores(q: torch.Tensor, k: torch.Tensor, sample: torch.Tensor, block
 def probsparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sample: torch.Tensor,
                          mask: torch.Tensor | None = None, *, factor: int = 5, masked: bool = False,
                          block: int = 1) -> torch.Tensor:
-    """ProbSparse self-attention.
+    """What the layer runs: `probsparse_attention_reference` without the `n x n` scores: the
+    measurement on gathered key blocks, exact rows only for the `u` active queries, scattered into
+    the lazy rows (tested equal). ProbSparse self-attention.
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`.

@@ -25,10 +25,32 @@ import torch
 from einops import einsum, rearrange
 
 from zoo.core.checks import check_qkv, one_of, positive_int
-from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
+from zoo.core.masks import neg_fill, pad_qkv
 from zoo.core.shell import MultiHead
+from zoo.core.softmax import softmax_attention
 
 PATTERNS = ("row", "column", "previous-row")
+
+
+def jukebox_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                mask: torch.Tensor | None = None, *, pattern: str = "row",
+                                block: int | None = None, causal: bool = False,
+                                scale: float | None = None) -> torch.Tensor:
+    """The paper's three patterns on the grid of rows of `c` positions, as an allowed `(i, j)`
+    set: the same row, the same column, or the previous row; softmax over it, and zero for a query
+    with no key (row 0 of previous-row). Same arguments as `jukebox_attention`."""
+    one_of(pattern, PATTERNS, "pattern")
+    n = q.shape[2]
+    c = default_block(n) if block is None else positive_int(block, "block")
+    pos = torch.arange(n, device=q.device)
+    i, j = rearrange(pos, "i -> i 1"), rearrange(pos, "j -> 1 j")
+    allowed = {"row": i // c == j // c, "column": i % c == j % c,
+               "previous-row": j // c == i // c - 1}[pattern]
+    keep = allowed & (j <= i) if causal else allowed
+    if mask is not None:
+        keep = keep & rearrange(mask, "b j -> b 1 1 j")
+    out = softmax_attention(q, k, v, mask, causal=causal, allowed=allowed, scale=scale)
+    return out * keep.any(dim=-1, keepdim=True)
 
 
 def default_block(n: int) -> int:
@@ -48,7 +70,9 @@ def jukebox_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       mask: torch.Tensor | None = None, *, pattern: str = "row",
                       block: int | None = None, causal: bool = False,
                       scale: float | None = None) -> torch.Tensor:
-    """Row, column or previous-row attention over the sequence folded into rows of `block`.
+    """What the layer runs: `jukebox_attention_reference` without the `n x n` pattern, the sequence
+    folded into its rows (or columns, or rolled by a row) and attended group by group (tested
+    equal). Row, column or previous-row attention over the sequence folded into rows of `block`.
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
@@ -65,9 +89,7 @@ def jukebox_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     b, h, n, d = q.shape
     c = default_block(n) if block is None else positive_int(block, "block")
     scale = d ** -0.5 if scale is None else scale
-    (q, pad), (k, _), (v, _) = (pad_to_multiple(t, c) for t in (q, k, v))
-    keep = pad_mask(mask, b, n, pad, q.device)
-    keep = q.new_ones(b, n + pad, dtype=torch.bool) if keep is None else keep
+    q, k, v, keep = pad_qkv(q, k, v, mask, c)
     keep = rearrange(keep, "b n -> b 1 n")
     if pattern == "previous-row":  # row r reads row r - 1; row 0 reads an empty row
         k, v, keep = (torch.roll(t, c, dims=2) for t in (k, v, keep))

@@ -22,12 +22,38 @@ $y^p_n = \sum_o (q_n \cdot e_o)\, v_{n+o}$, which equals $(\lambda^p_n)^\top q_n
 
 import torch
 import torch.nn.functional as F
-from einops import einsum, rearrange
+from einops import einsum, rearrange, repeat
 from torch import nn
 
 from zoo.core.checks import check_qkv, check_sequence, positive_int
 from zoo.core.masks import neg_fill, safe_denominator, zero_padded
 from zoo.core.shell import MultiHead
+
+
+def lambda_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               emb: torch.Tensor | None = None, mask: torch.Tensor | None = None, *,
+                               causal: bool = False) -> torch.Tensor:
+    """The paper's lambdas, one per position: over the context of position n (every real position,
+    or the real `m <= n` when causal) `lambda^c_n = softmax_m(K)^T V` and `lambda^p_n = E_n^T V`,
+    row m of `E_n` the embedding of the offset `m - n` inside the scope (zero outside); then
+    `y_n = (lambda^c_n + lambda^p_n)^T q_n`. Same arguments as `lambda_attention`."""
+    n = q.shape[2]
+    pos = torch.arange(n, device=q.device)
+    offset = rearrange(pos, "m -> 1 m") - rearrange(pos, "n -> n 1")  # (n m): m - n
+    context = (offset <= 0) if causal else torch.ones_like(offset, dtype=torch.bool)
+    context = rearrange(context, "n m -> 1 1 n m")
+    if mask is not None:
+        context = context & rearrange(mask, "b m -> b 1 1 m")
+    keys = repeat(k, "b h m d -> b h n m d", n=n)
+    kbar = keys.masked_fill(~rearrange(context, "b h n m -> b h n m 1"), neg_fill(k.dtype)).softmax(dim=3)
+    lam = einsum(kbar, v, "b h n m d, b h m e -> b h n d e")  # lambda^c_n
+    if emb is not None:
+        left, right = scope_offsets(emb.shape[0], causal)
+        inside = (offset >= -left) & (offset <= right)  # (n m)
+        e_n = emb[(offset + left).clamp(0, emb.shape[0] - 1)] * rearrange(inside, "n m -> n m 1")
+        e_n = e_n * rearrange(context, "b h n m -> b h n m 1")  # (b h n m d)
+        lam = lam + einsum(e_n, v, "b h n m d, b h m e -> b h n d e")  # + lambda^p_n
+    return einsum(lam, q, "b h n d e, b h n d -> b h n e")
 
 
 def scope_offsets(scope: int, causal: bool) -> tuple[int, int]:
@@ -38,7 +64,9 @@ def scope_offsets(scope: int, causal: bool) -> tuple[int, int]:
 def lambda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      emb: torch.Tensor | None = None, mask: torch.Tensor | None = None, *,
                      causal: bool = False) -> torch.Tensor:
-    """Content lambda plus local position lambdas, applied to the queries.
+    """What the layer runs: `lambda_attention_reference` without a lambda per position: one
+    content lambda (prefix sums of the shifted key exponentials when causal) and the position
+    lambdas as windows of the values (tested equal).
 
     Args:
         q: `(b, h, n, d)` (d is the paper's |k|). k: `(b, h, n, d)`, or `(b, 1, n, d)` shared by

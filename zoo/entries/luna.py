@@ -21,6 +21,9 @@ Deviations from the paper:
 - the unpack keys and values are bias-free linear maps of the merged heads of $Y_P$;
 - the causal activation $\omega = \operatorname{elu} + 1$ and the $1/t$ average follow the
   authors' code; with a padding mask, t counts the real tokens up to t.
+
+`luna_attention_reference` is the two attentions as written (causally, one pack per prefix);
+`luna_attention`, what the layer runs, never stores the packs of the prefixes (tested equal).
 """
 
 import torch
@@ -32,10 +35,38 @@ from zoo.core.masks import masked_fill_scores, pad_to_multiple, score_mask, zero
 from zoo.core.shell import MultiHead
 
 
+def luna_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.Tensor,
+                             w_unpack: torch.Tensor, mask: torch.Tensor | None = None, *,
+                             causal: bool = False) -> torch.Tensor:
+    """Pack then unpack as written: `Y_P` (every prefix's own `Y_P^(t)` when causal, a
+    `(b, h, n, l, e)` tensor), its unpack keys and values `Y_P W_K`, `Y_P W_V`, and each position's
+    softmax over the `l` packed vectors. Same arguments as `luna_attention`."""
+    check_qkv(q, k, v, mask, name="luna_attention_reference")
+    h, scale = q.shape[1], q.shape[-1] ** -0.5
+    scores = einsum(pq, k, "h l d, b h s d -> b h l s") * scale
+    if not causal:  # one pack for every position
+        keep = score_mask(mask, pq.shape[1], k.shape[2], causal=False, device=q.device)
+        packed = einsum(masked_fill_scores(scores, keep).softmax(dim=-1), v,
+                        "b h l s, b h s e -> b h l e")
+        packed = repeat(packed, "b h l e -> b h t l e", t=q.shape[2])
+    else:  # Y_P^(t) = 1/t sum_{s <= t} omega(P_Q k_s / sqrt(d)) v_s, over the real s
+        real = (torch.ones_like(k[:, 0, :, 0]) if mask is None else mask).to(k.dtype)  # (b s)
+        weights = (F.elu(scores) + 1) * rearrange(real, "b s -> b 1 1 s")
+        per_key = einsum(weights, v, "b h l s, b h s e -> b h s l e")
+        count = rearrange(real.cumsum(dim=-1).clamp(min=1), "b t -> b 1 t 1 1")
+        packed = per_key.cumsum(dim=2) / count  # (b h t l e)
+    merged = rearrange(packed, "b h t l e -> b t l (h e)")
+    pk, pv = rearrange(merged @ w_unpack.T, "b t l (two h e) -> two b h t l e", two=2, h=h)
+    attn = (einsum(q, pk, "b h t d, b h t l d -> b h t l") * scale).softmax(dim=-1)  # unpack
+    return einsum(attn, pv, "b h t l, b h t l e -> b h t e")
+
+
 def luna_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.Tensor,
                    w_unpack: torch.Tensor, mask: torch.Tensor | None = None, *,
                    causal: bool = False) -> torch.Tensor:
-    """Pack then unpack.
+    """What the layer runs: `luna_attention_reference` without the per-prefix packs: causally,
+    the unpack maps are applied to each input first and the prefix sums become causal linear
+    attention, chunk by chunk (tested equal).
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. pq: the packed queries `(h, l, d)`.

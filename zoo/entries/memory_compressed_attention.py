@@ -31,7 +31,7 @@ from torch import nn
 
 from zoo.core.checks import check_qkv, one_of, positive_int
 from zoo.core.decoding import concat_mask, pattern_step
-from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple, zero_padded
+from zoo.core.masks import neg_fill, pad_mask, pad_qkv, pad_to_multiple, zero_padded
 from zoo.core.shell import MultiHead
 
 KINDS = ("compressed", "local")
@@ -98,11 +98,12 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     check_qkv(q, k, v, mask, name="local_attention")
     b, _, n, d = q.shape
-    (q, pad), (k, _), (v, _) = (pad_to_multiple(t, block) for t in (q * d ** -0.5, k, v))
+    q, k, v, real = pad_qkv(q * d ** -0.5, k, v, mask, block)
+    pad = q.shape[2] - n
     q, k, v = (rearrange(t, "b h (nc c) d -> b h nc c d", c=block) for t in (q, k, v))
     scores = einsum(q, k, "b h nc i d, b h nc j d -> b h nc i j")
     if mask is not None or pad or causal:
-        allowed = rearrange(_real(mask, b, n, pad, q.device), "b (nc j) -> b 1 nc 1 j", j=block)
+        allowed = rearrange(real, "b (nc j) -> b 1 nc 1 j", j=block)
         if causal:
             allowed = allowed & torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~allowed, neg_fill(scores.dtype))

@@ -30,52 +30,41 @@ import torch
 from einops import einsum, rearrange
 
 from zoo.core.checks import check_qkv
-from zoo.core.linear import kernel_attention, kernel_attention_step
-from zoo.core.masks import neg_fill
-from zoo.entries.performer_favor import PerformerFavor, key_shift
+from zoo.core.features import RandomFeatureHeads, favor_plus_features, key_shift, positive_features
+from zoo.core.linear import kernel_attention, kernel_attention_step, ratio
+from zoo.core.masks import causal_mask
 
 
-def softmax_kernel_exponent(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`w_r^T x - |x|^2 / 2`: x `(b, h, n, d)`, w `(h, m, d)` -> `(b, h, n, m)`."""
-    return einsum(x, w, "b h n d, h m d -> b h n m") - x.square().sum(-1, keepdim=True) / 2
-
-
-def positive_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The positive random features, unshifted (Lemma 1): `exp(w_r^T x - |x|^2 / 2) / sqrt(m)`."""
-    return softmax_kernel_exponent(x, w).exp() / w.shape[-2] ** 0.5
-
-
-def favor_plus_features(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor,
-                        mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The features of `q d^{-1/4}` and `k d^{-1/4}` up to factors that cancel in the ratio.
-
-    Dropped: for each query, `exp(-|q|^2 / 2) / sqrt(m)` and its largest exponent; for the keys,
-    `1 / sqrt(m)` and their largest exponent over the real keys (per batch and head). Padded keys
-    get 0. Returns `(b, h, n, m)` twice.
-    """
-    q, k = q * q.shape[-1] ** -0.25, k * k.shape[-1] ** -0.25  # q'.k' = q.k / sqrt(d)
-    # each shift is an (n, 1) column subtracted once, then exp in place: two passes per tensor
-    proj_q = einsum(q, w, "b h n d, h m d -> b h n m")
-    phi_q = proj_q.sub_(proj_q.detach().amax(dim=-1, keepdim=True)).exp_()
-    proj_k = einsum(k, w, "b h n d, h m d -> b h n m")
-    half_norm = k.square().sum(-1, keepdim=True) / 2  # (b h n 1)
-    offset = half_norm + key_shift(proj_k.detach().amax(dim=-1, keepdim=True) - half_norm, mask)
-    # padded keys: exp(w^T k - the largest finite number) = 0
+def favor_plus_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   w: torch.Tensor, mask: torch.Tensor | None = None, *,
+                                   causal: bool = False, chunk: int = 64) -> torch.Tensor:
+    """FAVOR+ as the paper writes it: positive features of `q d^{-1/4}` and `k d^{-1/4}` (Lemma 1),
+    their `(n, n)` product normalised by its row sums. q, k `(b, h, n, d)`, v `(b, h, n, e)`,
+    w `(h, m, d)`; `chunk` is unused here."""
+    check_qkv(q, k, v, mask, name="favor_plus_attention_reference")
+    d = q.shape[-1]
+    phi_q, phi_k = positive_features(q * d ** -0.25, w), positive_features(k * d ** -0.25, w)
+    attn = einsum(phi_q, phi_k, "b h i m, b h j m -> b h i j")  # estimates e^{q.k / sqrt(d)}
     if mask is not None:
-        offset = offset.masked_fill(~rearrange(mask, "b n -> b 1 n 1"), -neg_fill(offset.dtype))
-    return phi_q, proj_k.sub_(offset).exp_()
+        attn = attn * rearrange(mask, "b j -> b 1 1 j")
+    if causal:
+        attn = attn * causal_mask(q.shape[2], k.shape[2], q.device)
+    # D^{-1} A V, with the row sum D as one more column of the product (0 for a row with no key)
+    ones = torch.ones_like(v[..., :1])
+    return ratio(einsum(attn, torch.cat([v, ones], dim=-1), "b h i j, b h j e -> b h i e"))
 
 
 def favor_plus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
                          mask: torch.Tensor | None = None, *, causal: bool = False,
                          chunk: int = 64) -> torch.Tensor:
-    """FAVOR+ attention. q, k `(b, h, n, d)`, v `(b, h, n, e)`, w `(h, m, d)` -> `(b, h, n, e)`."""
+    """What the layer runs: `favor_plus_attention_reference` without the `(n, n)` map, with shifted
+    exponents and chunked sums (tested equal). q, k `(b, h, n, d)`, v `(b, h, n, e)`, w `(h, m, d)`."""
     check_qkv(q, k, v, mask, name="favor_plus_attention")
     phi_q, phi_k = favor_plus_features(q, k, w, mask)
     return kernel_attention(phi_q, phi_k, v, mask, causal=causal, chunk=chunk)
 
 
-class Performer(PerformerFavor):
+class Performer(RandomFeatureHeads):
     """Multi-head FAVOR+ attention. `(b, n, dim) -> (b, n, dim)`.
 
     The hyper-parameters are FAVOR's (see performer-favor); only the feature map differs, and

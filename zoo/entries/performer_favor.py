@@ -15,9 +15,9 @@ $$ O = \operatorname{diag}\big(\phi(Q')\, \phi(K')^\top \mathbf{1}\big)^{-1}\,
 
 with `W` `(m, d)` Gaussian rows, orthogonal within blocks of `d`; `features` is `m` (so `f = 2m`).
 
-This file also holds what the later random-feature entries (performer, slim-performer,
-random-feature-attention) reuse: the projection sampler and the shell that owns the projection
-buffer. The sums themselves (full and causal, chunked) are the core's `zoo.core.linear`.
+`favor_attention_reference` is these equations as written; `favor_attention`, what the layer
+runs, computes the same with the features and the projection sampler of `zoo.core.features`
+(shared with the later random-feature entries) and the chunked sums of `zoo.core.linear`.
 
 Deviations from the paper:
 - only the softmax kernel's trigonometric features; the paper's other generalised kernels are
@@ -33,100 +33,51 @@ Deviations from the paper:
 """
 
 import torch
-from einops import rearrange, reduce, repeat
+from einops import einsum, rearrange
 
-from zoo.core.checks import check_qkv, positive_int
-from zoo.core.linear import kernel_attention, kernel_attention_step
-from zoo.core.masks import neg_fill, zero_padded
-from zoo.core.shell import MultiHead
-
-
-def gaussian_projection(m: int, d: int, *, orthogonal: bool = True,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """`(m, d)` rows with the marginal law N(0, I_d), so every feature stays unbiased.
-
-    With `orthogonal`, rows are exactly orthogonal within each block of `d` (a Haar-random
-    rotation), and each row gets the length of an independent Gaussian vector.
-    """
-    if not orthogonal:
-        return torch.randn(m, d, generator=generator, dtype=torch.float64)
-    blocks = []
-    for _ in range(-(-m // d)):
-        rot, r = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
-        blocks.append(rot * torch.sign(torch.diagonal(r)))  # columns of a Haar-random rotation
-    rows = rearrange(torch.cat(blocks, dim=1), "d m -> m d")[:m]
-    lengths = torch.randn(m, d, generator=generator, dtype=torch.float64).norm(dim=-1, keepdim=True)
-    return rows * lengths
+from zoo.core.checks import check_qkv
+from zoo.core.features import RandomFeatureHeads, exp_over_keys, key_shift, trig_features
+from zoo.core.linear import kernel_attention, kernel_attention_step, ratio
+from zoo.core.masks import causal_mask
 
 
-def trig_features(x: torch.Tensor, w: torch.Tensor, *, normalise: bool = True) -> torch.Tensor:
-    """`[sin(W x), cos(W x)] / sqrt(m)`: x `(b, h, n, d)`, w `(h, m, d)` -> `(b, h, n, 2m)`.
+def favor_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
+                              mask: torch.Tensor | None = None, *, causal: bool = False,
+                              chunk: int = 64) -> torch.Tensor:
+    """FAVOR as the paper writes it: the `(n, n)` estimate of the softmax kernel, normalised by its
+    row sums. q, k `(b, h, n, d)`, v `(b, h, n, e)`, w `(h, m, d)`; `chunk` is unused here."""
+    check_qkv(q, k, v, mask, name="favor_attention_reference")
+    d, m = q.shape[-1], w.shape[-2]
+    q, k = q * d ** -0.25, k * d ** -0.25  # q'.k' = q.k / sqrt(d)
 
-    Times `exp(|x|^2 / 2)` this is the paper's feature map of the softmax kernel. Attention leaves
-    out the constant `1 / sqrt(m)` (`normalise=False`): it cancels in every row's ratio.
-    """
-    b, m = x.shape[0], w.shape[-2]
-    # one matmul and one cosine for both halves: sin(a) = cos(a - pi/2), the matmul adding the phase
-    phase = torch.cat([w.new_full((m,), -torch.pi / 2), w.new_zeros(m)])  # (2m)
-    proj = torch.baddbmm(phase, rearrange(x, "b h n d -> (b h) n d"),
-                         repeat(torch.cat([w, w], dim=-2), "h m d -> (b h) d m", b=b))
-    features = rearrange(proj, "(b h) n m -> b h n m", b=b, h=x.shape[1]).cos_()
-    return features.mul_(m ** -0.5) if normalise else features
+    def phi(x):  # e^{|x|^2/2} / sqrt(m) [sin(W x), cos(W x)]
+        proj = einsum(x, w, "b h n d, h m d -> b h n m")
+        return (x.square().sum(-1, keepdim=True) / 2).exp() / m ** 0.5 * torch.cat(
+            [proj.sin(), proj.cos()], dim=-1)
 
-
-def exp_over_keys(exponent: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """`exp(exponent - c)` with `c` the largest exponent over the real keys (per batch and head,
-    detached: it cancels in the ratio), and 0 at padded keys. exponent `(b, h, n, f)`."""
+    attn = einsum(phi(q), phi(k), "b h i f, b h j f -> b h i j")  # estimates e^{q'.k'}
     if mask is not None:
-        exponent = exponent.masked_fill(~rearrange(mask, "b n -> b 1 n 1"), neg_fill(exponent.dtype))
-    return zero_padded((exponent - key_shift(exponent)).exp(), mask)
-
-
-def key_shift(exponent: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The largest of `exponent` `(b, h, n, f)` over the real keys, detached: `(b, h, 1, 1)`."""
-    if mask is not None:
-        exponent = exponent.masked_fill(~rearrange(mask, "b n -> b 1 n 1"), neg_fill(exponent.dtype))
-    return reduce(exponent.detach(), "b h n f -> b h 1 1", "max")
+        attn = attn * rearrange(mask, "b j -> b 1 1 j")
+    if causal:
+        attn = attn * causal_mask(q.shape[2], k.shape[2], q.device)
+    # D^{-1} A V, with the row sum D as one more column of the product (0 for a row with no key)
+    ones = torch.ones_like(v[..., :1])
+    return ratio(einsum(attn, torch.cat([v, ones], dim=-1), "b h i j, b h j e -> b h i e"))
 
 
 def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
                     mask: torch.Tensor | None = None, *, causal: bool = False,
                     chunk: int = 64) -> torch.Tensor:
-    """FAVOR with trigonometric features. q, k `(b, h, n, d)`, v `(b, h, n, e)`, w `(h, m, d)`."""
+    """What the layer runs: the same result as `favor_attention_reference` without the `(n, n)`
+    map, the features factored out and summed in chunks (tested equal in float64)."""
     check_qkv(q, k, v, mask, name="favor_attention")
     d = q.shape[-1]
     w = w * d ** -0.25  # W q' = W q d^{-1/4}, so that q'.k' = q.k / sqrt(d)
     # 1/sqrt(m) and e^{|q'|^2/2} cancel row by row; e^{|k'|^2/2} is a scalar per key, applied to the
-    # narrower values by kernel_attention
+    # narrower values by kernel_attention, shifted by its largest value (which cancels too)
     phi_q, phi_k = trig_features(q, w, normalise=False), trig_features(k, w, normalise=False)
     weight = exp_over_keys(k.square().sum(-1, keepdim=True) / (2 * d ** 0.5), mask)  # (b h n 1)
     return kernel_attention(phi_q, phi_k, v, mask, causal=causal, chunk=chunk, key_weight=weight)
-
-
-class RandomFeatureHeads(MultiHead):
-    """The multi-head shell plus a seeded `(heads, m, dim_head)` Gaussian projection buffer."""
-
-    def __init__(self, dim: int, *, heads: int, dim_head: int | None, causal: bool,
-                 features: int, orthogonal: bool, redraw: bool, seed: int, chunk: int):
-        super().__init__(dim, heads=heads, dim_head=dim_head, causal=causal)
-        self.features, self.chunk = positive_int(features, "features"), positive_int(chunk, "chunk")
-        self.orthogonal, self.redraw = bool(orthogonal), bool(redraw)
-        self.register_buffer("projection", self.draw(torch.Generator().manual_seed(seed)))
-
-    def draw(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.stack([gaussian_projection(self.features, self.dim_head, generator=generator,
-                                                orthogonal=self.orthogonal)
-                            for _ in range(self.heads)]).float()
-
-    def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, features={self.features}, orthogonal={self.orthogonal}, "
-                f"redraw={self.redraw}, chunk={self.chunk}")
-
-    def current_projection(self) -> torch.Tensor:
-        """The buffer, or (redraw=True, training mode) a fresh draw for this call."""
-        if self.redraw and self.training:
-            return self.draw().to(self.projection)
-        return self.projection
 
 
 class PerformerFavor(RandomFeatureHeads):

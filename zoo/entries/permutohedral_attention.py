@@ -28,17 +28,53 @@ Deviations from the paper:
   gradients come from autograd through the barycentric weights instead of the paper's
   hand-written backward pass;
 - the block adds $W_z y$ to the input, as a non-local block (the authors' module returns y).
+
+Two forms: `lattice_filter_reference` writes splat, blur and slice as matrices over the lattice
+points; `lattice_filter`, what the layer runs, as a hash table and index lists (tested equal).
+The file is longer than 250 lines because the lattice's geometry and both forms of the filter
+belong together.
 """
 
 import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import einsum, rearrange
 from torch import nn
 
 from zoo.core.checks import check_image, check_qkv, positive_int, refuse_mask
 from zoo.core.masks import safe_denominator
+
+
+def lattice_filter_reference(f_out: torch.Tensor, f_in: torch.Tensor, v: torch.Tensor,
+                             g_out: torch.Tensor, g_in: torch.Tensor) -> torch.Tensor:
+    """Adams et al.'s filter as three linear maps over the lattice points the points touch: splat
+    `S` (each point's barycentric weights on its simplex corners), blur `B_j` ([1 2 1] / 4 along
+    lattice axis j, a missing neighbour counting as 0), slice (`S` at the output points,
+    transposed): `out = S_out^T B_d ... B_0 S_in v`. Same arguments as `lattice_filter`."""
+    d = f_in.shape[-1]
+    (c_in, w_in), (c_out, w_out) = simplex(f_in), simplex(f_out)
+
+    def keys(corners, groups):  # (p, d + 1, 1 + d): the group id, then a corner's coordinates
+        return torch.cat([groups[:, None, None].expand(-1, d + 1, 1), corners], dim=-1)
+
+    table = torch.unique(torch.cat([keys(c_in, g_in), keys(c_out, g_out)]).flatten(0, 1), dim=0)
+
+    def weights(corners, groups, w):  # (m, p): the weight of point p on lattice point m
+        hit = (rearrange(keys(corners, groups), "p c x -> p c 1 x") == table).all(-1)  # (p c m)
+        return einsum(hit.to(w.dtype), w, "p c m, p c -> m p")
+
+    lattice = weights(c_in, g_in, w_in) @ v  # splat: (m, e)
+    eye = torch.eye(table.shape[0], dtype=v.dtype, device=v.device)
+    for j in range(d + 1):
+        # the neighbour along axis j: +1 on every coordinate, -(d + 1) more on the j-th
+        step = torch.ones(1 + d, dtype=torch.long, device=v.device)
+        step[0] = 0  # the group id
+        if j < d:
+            step[1 + j] -= d + 1
+        succ = (rearrange(table + step, "m x -> m 1 x") == table).all(-1).to(v.dtype)  # (m m')
+        lattice = (0.5 * eye + 0.25 * (succ + succ.T)) @ lattice  # blur
+    return weights(c_out, g_out, w_out).T @ lattice  # slice: (p, e)
 
 
 def elevation_matrix(d: int, dtype=torch.float64) -> torch.Tensor:
@@ -125,7 +161,9 @@ def hash_lattice(keys: torch.Tensor, d: int):
 
 def lattice_filter(f_out: torch.Tensor, f_in: torch.Tensor, v: torch.Tensor,
                    g_out: torch.Tensor, g_in: torch.Tensor) -> torch.Tensor:
-    """Unnormalised Gaussian filtering on the permutohedral lattice.
+    """What the layer runs: `lattice_filter_reference` with the lattice as a hash table (integer
+    keys packed into one int64, neighbours by `searchsorted`) and splat, blur and slice as weighted
+    sums over index lists (`embedding_bag`), never an `m x m` matrix (tested equal).
 
     Args:
         f_out: `(p, d)` features where outputs are sliced; f_in `(s, d)` where values are splatted.

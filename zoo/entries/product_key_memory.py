@@ -28,9 +28,21 @@ from zoo.core import decoding
 from zoo.core.checks import check_sequence, positive_int
 
 
+def product_key_topk_reference(q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor,
+                               keys2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k of all `c1 c2` product keys, every score `q1 . c1 + q2 . c2` written out (the
+    paper's eq. 3 before its reduction). Same arguments as `product_key_topk`."""
+    s1 = einsum(q1, keys1, "... h d, h c d -> ... h c")
+    s2 = einsum(q2, keys2, "... h d, h c d -> ... h c")
+    scores = rearrange(s1, "... c -> ... c 1") + rearrange(s2, "... c -> ... 1 c")  # (... h c1 c2)
+    return rearrange(scores, "... c1 c2 -> ... (c1 c2)").topk(k, dim=-1)
+
+
 def product_key_topk(q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor,
                      k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k over the product keys `(c1, c2)` with score `q1 . c1 + q2 . c2`.
+    """What the layer runs: `product_key_topk_reference` from the two sub-key top-k lists and only
+    the pairs of winners that can rank among the best k (tested equal). Exact top-k over the
+    product keys `(c1, c2)` with score `q1 . c1 + q2 . c2`.
 
     Args:
         q1, q2: query halves `(..., h, d)`. keys1, keys2: sub-keys `(h, c, d)`. k: how many.

@@ -34,9 +34,9 @@ from einops import rearrange
 from torch import nn
 
 from zoo.core.checks import check_qkv, check_sequence
+from zoo.core.features import RandomFeatureHeads, trig_features
 from zoo.core.linear import kernel_attention, kernel_attention_step
 from zoo.core.masks import zero_padded_tokens
-from zoo.entries.performer_favor import RandomFeatureHeads, trig_features
 
 
 def random_feature_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,

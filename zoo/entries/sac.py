@@ -27,15 +27,49 @@ Deviations from the paper:
 """
 
 import torch
-from einops import rearrange
+from einops import einsum, rearrange
 from torch import nn
 
 from zoo.core.checks import check_qkv, positive_int
+from zoo.core.edges import drawn_edge_attention
 from zoo.core.masks import neg_fill
 from zoo.core.shell import MultiHead
-from zoo.entries.smart_bird import drawn_edge_attention
 
 CHUNK = 128  # nodes whose pointer logits are held at once
+
+
+def sac_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pointers: torch.Tensor,
+                            targets: torch.Tensor, mask: torch.Tensor | None = None, *,
+                            causal: bool = False, sample: bool = False,
+                            scale: float | None = None) -> torch.Tensor:
+    """The predicted graph as an allowed `(i, j)` set: every pointer logit `l_{i,s,j}` at once,
+    `E(i)` the nodes the pointers pick (one edge however many pick it), softmax over `E(i)`, each
+    edge's weight carrying the straight-through factor of the first pointer that picked it. Same
+    arguments as `sac_attention`."""
+    check_qkv(q, k, v, mask, name="sac_attention_reference")
+    n, d = q.shape[2], q.shape[3]
+    scale = d ** -0.5 if scale is None else scale
+    logits = einsum(pointers * targets.shape[-1] ** -0.5, targets, "b i s f, b j f -> b i s j")
+    pos = torch.arange(n, device=q.device)
+    if causal:
+        later = rearrange(pos, "j -> 1 1 1 j") > rearrange(pos, "i -> 1 i 1 1")
+        logits = logits.masked_fill(later, neg_fill(logits.dtype))
+    if mask is not None:
+        logits = logits.masked_fill(~rearrange(mask, "b j -> b 1 1 j"), neg_fill(logits.dtype))
+    _, idx = point(logits, sample=sample)  # (b i s)
+    picks = rearrange(idx, "b i s -> b i s 1") == pos  # (b i s j)
+    first = picks & (picks.cumsum(dim=2) == 1)  # the first pointer that picks j
+    edges = picks.any(dim=2)  # (b i j)
+    if causal:
+        edges = edges & (rearrange(pos, "j -> 1 1 j") <= rearrange(pos, "i -> 1 i 1"))
+    if mask is not None:
+        edges = edges & rearrange(mask, "b j -> b 1 j")
+    drawn = (logits * first).sum(dim=2)  # (b i j): that pointer's logit
+    scores = einsum(q, k, "b h i d, b h j d -> b h i j") * scale
+    keep = rearrange(edges, "b i j -> b 1 i j")
+    attn = scores.masked_fill(~keep, neg_fill(scores.dtype)).softmax(dim=-1)
+    attn = attn * rearrange((drawn - drawn.detach()).exp(), "b i j -> b 1 i j")
+    return einsum(attn, v, "b h i j, b h j e -> b h i e")
 
 
 def point(logits: torch.Tensor, *, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +86,9 @@ def sac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pointers: t
                   targets: torch.Tensor, mask: torch.Tensor | None = None, *,
                   causal: bool = False, sample: bool = False,
                   scale: float | None = None) -> torch.Tensor:
-    """Attention over a predicted graph: each node reads the nodes its pointers pick.
+    """What the layer runs: `sac_attention_reference` without the `n x n` pattern, the pointer
+    logits one block of `CHUNK` nodes at a time and the picked nodes gathered (tested equal).
+    Attention over a predicted graph: each node reads the nodes its pointers pick.
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.

@@ -26,6 +26,12 @@ Deviations from the paper:
 - Random search stops at the window's radius (the window covers what is closer).
 - The random draws are integer Weyl sequences, $u_i = ((a i + c) \bmod p)/p$, whose $a$ and $c$ are
   seeded buffers, so eval mode is deterministic and any length works.
+
+Two forms: `scram_attention_reference` is the equation above, the window as an allowed pattern
+under one softmax, and `patchmatch_reference` the search in plain Python, one query at a time;
+`scram_attention` and `patchmatch`, what the layer runs, score gathered key rows in cache-sized
+blocks, all queries at once (tested equal). The file is longer than 250 lines for both forms of
+the search.
 """
 
 import math
@@ -37,8 +43,71 @@ from einops import einsum, rearrange
 from zoo.core.checks import check_qkv, positive_int, refuse_causal
 from zoo.core.masks import neg_fill
 from zoo.core.shell import MultiHead
+from zoo.core.softmax import softmax_attention
 
 PRIME = 2_147_483_647  # 2^31 - 1, the modulus of the Weyl sequences
+
+
+def scram_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draws: torch.Tensor,
+                              mask: torch.Tensor | None = None, *, window: int, iterations: int,
+                              scale: float | None = None) -> torch.Tensor:
+    """The paper's `O_i`: softmax over the window `W(m_i)` of keys around each query's PatchMatch
+    match, as an allowed `(i, j)` pattern. Same arguments as `scram_attention`."""
+    b, h, n, d = q.shape
+    w = min(window, n)
+    m = patchmatch(q, k, draws, mask, iterations=iterations, min_radius=max(w / 2, 1))
+    start = rearrange((m - w // 2).clamp(0, n - w), "b h i -> b h i 1")
+    j = torch.arange(n, device=q.device)
+    allowed = (j >= start) & (j < start + w)  # (b h i j)
+    return softmax_attention(q, k, v, mask, allowed=allowed, scale=scale)
+
+
+@torch.no_grad()
+def patchmatch_reference(q: torch.Tensor, k: torch.Tensor, draws: torch.Tensor,
+                         mask: torch.Tensor | None = None, *, iterations: int,
+                         min_radius: float = 1.0) -> torch.Tensor:
+    """PatchMatch as the module states it, in plain Python, one query at a time: a random start;
+    per iteration a random search (one candidate per radius n / 2^l, all around the match the
+    search starts from, the first best replacing it if strictly better) and then the jump-flood
+    propagation (every query of one distance reads the matches left by the distance before)."""
+    b, h, n, _ = q.shape
+    mask = torch.ones(b, n, dtype=torch.bool) if mask is None else mask
+    scores = einsum(q, k, "b h i d, b h j d -> b h i j").tolist()
+    lowest = torch.finfo(q.dtype).min
+    prime = PRIME
+
+    def u(t, level, i):
+        a, c = (int(x) for x in draws[t, level])
+        return ((a * i + c) % prime) / prime
+
+    out = torch.empty(b, h, n, dtype=torch.long)
+    for bb in range(b):
+        real = mask[bb].tolist()
+        for hh in range(h):
+            def score(i, j, bb=bb, hh=hh, real=real):
+                return scores[bb][hh][i][j] if real[j] else lowest
+            m = [min(int(u(0, 0, i) * n), n - 1) for i in range(n)]
+            best = [score(i, m[i]) for i in range(n)]
+            for t in range(1, iterations + 1):
+                for i in range(n):
+                    v0, found, top = m[i], None, None
+                    for level in range(max(math.ceil(math.log2(n / min_radius)), 1)):
+                        j = min(max(v0 + round((u(t, level, i) * 2 - 1) * (n / 2 ** level)), 0), n - 1)
+                        if top is None or score(i, j) > top:
+                            found, top = j, score(i, j)
+                    if top > best[i]:
+                        m[i], best[i] = found, top
+                for level in range(max(math.ceil(math.log2(n)), 1)):
+                    shift = 2 ** level if t % 2 else -(2 ** level)
+                    before = list(m)
+                    for i in range(n):
+                        src = i - shift
+                        if 0 <= src < n and real[src]:
+                            j = min(max(before[src] + shift, 0), n - 1)
+                            if score(i, j) > best[i]:
+                                m[i], best[i] = j, score(i, j)
+            out[bb, hh] = torch.tensor(m)
+    return out.to(q.device)
 
 
 def weyl(n: int, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -90,7 +159,7 @@ def scores_at(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, block: int = 
 def patchmatch(q: torch.Tensor, k: torch.Tensor, draws: torch.Tensor,
                mask: torch.Tensor | None = None, *, iterations: int,
                min_radius: float = 1.0) -> torch.Tensor:
-    """PatchMatch for the best key of every query.
+    """PatchMatch for the best key of every query: `patchmatch_reference` for all queries at once.
 
     Args:
         q, k: `(b, h, n, d)`. draws: `(iterations + 1, levels, 2)` integer Weyl parameters.
@@ -145,7 +214,8 @@ def patchmatch(q: torch.Tensor, k: torch.Tensor, draws: torch.Tensor,
 def scram_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draws: torch.Tensor,
                     mask: torch.Tensor | None = None, *, window: int, iterations: int,
                     scale: float | None = None) -> torch.Tensor:
-    """Attention to the window of keys around each query's PatchMatch argmax.
+    """What the layer runs: `scram_attention_reference` without the `n x n` pattern, the window's
+    keys gathered by flat row indices and summed by `embedding_bag` (tested equal).
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. draws: Weyl parameters (see `patchmatch`).

@@ -25,19 +25,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from zoo.core.checks import check_sequence, positive_int, refuse_causal
+from zoo.core.checks import check_sequence, head_width, positive_int, refuse_causal
 from zoo.core.masks import zero_padded_tokens
 from zoo.core.softmax import softmax_attention
-
-
-def head_width(dim: int, heads: int, dim_head: int | None, name: str) -> int:
-    """`dim_head`, or `dim // heads` when None (then `heads` must divide `dim`), as the shell does
-    for layers that do not use it."""
-    if dim_head is None:
-        if dim % heads:
-            raise ValueError(f"{name}: heads={heads} must divide dim={dim}, or pass dim_head")
-        dim_head = dim // heads
-    return positive_int(dim_head, "dim_head")
 
 
 class MAB(nn.Module):

@@ -29,9 +29,36 @@ from einops import einsum, rearrange
 from torch import nn
 
 from zoo.core.checks import check_qkv, positive_int
-from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple, zero_padded
+from zoo.core.masks import neg_fill, pad_mask, pad_qkv, pad_to_multiple, zero_padded
 from zoo.core.shell import MultiHead
 from zoo.core.sorting import LOG2E, softmax_attend
+
+
+def sinkhorn_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sort: torch.Tensor,
+                                 mask: torch.Tensor | None = None, *, causal: bool = False,
+                                 scale: float | None = None) -> torch.Tensor:
+    """Each block of queries attends, in one plain softmax, to its sorted block `sum_j R_ij K_j`
+    (a sorted key is real where any real key mixes into it) and to its own block (keys `j <= i`
+    when causal). Same arguments as `sinkhorn_attention`."""
+    b, h, n, d = q.shape
+    nb = sort.shape[-1]
+    c = math.ceil(n / nb)
+    q, k, v, real = pad_qkv(q, k, v, mask, c * nb)
+    qb, kb, vb = (rearrange(t, "b h (nb c) d -> b h nb c d", c=c) for t in (q, zero_padded(k, real),
+                                                                          zero_padded(v, real)))
+    real = rearrange(real, "b (nb c) -> b 1 nb c", c=c).to(q.dtype).expand(b, h, nb, c)
+    k_sorted, v_sorted = (einsum(sort, t, "b h i j, b h j c d -> b h i c d") for t in (kb, vb))
+    real_sorted = einsum(sort, real, "b h i j, b h j c -> b h i c") > 0
+    own = rearrange(real.bool(), "b h nb j -> b h nb 1 j")
+    if causal:
+        own = own & torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    keep = torch.cat([rearrange(real_sorted, "b h nb j -> b h nb 1 j").expand(-1, -1, -1, c, -1),
+                      own.expand(b, h, nb, c, c)], dim=-1)  # (b h nb i 2c)
+    scale = d ** -0.5 if scale is None else scale
+    scores = einsum(qb, torch.cat([k_sorted, kb], dim=3), "b h nb i d, b h nb j d -> b h nb i j")
+    attn = (scores * scale).masked_fill(~keep, neg_fill(scores.dtype)).softmax(dim=-1)
+    out = einsum(attn, torch.cat([v_sorted, vb], dim=3), "b h nb i j, b h nb j e -> b h nb i e")
+    return rearrange(out, "b h nb c e -> b h (nb c) e")[:, :, :n]
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, *, causal: bool = False) -> torch.Tensor:
@@ -54,7 +81,9 @@ def sinkhorn(logits: torch.Tensor, iters: int, *, causal: bool = False) -> torch
 def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sort: torch.Tensor,
                        mask: torch.Tensor | None = None, *, causal: bool = False,
                        scale: float | None = None) -> torch.Tensor:
-    """Block attention to the own block and the sorted block.
+    """What the layer runs: `sinkhorn_attention_reference` with the softmax in log2 units, masked
+    in place (`zoo.core.sorting.softmax_attend`) (tested equal). Block attention to the own block
+    and the sorted block.
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. sort: `(b, h, nb, nb)`, row i mixes the blocks
@@ -69,9 +98,8 @@ def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sort: 
     b, h, n, d = q.shape
     nb = sort.shape[-1]
     c = math.ceil(n / nb)
-    (q, pad), (k, _), (v, _) = (pad_to_multiple(t, c * nb) for t in (q, k, v))
-    real = pad_mask(mask, b, n, pad, q.device)
-    real = torch.ones(b, n + pad, dtype=torch.bool, device=q.device) if real is None else real
+    q, k, v, real = pad_qkv(q, k, v, mask, c * nb)
+    pad = q.shape[2] - n
     qb = rearrange(q, "b h (nb c) d -> b h nb c d", c=c)
     kb, vb = (rearrange(zero_padded(t, real), "b h (nb c) d -> b h nb c d", c=c) for t in (k, v))
     k_sorted, v_sorted = (einsum(sort, t, "b h i j, b h j c d -> b h i c d") for t in (kb, vb))

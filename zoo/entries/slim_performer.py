@@ -30,9 +30,22 @@ Deviations from the paper:
 import torch
 
 from zoo.core.checks import check_qkv
-from zoo.core.linear import causal_sum, kernel_attention, ratio
+from zoo.core.features import RandomFeatureHeads, favor_plus_features
+from zoo.core.linear import causal_sum, kernel_attention, prefix_sum, ratio
 from zoo.core.masks import zero_padded
-from zoo.entries.performer import Performer, favor_plus_features
+
+
+def slim_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
+                             mask: torch.Tensor | None = None, *, causal: bool = False,
+                             chunk: int = 64) -> torch.Tensor:
+    """The Performer's attention with the paper's plain prefix sums `R_i`, `r_i` over a
+    `(b, h, n, m, e)` tensor, differentiated by autograd; `chunk` is unused here."""
+    check_qkv(q, k, v, mask, name="slim_attention_reference")
+    phi_q, phi_k = favor_plus_features(q, k, w, mask)
+    if not causal:
+        return kernel_attention(phi_q, phi_k, v, mask)
+    v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # the last column sums r_i
+    return ratio(prefix_sum(phi_q, zero_padded(phi_k, mask), v))
 
 
 def reverse_causal_sum(phi_q, phi_k, v, chunk: int) -> torch.Tensor:
@@ -66,7 +79,8 @@ class SlimPrefixSum(torch.autograd.Function):
 def slim_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
                    mask: torch.Tensor | None = None, *, causal: bool = False,
                    chunk: int = 64) -> torch.Tensor:
-    """FAVOR+ attention with SLiM's low-memory causal prefix sums.
+    """What the layer runs: `slim_attention_reference`, its causal prefix sums computed slice by
+    slice with SLiM's low-memory backward (tested equal, outputs and gradients).
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. w: `(h, m, d)`. mask: `(b, n)`.
@@ -83,11 +97,17 @@ def slim_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.T
     return ratio(SlimPrefixSum.apply(phi_q, zero_padded(phi_k, mask), v, chunk))
 
 
-class SlimPerformer(Performer):
+class SlimPerformer(RandomFeatureHeads):
     """Multi-head FAVOR+ attention trained with SLiM's prefix sums. `(b, n, dim) -> (b, n, dim)`.
 
     The hyper-parameters are the Performer's; `chunk` is the paper's slice size `C`.
     """
+
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None,
+                 causal: bool = False, features: int = 256, orthogonal: bool = True,
+                 redraw: bool = False, seed: int = 0, chunk: int = 64):
+        super().__init__(dim, heads=heads, dim_head=dim_head, causal=causal, features=features,
+                         orthogonal=orthogonal, redraw=redraw, seed=seed, chunk=chunk)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -23,14 +23,38 @@ Deviations from the paper:
 """
 
 import torch
-from einops import einsum
+from einops import einsum, rearrange
 from torch import nn
 
 from zoo.core.checks import check_qkv, positive_int, refuse_causal
+from zoo.core.edges import drawn_edge_attention
 from zoo.core.masks import neg_fill
 from zoo.core.shell import MultiHead
 
 CHUNK = 256  # queries whose sketch rows are held at once
+
+
+def smart_bird_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   q_sketch: torch.Tensor, k_sketch: torch.Tensor,
+                                   mask: torch.Tensor | None = None, *, per_query: int = 16,
+                                   sample: bool = False, scale: float | None = None) -> torch.Tensor:
+    """The paper's three steps as written: the sketch `S` over every `(i, j)`, `k` keys drawn per
+    query and head, and softmax over the drawn keys as an allowed pattern (with the same
+    straight-through factor on the drawn edges). Same arguments as `smart_bird_attention`."""
+    check_qkv(q, k, v, mask, name="smart_bird_attention_reference")
+    n, d = q.shape[2], q.shape[3]
+    scale = d ** -0.5 if scale is None else scale
+    logits = einsum(q_sketch, k_sketch, "b i f, b j f -> b i j") * q_sketch.shape[-1] ** -0.5
+    if mask is not None:
+        logits = logits.masked_fill(~rearrange(mask, "b j -> b 1 j"), neg_fill(logits.dtype))
+    idx = draw_keys(logits, min(per_query, n), q.shape[1], sample=sample)  # (b h|1 i k)
+    drawn = torch.zeros(*idx.shape[:3], n, dtype=torch.bool, device=q.device).scatter(-1, idx, True)
+    keep = drawn if mask is None else drawn & rearrange(mask, "b j -> b 1 1 j")  # (b h|1 i j)
+    scores = einsum(q, k, "b h i d, b h j d -> b h i j") * scale
+    attn = scores.masked_fill(~keep, neg_fill(scores.dtype)).softmax(dim=-1)
+    # equal to 1 in value; the gradient of each drawn weight reaches the sketch score it was drawn with
+    attn = attn * rearrange((logits - logits.detach()).exp(), "b i j -> b 1 i j")
+    return einsum(attn, v, "b h i j, b h j e -> b h i e")
 
 
 def draw_keys(logits: torch.Tensor, per_query: int, heads: int, *, sample: bool) -> torch.Tensor:
@@ -53,39 +77,13 @@ def draw_keys(logits: torch.Tensor, per_query: int, heads: int, *, sample: bool)
     return (logits[:, None] + gumbel).topk(per_query, dim=-1).indices
 
 
-def gather_keys(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows of `t` `(b, h, n, d)` at `idx` `(b, h or 1, i, k)` -> `(b, h, i, k, d)`."""
-    b, h = t.shape[:2]
-    return t[torch.arange(b, device=t.device)[:, None, None, None],
-             torch.arange(h, device=t.device)[None, :, None, None], idx]
-
-
-def drawn_edge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
-                         drawn: torch.Tensor, real: torch.Tensor | None, *,
-                         scale: float) -> torch.Tensor:
-    """Softmax attention of some queries over their drawn keys only.
-
-    Args:
-        q: `(b, h, i, d)`, the queries. k: `(b, h, n, d)`. v: `(b, h, n, e)`.
-        idx: `(b, h or 1, i, m)` the drawn keys. drawn: the scores they were drawn with, same shape.
-        real: same shape, False for an edge to leave out (padding); None keeps all.
-
-    Returns:
-        `(b, h, i, e)`.
-    """
-    scores = einsum(q, gather_keys(k, idx), "b h i d, b h i m d -> b h i m") * scale
-    if real is not None:
-        scores = scores.masked_fill(~real, neg_fill(scores.dtype))
-    # Equal to 1 in value; carries the gradient of every drawn weight to the score it was drawn with.
-    attn = scores.softmax(dim=-1) * (drawn - drawn.detach()).exp()
-    return einsum(attn, gather_keys(v, idx), "b h i m, b h i m e -> b h i e")
-
-
 def smart_bird_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sketch: torch.Tensor,
                          k_sketch: torch.Tensor, mask: torch.Tensor | None = None, *,
                          per_query: int = 16, sample: bool = False,
                          scale: float | None = None) -> torch.Tensor:
-    """Sparse attention over keys drawn from a low-dimensional sketch.
+    """What the layer runs: `smart_bird_attention_reference` without the `n x n` pattern, the
+    sketch one block of `CHUNK` queries at a time and the drawn keys gathered (tested equal).
+    Sparse attention over keys drawn from a low-dimensional sketch.
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.

@@ -25,28 +25,48 @@ Deviations from the paper:
 import math
 
 import torch
-import torch.nn.functional as F
 from einops import einsum, rearrange
 
 from zoo.core.checks import check_qkv, one_of, positive_int
-from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
+from zoo.core.masks import block_windows, neg_fill, pad_qkv
 from zoo.core.shell import MultiHead
+from zoo.core.softmax import softmax_attention
 
 PATTERNS = ("strided", "fixed")
 
 
+def sparse_transformer_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                           mask: torch.Tensor | None = None, *,
+                                           pattern: str = "strided", stride: int | None = None,
+                                           summary: int = 1, causal: bool = False) -> torch.Tensor:
+    """The merged head of Sec. 4.2 as an allowed `(i, j)` set, `A_i = A^(1)_i | A^(2)_i`:
+    strided, `|i - j| <= l` or `(i - j) mod l = 0`; fixed, `floor(i / l) = floor(j / l)` or
+    `j mod l >= l - c`; softmax over it. Same arguments as `sparse_transformer_attention`."""
+    one_of(pattern, PATTERNS, "pattern")
+    n = q.shape[2]
+    l = stride or math.ceil(math.sqrt(n))  # noqa: E741 - the paper's name
+    pos = torch.arange(n, device=q.device)
+    i, j = rearrange(pos, "i -> i 1"), rearrange(pos, "j -> 1 j")
+    if pattern == "strided":
+        allowed = ((i - j).abs() <= l) | ((i - j) % l == 0)
+    else:
+        allowed = (i // l == j // l) | (j % l >= l - min(summary, l))
+    return softmax_attention(q, k, v, mask, causal=causal, allowed=allowed)
+
+
 def neighbour_blocks(t: torch.Tensor, l: int, before: int, after: int) -> torch.Tensor:  # noqa: E741
     """`(..., n, d)` -> `(..., r, w, d)`, `n = r l`: each block of `l` with its `before`/`after`
-    neighbour blocks (zeros past the ends), `w = (before + 1 + after) l`; a view of `t` padded once."""
-    padded = F.pad(t.movedim(-2, -1), (before * l, after * l))  # (... d n+)
-    return padded.unfold(-1, (before + 1 + after) * l, l).movedim(-3, -1)
+    neighbour blocks (zeros past the ends), `w = (before + 1 + after) l` (`block_windows`)."""
+    return rearrange(block_windows(t, l, dim=-2, before=before, after=after), "... r d w -> ... r w d")
 
 
 def sparse_transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  mask: torch.Tensor | None = None, *, pattern: str = "strided",
                                  stride: int | None = None, summary: int = 1,
                                  causal: bool = False) -> torch.Tensor:
-    """Merged-head factorised attention.
+    """What the layer runs: `sparse_transformer_attention_reference` without the `n x n` pattern:
+    A^(1) from neighbour blocks, A^(2) from the columns (strided) or the summary positions (fixed),
+    both in one softmax (tested equal).
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
@@ -62,9 +82,7 @@ def sparse_transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     one_of(pattern, PATTERNS, "pattern")
     b, _, n, d = q.shape
     l = stride or math.ceil(math.sqrt(n))  # noqa: E741 - the paper's name
-    (q, pad), (k, _), (v, _) = (pad_to_multiple(t, l) for t in (q, k, v))
-    real = pad_mask(mask, b, n, pad, q.device)
-    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if real is None else real
+    q, k, v, real = pad_qkv(q, k, v, mask, l)
     q = q * d ** -0.5  # scaled once here rather than every score
 
     # A^(1): a band around the query, read from neighbouring blocks (eq. 2 / eq. 3)

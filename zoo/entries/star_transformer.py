@@ -22,6 +22,10 @@ Deviations from the paper:
 - With a padding mask the ring runs over the real tokens only (a padded sequence gives the
   same outputs as the sequence without its padding) and the relay ignores padded satellites.
 - No position embeddings are added inside the layer; they are the caller's job.
+
+`satellite_update_reference` and `relay_update_reference` are the two equations above, each
+context built row by row and read by one `multi_att`; `satellite_update` and `relay_update`, what
+the layer runs, project each row once and fold the relay's weights (tested equal).
 """
 
 import torch
@@ -29,9 +33,46 @@ import torch.nn.functional as F
 from einops import einsum, rearrange, reduce
 from torch import nn
 
-from zoo.core.checks import check_sequence, positive_int, refuse_causal
+from zoo.core.checks import check_sequence, head_width, positive_int, refuse_causal
 from zoo.core.masks import neg_fill, zero_padded_tokens
-from zoo.entries.set_transformer import head_width
+
+
+def satellite_update_reference(h: torch.Tensor, e: torch.Tensor, s: torch.Tensor,
+                               prev: torch.Tensor | None, nxt: torch.Tensor | None,
+                               att: "StarAttention") -> torch.Tensor:
+    """The paper's satellite step: `h_i <- LN(ReLU(MultiAtt(h_i, C_i)))` with the context
+    `C_i = [h_prev(i); h_i; h_next(i); e_i; s]` built row by row. Same arguments as
+    `satellite_update`."""
+    b, n, _ = h.shape
+    pos = torch.arange(n, device=h.device).expand(b, n)
+    prev = (pos - 1) % n if prev is None else prev
+    nxt = (pos + 1) % n if nxt is None else nxt
+    rows = torch.arange(b, device=h.device)[:, None]
+    context = torch.stack([h[rows, prev], h, h[rows, nxt], e, s.expand(b, n, -1)], dim=2)  # (b n c x)
+    return multi_att(h, context, None, att)
+
+
+def relay_update_reference(s: torch.Tensor, h: torch.Tensor, mask: torch.Tensor | None,
+                           att: "StarAttention") -> torch.Tensor:
+    """The paper's relay step: `s <- LN(ReLU(MultiAtt(s, [s; H])))`, padded satellites left out.
+    Same arguments as `relay_update`."""
+    context = rearrange(torch.cat([s, h], dim=1), "b j x -> b 1 j x")  # [s; H]
+    keep = None if mask is None else rearrange(
+        torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1), "b j -> b 1 j")
+    return multi_att(s, context, keep, att)
+
+
+def multi_att(query: torch.Tensor, context: torch.Tensor, keep: torch.Tensor | None,
+              att: "StarAttention") -> torch.Tensor:
+    """`LN(ReLU(MultiAtt(query_i, context_i)))`: each query `(b, i, dim)` attends, head by head,
+    over its own context rows `(b, i, c, dim)` (`keep` `(b, i, c)`, False to leave a row out)."""
+    q = rearrange(att.to_q(query), "b i (h d) -> b i h d", h=att.heads)
+    k, v = rearrange(att.to_kv(context), "b i c (two h d) -> two b i h c d", two=2, h=att.heads)
+    scores = einsum(q, k, "b i h d, b i h c d -> b i h c") * q.shape[-1] ** -0.5
+    if keep is not None:
+        scores = scores.masked_fill(~rearrange(keep, "b i c -> b i 1 c"), neg_fill(scores.dtype))
+    out = einsum(scores.softmax(dim=-1), v, "b i h c, b i h c d -> b i h d")
+    return att.finish(rearrange(out, "b i h d -> b i (h d)"))
 
 
 class StarAttention(nn.Module):
@@ -76,7 +117,10 @@ def take_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def satellite_update(h: torch.Tensor, e: torch.Tensor, s: torch.Tensor, prev: torch.Tensor | None,
                      nxt: torch.Tensor | None, att: StarAttention) -> torch.Tensor:
-    """One satellite step: token i attends to `[h_prev(i); h_i; h_next(i); e_i; s]`.
+    """What the layer runs: `satellite_update_reference` with each context projected once for
+    all the tokens that read it (shifted views of one ring), the five scores stacked on the first
+    axis and the values summed in place (tested equal). Token i attends to
+    `[h_prev(i); h_i; h_next(i); e_i; s]`.
 
     Args:
         h, e: `(b, n, dim)` satellites and embeddings. s: `(b, 1, dim)` relay.
@@ -111,7 +155,8 @@ def satellite_update(h: torch.Tensor, e: torch.Tensor, s: torch.Tensor, prev: to
 
 def relay_update(s: torch.Tensor, h: torch.Tensor, mask: torch.Tensor | None,
                  att: StarAttention) -> torch.Tensor:
-    """The relay attends to `[s; H]`, padded satellites left out. s `(b, 1, dim)`, h `(b, n, dim)`.
+    """What the layer runs: `relay_update_reference` with folded weights (tested equal). The relay
+    attends to `[s; H]`, padded satellites left out. s `(b, 1, dim)`, h `(b, n, dim)`.
 
     One query reads n + 1 rows, so the key weights are folded into the query and the value weights
     applied after the attention-weighted sum of the rows: the same sums as projecting every row,

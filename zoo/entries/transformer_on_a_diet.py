@@ -18,20 +18,38 @@ Deviations from the paper:
   both);
 - the paper is a language model (left context only); `causal=False` mirrors each set to the right
   ($|m| < k$).
+
+`diet_attention_reference` is the key sets as a pattern under one softmax; `diet_attention`, what
+the layer runs, gathers the bands block by block (tested equal).
 """
 
 import math
 
 import torch
-import torch.nn.functional as F
 from einops import einsum, rearrange
 
 from zoo.core.checks import check_qkv, one_of, positive_int
 from zoo.core.decoding import pattern_step
-from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
+from zoo.core.masks import block_windows, neg_fill, pad_qkv
 from zoo.core.shell import MultiHead
+from zoo.core.softmax import softmax_attention
 
 PATTERNS = ("dilated", "dilated-memory", "cascade")
+
+
+def diet_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             mask: torch.Tensor | None = None, *, levels: list[tuple[int, int]],
+                             causal: bool = False) -> torch.Tensor:
+    """The paper's key sets as an allowed `(i, j)` pattern, and softmax over it: key `j` is in
+    `S_i` when `i - j = dilation m` with `0 <= m <= reach` (`|m| <= reach` when not causal) for
+    one of the levels. Same arguments as `diet_attention`."""
+    n = q.shape[2]
+    pos = torch.arange(n, device=q.device)
+    gap = rearrange(pos, "i -> i 1") - rearrange(pos, "j -> 1 j")  # i - j
+    allowed = torch.zeros(n, n, dtype=torch.bool, device=q.device)
+    for dil, reach in levels:
+        allowed |= (gap % dil == 0) & (gap.abs() <= dil * reach) & ((gap >= 0) | (not causal))
+    return softmax_attention(q, k, v, mask, causal=causal, allowed=allowed)
 
 
 def diet_levels(pattern: str, layer: int, kernel_size: int, base: int, window: int):
@@ -45,7 +63,9 @@ def diet_levels(pattern: str, layer: int, kernel_size: int, base: int, window: i
 def diet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    mask: torch.Tensor | None = None, *, levels: list[tuple[int, int]],
                    causal: bool = False) -> torch.Tensor:
-    """Attention over a union of dilated bands, in one softmax.
+    """What the layer runs: `diet_attention_reference` without the `n x n` pattern. Each level
+    is an undilated band over the positions of one residue mod its dilation, in blocks with their
+    neighbours; the levels' scores share one softmax (tested equal).
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
@@ -59,9 +79,7 @@ def diet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_qkv(q, k, v, mask, name="diet_attention")
     b, h, n, d = q.shape
     step = math.lcm(*(dil * max(reach, 1) for dil, reach in levels))
-    (q, pad), (k, _), (v, _) = (pad_to_multiple(t, step) for t in (q, k, v))
-    real = pad_mask(mask, b, n, pad, q.device)
-    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if real is None else real
+    q, k, v, real = pad_qkv(q, k, v, mask, step)
     after = 0 if causal else 1
     scores, values = [], []
     for level, (dil, reach) in enumerate(levels):
@@ -70,9 +88,9 @@ def diet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         def blocks(t, c=c, dil=dil):  # residue s = i mod dil; an undilated band over i // dil
             return rearrange(t, "b h (m c s) d -> b h s m c d", c=c, s=dil)
 
-        def with_neighbours(t):  # block m with blocks m-1 .. m+after, zeros past the ends
-            padded = F.pad(t, (0, 0, 0, 0, 1, after))
-            return torch.cat([padded[:, :, :, o:o + t.shape[3]] for o in range(2 + after)], dim=4)
+        def with_neighbours(t, c=c):  # block m with blocks m-1 .. m+after, zeros past the ends
+            flat = rearrange(t, "b h s m c d -> b h s (m c) d")
+            return rearrange(block_windows(flat, c, dim=3, after=after), "b h s m d w -> b h s m w d")
 
         pos = rearrange(torch.arange(q.shape[2], device=q.device), "n -> 1 1 n 1")
         i = blocks(pos)[0, 0, ..., 0]  # (s m c)

@@ -108,11 +108,11 @@ def approximation_png(e: Entry, errors: dict) -> bytes:
 
 
 def pattern_figure(e: Entry) -> bytes:
-    return cached_png(f"pattern-{e.id}", (e, e.source), lambda: pattern_png(e))
+    return cached_png(f"pattern-{e.id}", (e, *e.sources), lambda: pattern_png(e))
 
 
 def approximation_figure(e: Entry) -> bytes:
-    return cached_png(f"approx-{e.id}", (e, e.source),
+    return cached_png(f"approx-{e.id}", (e, *e.sources),
                       lambda: approximation_png(e, probe.approximation_error(e)))
 
 

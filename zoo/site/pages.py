@@ -6,9 +6,12 @@ Kept in the package, not the hook, so the tests can check (and execute) what the
 from __future__ import annotations
 
 import html
+import importlib
+import inspect
 import re
+from pathlib import Path
 
-from zoo.catalog import FAMILIES, Entry
+from zoo.catalog import FAMILIES, PACKAGE, Entry
 from zoo.probe import SCALING_NS
 
 FAMILY_TITLES = {
@@ -83,6 +86,63 @@ def _measured(row: dict | None, kind: str) -> str:
     return f"{cell['measured']}{mark}"
 
 
+def _repo_path(path: Path) -> str:
+    return path.resolve().relative_to(PACKAGE.parent.resolve()).as_posix()
+
+
+def reference_snippets(e: Entry) -> list[tuple[str, str, str]]:
+    """`(reference, fast function, snippet path)` for each reference pair of the entry (its own
+    first, then the core's it calls): the path as pymdownx.snippets reads it, `file:start:end`, the
+    reference function's own lines of the tested file."""
+    from zoo.verify.forms import reference_pairs
+
+    out = []
+    for pair in reference_pairs(e):
+        fn = inspect.unwrap(getattr(importlib.import_module(pair.module), pair.reference))
+        lines, start = inspect.getsourcelines(fn)
+        path = _repo_path(Path(inspect.getsourcefile(fn) or ""))
+        out.append((pair.reference, pair.name, f"{path}:{start}:{start + len(lines) - 1}"))
+    # a decorator sits above the def: getsourcelines includes it, unwrap finds the file
+    return out
+
+
+def math_section(e: Entry) -> list[str]:
+    """'The math': the source of each reference function, for entries that have one."""
+    snippets = reference_snippets(e)
+    if not snippets:
+        return []
+    lines = ["## The math", "",
+             "The paper's equations as code: the reference form, with no tricks for speed. The "
+             "layer runs the fast form below, held equal to this one in float64, outputs and "
+             "gradients, with a padding mask and causally where claimed (`tests/test_forms.py`).",
+             ""]
+    for ref, fast, snippet in snippets:
+        lines += [f"`{ref}` (the reference of `{fast}`, `{snippet.split(':')[0]}`):", "",
+                  "```python", f'--8<-- "{snippet}"', "```", ""]
+    return lines
+
+
+def two_forms(e: Entry) -> str:
+    """The card's cell: the references the fast path is tested equal to, or why there are none."""
+    refs = [f"`{ref}`" for ref, _, _ in reference_snippets(e)]
+    return (", ".join(refs) + " (see The math)") if refs else "no: the file is a direct transcription"
+
+
+def source_section(e: Entry) -> list[str]:
+    """The tested file itself: 'What runs, tested equal' after the math, else 'Source'."""
+    path = _repo_path(e.source)
+    snippets = reference_snippets(e)
+    if snippets:
+        own = [s for s in snippets if s[2].startswith(path + ":")]
+        where = ("its references above come first in the file" if own else
+                 "the references above are the core's, in `zoo/core`")
+        head = ["## What runs, tested equal", "",
+                f"The fast path, `{e.module}`, exactly as tested ({where}):", ""]
+    else:
+        head = ["## Source", "", f"The reference, `{e.module}`, exactly as tested:", ""]
+    return [*head, "```python", f'--8<-- "{path}"', "```", ""]
+
+
 def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
                bench: bool = False) -> str:
     cites = (f"{e.citations['count']} (Semantic Scholar, as of {e.citations['as_of']})"
@@ -107,6 +167,7 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
         f"| Padding mask | {_yes(e.masking)} |",
         f"| Kernel form (`attend`) | {_yes(e.kernel)} |",
         f"| Equals softmax attention | {('at ' + exact) if e.exact_when is not None else 'no'} |",
+        f"| Two forms | {two_forms(e)} |",
         "",
         "## Idea",
         "",
@@ -116,6 +177,7 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
         "",
         f"$$\n{e.formula}\n$$",
         "",
+        *math_section(e),
         "## Complexity",
         "",
         "| | as the paper states it | exponent of n, declared | exponent of n, measured |",
@@ -176,14 +238,7 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
         usage(e).rstrip(),
         "```",
         "",
-        "## Source",
-        "",
-        f"The reference, `{e.module}`, exactly as tested:",
-        "",
-        "```python",
-        f'--8<-- "zoo/entries/{e.source.name}"',
-        "```",
-        "",
+        *source_section(e),
         "## BibTeX",
         "",
         "```bibtex",

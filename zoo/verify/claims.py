@@ -251,7 +251,7 @@ def claims_report(entries, *, cache_dir: Path | None = None, progress=None) -> l
     rows = []
     for e in entries:
         path = cache_dir / f"{e.id}.json"
-        key = fingerprint(e, e.source)  # the record, its file and the core
+        key = fingerprint(e, *e.sources)  # the record, its file, what it imports, the core
         cached = json.loads(path.read_text()) if path.is_file() else None
         if cached and cached.get("fingerprint") == key:
             rows.append(cached["row"])
