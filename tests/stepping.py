@@ -1,0 +1,42 @@
+"""Decoding oracle for the entries' own tests: `step` over a split of the sequence equals the causal
+forward pass on the whole of it."""
+
+import torch
+
+import zoo
+from zoo.verify.contract import factory
+
+
+def random_splits(n: int, seed: int = 0) -> list[int]:
+    """Chunk lengths summing to `n`, single tokens and longer chunks mixed."""
+    g = torch.Generator().manual_seed(seed)
+    sizes, left = [], n
+    while left:
+        size = min(left, int(torch.randint(1, 9, (1,), generator=g)))
+        sizes.append(size)
+        left -= size
+    return sizes
+
+
+def assert_steps_equal_forward(name: str, *, n: int = 29, seed: int = 0, masked: bool = True,
+                               **overrides) -> None:
+    """Successive `step` calls (random splits) equal `forward` of a causal layer, float64, 1e-10,
+    at every position, with a padding mask (holes and a padded tail) and without."""
+    layer = factory(zoo.entry(name))(causal=True, **overrides).double()
+    x = torch.randn(2, n, layer.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    masks = [None]
+    if masked:
+        mask = torch.ones(2, n, dtype=torch.bool)
+        mask[0, n - 5:] = False
+        mask[1, 3::4] = False
+        masks.append(mask)
+    for mask in masks:
+        with torch.no_grad():
+            full = layer(x, mask=mask)
+            state, outs, at = None, [], 0
+            for size in random_splits(n, seed):
+                part = None if mask is None else mask[:, at:at + size]
+                out, state = layer.step(x[:, at:at + size], state, mask=part)
+                outs.append(out)
+                at += size
+        torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-10, atol=1e-10)
