@@ -1,10 +1,15 @@
-"""Decoding oracle for the entries' own tests: `step` over a split of the sequence equals the causal
-forward pass on the whole of it."""
+"""Helpers for the tests of the recurrent entries: seeded float64 tensors, and the decoding oracle
+(`step` over a split of the sequence equals the causal forward pass on the whole of it)."""
 
 import torch
 
 import zoo
 from zoo.verify.contract import factory
+
+
+def randn(*shape, seed=0):
+    """A seeded float64 standard normal tensor."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def random_splits(n: int, seed: int = 0) -> list[int]:

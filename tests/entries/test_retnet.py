@@ -5,12 +5,8 @@ import pytest
 import torch
 
 from tests.oracles import assert_same_outputs_and_grads
-from tests.stepping import assert_steps_equal_forward
+from tests.stepping import assert_steps_equal_forward, randn
 from zoo.entries.retnet import RetNet, retention, retention_reference, retention_step, rotate
-
-
-def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def inputs(n=37):
