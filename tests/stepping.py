@@ -1,6 +1,7 @@
 """Helpers for the tests of the recurrent entries: seeded float64 tensors, and the decoding oracle
 (`step` over a split of the sequence equals the causal forward pass on the whole of it)."""
 
+import pytest
 import torch
 
 import zoo
@@ -10,6 +11,14 @@ from zoo.verify.contract import factory
 def randn(*shape, seed=0):
     """A seeded float64 standard normal tensor."""
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def padding_mask(n: int = 37) -> torch.Tensor:
+    """`(2, n)`: the first row with holes (every fifth token padded), the second a padded tail."""
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[0, ::5] = False
+    mask[1, 2 * n // 3:] = False
+    return mask
 
 
 def random_splits(n: int, seed: int = 0) -> list[int]:
@@ -26,15 +35,16 @@ def random_splits(n: int, seed: int = 0) -> list[int]:
 def assert_steps_equal_forward(name: str, *, n: int = 29, seed: int = 0, masked: bool = True,
                                **overrides) -> None:
     """Successive `step` calls (random splits) equal `forward` of a causal layer, float64, 1e-10,
-    at every position, with a padding mask (holes and a padded tail) and without."""
-    layer = factory(zoo.entry(name))(causal=True, **overrides).double()
+    at every position, with a padding mask (holes and a padded tail) and without; a layer built
+    with causal=False refuses to step."""
+    make = factory(zoo.entry(name))
+    with pytest.raises(ValueError, match="causal=True"):
+        make(causal=False, **overrides).step(torch.randn(1, 2, make().dim))
+    layer = make(causal=True, **overrides).double()
     x = torch.randn(2, n, layer.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     masks = [None]
     if masked:
-        mask = torch.ones(2, n, dtype=torch.bool)
-        mask[0, n - 5:] = False
-        mask[1, 3::4] = False
-        masks.append(mask)
+        masks.append(padding_mask(n))
     for mask in masks:
         with torch.no_grad():
             full = layer(x, mask=mask)

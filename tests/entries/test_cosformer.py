@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.oracles import assert_same_outputs_and_grads
-from tests.stepping import assert_steps_equal_forward, randn
+from tests.stepping import assert_steps_equal_forward, padding_mask, randn
 from zoo.entries.cosformer import Cosformer, cosformer_attention, cosformer_attention_reference
 
 
@@ -29,9 +29,7 @@ def test_reference_is_the_re_weighted_relu_map_by_hand():
 @pytest.mark.parametrize("chunk", [1, 8, 64])
 def test_linear_form_equals_explicit_map(causal, chunk):
     q, k, v = (randn(2, 3, 37, 8, seed=s).requires_grad_() for s in range(3))
-    mask = torch.ones(2, 37, dtype=torch.bool)
-    mask[1, 25:] = False
-    mask[0, ::4] = False
+    mask = padding_mask(37)
     for start in (0, 11):
         kw = {"causal": causal, "max_len": 64, "start": start, "chunk": chunk}
         assert_same_outputs_and_grads(cosformer_attention(q, k, v, mask, **kw),
@@ -48,11 +46,7 @@ def test_sequences_longer_than_max_len_are_refused():
         layer.step(torch.randn(1, 3, 16), state)
 
 
-def test_step_equals_causal_forward_over_random_splits():
+def test_step_equals_causal_forward_over_random_splits_and_needs_causal():
     for seed in (0, 1):
         assert_steps_equal_forward("cosformer", seed=seed, max_len=40)
 
-
-def test_step_refuses_a_non_causal_layer():
-    with pytest.raises(ValueError, match="causal=True"):
-        Cosformer(16, heads=2).step(torch.randn(1, 2, 16))

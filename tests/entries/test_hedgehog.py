@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.oracles import assert_same_outputs_and_grads
-from tests.stepping import assert_steps_equal_forward, randn
+from tests.stepping import assert_steps_equal_forward, padding_mask, randn
 from zoo.entries.hedgehog import (
     Hedgehog,
     distillation_loss,
@@ -34,9 +34,7 @@ def test_features_by_their_definition():
 def test_linear_form_equals_explicit_map(causal, chunk):
     q, k, v = (randn(2, 3, 37, 8, seed=s).requires_grad_() for s in range(3))
     m = maps()
-    mask = torch.ones(2, 37, dtype=torch.bool)
-    mask[1, 25:] = False
-    mask[0, ::4] = False
+    mask = padding_mask(37)
     assert_same_outputs_and_grads(hedgehog_attention(q, k, v, m, mask, causal=causal, chunk=chunk),
                                   hedgehog_attention_reference(q, k, v, m, mask, causal=causal),
                                   (q, k, v, *m))
@@ -65,11 +63,7 @@ def test_maps_start_at_the_identity():
     assert torch.equal(layer.w_q, torch.eye(8).expand(2, 8, 8)) and not layer.b_k.any()
 
 
-def test_step_equals_causal_forward_over_random_splits():
+def test_step_equals_causal_forward_over_random_splits_and_needs_causal():
     for seed in (0, 1):
         assert_steps_equal_forward("hedgehog", seed=seed)
 
-
-def test_step_refuses_a_non_causal_layer():
-    with pytest.raises(ValueError, match="causal=True"):
-        Hedgehog(16, heads=2).step(torch.randn(1, 2, 16))

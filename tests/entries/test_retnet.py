@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.oracles import assert_same_outputs_and_grads
-from tests.stepping import assert_steps_equal_forward, randn
+from tests.stepping import assert_steps_equal_forward, padding_mask, randn
 from zoo.entries.retnet import RetNet, retention, retention_reference, retention_step, rotate
 
 
@@ -36,9 +36,7 @@ def test_parallel_form_is_the_decay_mask_by_hand():
 @pytest.mark.parametrize("chunk", [1, 5, 8, 64])
 def test_chunkwise_form_equals_parallel_form(causal, chunk):
     q, k, v, log_gamma = inputs()
-    mask = torch.ones(2, 37, dtype=torch.bool)
-    mask[1, 20:] = False
-    mask[0, ::5] = False
+    mask = padding_mask(37)
     assert_same_outputs_and_grads(retention(q, k, v, log_gamma, mask, causal=causal, chunk=chunk),
                                   retention_reference(q, k, v, log_gamma, mask, causal=causal),
                                   (q, k, v))
@@ -69,14 +67,10 @@ def test_rotated_scores_depend_only_on_the_offset():
     assert not torch.allclose(score[0], (rotate(q, 3) * rotate(k, 0)).sum())
 
 
-def test_step_equals_causal_forward_over_random_splits():
+def test_step_equals_causal_forward_over_random_splits_and_needs_causal():
     for seed in (0, 1):
         assert_steps_equal_forward("retnet", seed=seed)
 
-
-def test_step_refuses_a_non_causal_layer():
-    with pytest.raises(ValueError, match="causal=True"):
-        RetNet(16, heads=2).step(torch.randn(1, 2, 16))
 
 
 def test_odd_dim_head_is_refused():
