@@ -55,3 +55,15 @@ def assert_steps_equal_forward(name: str, *, n: int = 29, seed: int = 0, masked:
                 outs.append(out)
                 at += size
         torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-10, atol=1e-10)
+
+
+def assert_padded_tokens_vanish(name: str) -> None:
+    """A causal layer's outputs at the real tokens of a sequence with holes equal its outputs on the
+    sequence with the holes cut out: padded tokens neither write nor decay."""
+    layer = factory(zoo.entry(name))(causal=True).double()
+    x = randn(1, 12, layer.dim, seed=4)
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    mask[0, [2, 7, 8]] = False
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, mask=mask)[:, mask[0]], layer(x[:, mask[0]]),
+                                   rtol=1e-12, atol=1e-12)
