@@ -22,6 +22,8 @@ FAMILY_TITLES = {
     "recurrence": "Recurrence",
     "downsampling": "Downsampling",
     "gating": "Gating and channel/spatial modules",
+    "decay": "Decay and gated recurrences",
+    "kv-sharing": "Shared keys and values",
 }
 assert set(FAMILY_TITLES) == set(FAMILIES)
 
@@ -211,6 +213,11 @@ FAMILY_TEXT = {
     "downsampling": "The sequence is shortened (pooling, strided convolution) before attending.",
     "gating": "Channel and spatial modules that re-weight features instead of mixing positions "
               "pairwise.",
+    "decay": "Linear attention with a state that forgets: fixed or data-dependent decays (and "
+             "delta-rule writes) between tokens, run as a recurrence for decoding and chunkwise "
+             "for training.",
+    "kv-sharing": "Exact softmax attention whose keys and values are shared between query heads "
+                  "or drawn from a small latent, so the decoding cache shrinks.",
 }
 assert set(FAMILY_TEXT) == set(FAMILIES)
 
