@@ -1,0 +1,194 @@
+r"""RWKV: Reinventing RNNs for the Transformer Era.
+
+RWKV-4's time mixing replaces attention by the WKV operator, a softmax-like weighted average of
+the past values per channel: token `i` weighs $e^{k_i}$, decayed by $e^{-w}$ per step back (a
+learned decay per channel), and the current token gets a separate bonus $u$ instead of the decay.
+Being a weighted average with exponentially decaying weights, it runs as an RNN with a state of
+two numbers per channel (numerator and denominator), or in parallel over the sequence. Each of
+receptance, key and value reads a learned mix of the token and the one before it (token shift),
+and a sigmoid of the receptance gates the output.
+
+$$ wkv_t = \frac{\sum_{i<t} e^{-(t-1-i) w + k_i} \odot v_i + e^{u + k_t} \odot v_t}
+                {\sum_{i<t} e^{-(t-1-i) w + k_i} + e^{u + k_t}}, \qquad
+   o_t = W_o \big(\sigma(r_t) \odot wkv_t\big) $$
+
+with $r_t = W_r (\mu_r \odot x_t + (1 - \mu_r) \odot x_{t-1})$, and $k_t$, $v_t$ alike.
+
+Deviations from the paper:
+- the exponents are shifted by running maxima that cancel in the ratio (no overflow): per token in
+  the decoding step (as RWKV-4's kernel), per row and per chunk in the chunked parallel form;
+- simplified initialisation (decays spread log-uniformly over channels, `u = log 0.3`, mixes 1/2);
+- `causal=False` is ours: the decay mirrored, `e^{-(|t-i|-1) w}` for `i != t` (Vision-RWKV's
+  Bi-WKV, without its division by the length);
+- no heads (RWKV-4 has none); padded tokens do not write (the state still decays), and the
+  token shift of a token after a padded one reads zeros.
+"""
+
+import math
+
+import torch
+from einops import einsum, rearrange
+from torch import nn
+
+from zoo.core.checks import check_dtype, check_sequence, positive_int
+from zoo.core.linear import ratio
+from zoo.core.masks import neg_fill, pad_to_multiple
+
+
+def wkv_reference(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+                  mask: torch.Tensor | None = None, *, causal: bool = False,
+                  chunk: int = 64) -> torch.Tensor:
+    """The WKV operator (eq. 14) in parallel: for every `t`, the weights of all `i` at once.
+
+    Args:
+        k, v: `(b, n, c)`. w: `(c,)` decays, `> 0`. u: `(c,)` bonuses. mask: `(b, n)`.
+        causal: only `i <= t`; otherwise also `i > t`, decayed by `e^{-(i-t-1) w}`.
+        chunk: unused here (the chunked form's size).
+
+    Returns:
+        `(b, n, c)`.
+    """
+    n = k.shape[1]
+    t = torch.arange(n, device=k.device)
+    gap = (t[:, None] - t[None, :]).abs().to(k.dtype)  # |t - i|, (t i)
+    logits = k[:, None, :, :] - ((gap - 1)[..., None] * w)  # (b t i c)
+    logits = torch.where((gap == 0)[..., None], u + k[:, None, :, :], logits)
+    allowed = torch.ones(n, n, dtype=torch.bool, device=k.device)
+    if causal:
+        allowed = allowed.tril()
+    allowed = allowed[None, :, :, None]  # (b t i c)
+    if mask is not None:
+        allowed = allowed & mask[:, None, :, None]
+    weights = logits.masked_fill(~allowed, neg_fill(k.dtype)).softmax(dim=2)
+    weights = torch.where(allowed.any(dim=2, keepdim=True), weights, torch.zeros((), dtype=k.dtype))
+    return (weights * torch.where(allowed, v[:, None], torch.zeros((), dtype=v.dtype))).sum(dim=2)
+
+
+def wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+        mask: torch.Tensor | None = None, *, causal: bool = False, chunk: int = 64) -> torch.Tensor:
+    """The same numbers as `wkv_reference` in linear time: the sums over `i < t` (and, mirrored,
+    `i > t`) chunk by chunk, each kept with its own log-scale, merged with the bonus term."""
+    real = torch.ones_like(k, dtype=torch.bool) if mask is None else mask[..., None].expand_as(k)
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    own_logit = torch.where(real, u + k, neg_fill(k.dtype))
+    parts = [strict_past(k, v, w, real, chunk),
+             (torch.where(real[..., None], torch.stack([v, torch.ones_like(v)], dim=-1), zero), own_logit)]
+    if not causal:
+        sums, logit = strict_past(k.flip(1), v.flip(1), w, real.flip(1), chunk)
+        parts.append((sums.flip(1), logit.flip(1)))
+    top = torch.stack([logit for _, logit in parts]).amax(dim=0).detach()
+    total = sum(sums * (logit - top).exp()[..., None] for sums, logit in parts)
+    return ratio(total).squeeze(-1)
+
+
+def strict_past(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, real: torch.Tensor, chunk: int):
+    """`sum_{i < t} e^{-(t-1-i) w + k_i} [v_i, 1]` as `(sums (b, n, c, 2), logit (b, n, c))`, the
+    true sums being `e^logit sums`. Within a chunk the weights are explicit, each row shifted by
+    its largest exponent; across chunks a state `(sums, logit)` is carried (RWKV-4's running
+    maximum, one step per chunk). The shifts cancel in WKV's ratio and carry no gradient."""
+    n, size = k.shape[1], min(chunk, k.shape[1])
+    fill, zero = neg_fill(k.dtype), torch.zeros((), dtype=k.dtype, device=k.device)
+    k = torch.where(real, k, fill)  # masked keys: no weight
+    k, v, real = (rearrange(pad_to_multiple(t, size, dim=1, value=value)[0], "b (nc c) x -> b nc c x",
+                            c=size) for t, value in ((k, fill), (v, 0.0), (real, False)))
+    values = torch.stack([torch.where(real, v, zero), real.to(v.dtype)], dim=-1)  # (b nc c ch 2)
+    pos = torch.arange(size, device=k.device)
+    before = pos[:, None] > pos[None, :]  # i < t, (t i)
+    dist = (pos[:, None] - 1 - pos[None, :]).clamp(min=0).to(k.dtype)  # t - 1 - i
+    logits = k[:, :, None] - dist[..., None] * w  # (b nc t i ch)
+    allowed = before[None, None, :, :, None] & real[:, :, None]
+    # what each chunk leaves for the next: its keys decayed to the chunk's end
+    to_end = k - (size - 1 - pos).to(k.dtype)[:, None] * w  # (b nc c ch)
+    leave_logit = to_end.amax(dim=2).detach()
+    leave = einsum((to_end - leave_logit[:, :, None]).masked_fill(~real, fill).exp(), values,
+                   "b nc c ch, b nc c ch two -> b nc ch two")
+    state_logit, state = torch.full_like(leave_logit[:, 0], fill), torch.zeros_like(leave[:, 0])
+    starts = []
+    for i in range(k.shape[1]):  # over chunks, not tokens
+        starts.append((state, state_logit))
+        logit = torch.maximum(state_logit - size * w, leave_logit[:, i])
+        state = (state * (state_logit - size * w - logit).exp()[..., None]
+                 + leave[:, i] * (leave_logit[:, i] - logit).exp()[..., None])
+        state_logit = logit
+    carried = torch.stack([s for s, _ in starts], dim=1)  # (b nc ch 2)
+    carried_logit = torch.stack([s for _, s in starts], dim=1)[:, :, None] - pos.to(k.dtype)[:, None] * w
+    row = torch.maximum(logits.masked_fill(~allowed, fill).amax(dim=3), carried_logit).detach()
+    weights = (logits - row[:, :, :, None]).masked_fill(~allowed, fill).exp()  # (b nc t i ch)
+    sums = (einsum(weights, values, "b nc t i ch, b nc i ch two -> b nc t ch two")
+            + carried[:, :, None] * (carried_logit - row).exp()[..., None])
+    return (rearrange(sums, "b nc c ch two -> b (nc c) ch two")[:, :n],
+            rearrange(row, "b nc c ch -> b (nc c) ch")[:, :n])
+
+
+def wkv_step(k, v, w, u, state=None, mask=None):
+    """The RNN form over `t` new tokens, with a running maximum `p` of the exponents (RWKV-4's
+    kernel): state `(a, b, p)`, each `(batch, c)`, the decayed sums scaled by `e^{-p}`.
+    k, v `(batch, t, c)`. Returns `(wkv (batch, t, c), state)`."""
+    fill, zero = neg_fill(k.dtype), torch.zeros((), dtype=k.dtype, device=k.device)
+    if state is None:
+        state = (k.new_zeros(k.shape[0], k.shape[2]),) * 2 + (k.new_full((k.shape[0], k.shape[2]), fill),)
+    a, b, p = state
+    outs = []
+    for t in range(k.shape[1]):
+        real = torch.ones_like(a, dtype=torch.bool) if mask is None else mask[:, t, None].expand_as(a)
+        kt, vt = torch.where(real, k[:, t], fill), torch.where(real, v[:, t], zero)
+        top = torch.maximum(p, torch.where(real, u + kt, fill))
+        e_old, e_new = (p - top).exp(), torch.where(real, (torch.where(real, u + kt, top) - top).exp(), zero)
+        outs.append(ratio(torch.stack([e_old * a + e_new * vt, e_old * b + e_new], dim=-1)).squeeze(-1))
+        top = torch.maximum(p - w, kt)
+        e_old, e_new = (p - w - top).exp(), torch.where(real, (kt - top).exp(), zero)
+        a, b, p = e_old * a + e_new * vt, e_old * b + e_new, top
+    return torch.stack(outs, dim=1), (a, b, p)
+
+
+class RWKV(nn.Module):
+    """RWKV-4 time mixing. `(b, n, dim) -> (b, n, dim)`.
+
+    Args:
+        chunk: tokens per chunk of the parallel form's prefix sums (no effect on the result).
+    """
+
+    def __init__(self, dim: int, *, causal: bool = False, chunk: int = 64):
+        super().__init__()
+        self.dim, self.causal = positive_int(dim, "dim"), bool(causal)
+        self.chunk = positive_int(chunk, "chunk")
+        self.to_r, self.to_k, self.to_v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.to_out = nn.Linear(dim, dim, bias=False)
+        self.mix = nn.Parameter(torch.full((3, dim), 0.5))  # mu_r, mu_k, mu_v
+        spread = torch.linspace(0, 1, dim)
+        self.time_decay = nn.Parameter(-5 + 8 * spread)  # w = exp(time_decay): e^-5 .. e^3
+        self.time_first = nn.Parameter(torch.full((dim,), math.log(0.3)))  # u
+
+    def project(self, x, previous):
+        """r, k, v of `x` `(b, t, dim)` mixed with the tokens before them (`previous` `(b, dim)`)."""
+        before = torch.cat([previous[:, None], x[:, :-1]], dim=1)
+        r, k, v = (f(self.mix[i] * x + (1 - self.mix[i]) * before)
+                   for i, f in enumerate((self.to_r, self.to_k, self.to_v)))
+        return r, k, v
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        check_sequence(x, self.dim, mask, name="RWKV")
+        check_dtype(x, self, name="RWKV")
+        x = x if mask is None else torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype))
+        r, k, v = self.project(x, x.new_zeros(x.shape[0], self.dim))
+        out = wkv(k, v, self.time_decay.exp(), self.time_first, mask, causal=self.causal,
+                  chunk=self.chunk)
+        return self.to_out(r.sigmoid() * out)
+
+    def step(self, x: torch.Tensor, state=None, *, mask: torch.Tensor | None = None):
+        """Decode `t >= 1` new tokens `(b, t, dim)` from `state` (None: empty context).
+
+        Returns `(y (b, t, dim), state)`, the state `((a, b, p), last token)`, each `(b, dim)`.
+        """
+        if not self.causal:
+            raise ValueError("RWKV.step needs a layer built with causal=True")
+        check_sequence(x, self.dim, mask, name="RWKV.step")
+        check_dtype(x, self, name="RWKV.step")
+        sums, previous = (None, x.new_zeros(x.shape[0], self.dim)) if state is None else state
+        x = x if mask is None else torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype))
+        r, k, v = self.project(x, previous)
+        out, sums = wkv_step(k, v, self.time_decay.exp(), self.time_first, sums, mask)
+        return self.to_out(r.sigmoid() * out), (sums, x[:, -1])
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, causal={self.causal}, chunk={self.chunk}"
