@@ -15,8 +15,9 @@ each $W$ `(d, d)` per head, initialised to the identity.
 
 Deviations from the paper:
 - the paper writes the features as $\exp(\pm(Wx + b))$; each sign is normalised by its sum here
-  (a softmax over the features, as the authors' code does) so that no exponential overflows; per
-  query the factor cancels, per key it re-weights (the map is learnt through it either way);
+  (a softmax over the features) so that no exponential overflows (flash-linear-attention's map
+  normalises once over both signs); per query the factor cancels, per key it re-weights (the
+  map is learnt through it either way);
 - the distillation loss is given as a function; the layer does not train itself.
 """
 
