@@ -19,7 +19,7 @@ import torch
 from einops import einsum, rearrange
 
 from zoo.core.linear import causal_sum
-from zoo.core.masks import causal_mask, neg_fill, pad_to_multiple
+from zoo.core.masks import causal_mask, pad_to_multiple
 
 
 def fill_padded(t: torch.Tensor, mask: torch.Tensor | None, value: float = 0.0) -> torch.Tensor:
@@ -51,6 +51,7 @@ def gated_causal_sum(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_deca
 
     Within a chunk of `c` tokens the scores carry the `(c, c, f)` decays explicitly; across chunks
     a `(f, e)` state is carried, decayed row by row (gated linear attention's chunkwise form).
+    Memory is `n c f`: keep `c` small (the paper's second level of chunking is left out).
 
     Args:
         q, k: `(b, h, n, f)`. v: `(b, h, n, e)`. log_decay: `(b, h, n, f)`, `<= 0`.
@@ -62,9 +63,10 @@ def gated_causal_sum(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_deca
     q, k, v, a = (rearrange(pad_to_multiple(t, c)[0], "b h (nc c) x -> b h nc c x", c=c)
                   for t in (q, k, v, log_decay))
     a = a.cumsum(dim=3)  # log decay from the chunk's start, per feature
-    gaps = a.unsqueeze(4) - a.unsqueeze(3)  # (b h nc i j f)
     keep = causal_mask(c, c, a.device).reshape(c, c, 1)
-    decay = gaps.masked_fill(~keep, neg_fill(a.dtype)).exp()
+    # the (c, c, f) decays are the largest tensor (n c f elements), built in place where it can be; the
+    # masked entries are set to 0 after the exponential, not to exp(-huge) (exp's slow path)
+    decay = (a.unsqueeze(4) - a.unsqueeze(3)).masked_fill_(~keep, 0).exp_().masked_fill(~keep, 0)
     scores = einsum(q, k, decay, "b h nc i f, b h nc j f, b h nc i j f -> b h nc i j")
     to_end = k * (a[..., -1:, :] - a).exp()  # each key decayed to its chunk's end
     writes = to_end.transpose(-1, -2) @ v  # (b h nc f e)

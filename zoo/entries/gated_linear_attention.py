@@ -70,11 +70,12 @@ class GatedLinearAttention(MultiHead):
     Args:
         gate_rank: inner width of the low-rank gate projection `W_alpha1 W_alpha2`.
         tau: the gates' temperature, `alpha = sigmoid(.) ** (1 / tau)`.
-        chunk: tokens per chunk of the chunkwise form (no effect on the result).
+        chunk: tokens per chunk of the chunkwise form (no effect on the result; memory grows as
+            `n chunk d`).
     """
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None,
-                 causal: bool = False, gate_rank: int = 16, tau: float = 16.0, chunk: int = 64):
+                 causal: bool = False, gate_rank: int = 16, tau: float = 16.0, chunk: int = 16):
         super().__init__(dim, heads=heads, dim_head=dim_head, causal=causal)
         if not tau > 0:
             raise ValueError(f"GatedLinearAttention: tau must be positive, got {tau!r}")

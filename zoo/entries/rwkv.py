@@ -27,7 +27,7 @@ Deviations from the paper:
 import math
 
 import torch
-from einops import einsum, rearrange
+from einops import rearrange
 from torch import nn
 
 from zoo.core.checks import check_dtype, check_sequence, positive_int
@@ -89,35 +89,43 @@ def strict_past(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, real: torch.T
     n, size = k.shape[1], min(chunk, k.shape[1])
     fill, zero = neg_fill(k.dtype), torch.zeros((), dtype=k.dtype, device=k.device)
     k = torch.where(real, k, fill)  # masked keys: no weight
-    k, v, real = (rearrange(pad_to_multiple(t, size, dim=1, value=value)[0], "b (nc c) x -> b nc c x",
+    # channels as a batch axis: (b ch nc c)
+    k, v, real = (rearrange(pad_to_multiple(t, size, dim=1, value=value)[0], "b (nc c) ch -> b ch nc c",
                             c=size) for t, value in ((k, fill), (v, 0.0), (real, False)))
-    values = torch.stack([torch.where(real, v, zero), real.to(v.dtype)], dim=-1)  # (b nc c ch 2)
+    values = torch.stack([torch.where(real, v, zero), real.to(v.dtype)], dim=-1)  # (b ch nc c 2)
+    w = rearrange(w, "ch -> ch 1 1")
     pos = torch.arange(size, device=k.device)
-    before = pos[:, None] > pos[None, :]  # i < t, (t i)
-    dist = (pos[:, None] - 1 - pos[None, :]).clamp(min=0).to(k.dtype)  # t - 1 - i
-    logits = k[:, :, None] - dist[..., None] * w  # (b nc t i ch)
-    allowed = before[None, None, :, :, None] & real[:, :, None]
+    dist = (pos[:, None] - 1 - pos[None, :]).to(k.dtype)  # t - 1 - i, (t i)
+    before = pos[:, None] > pos[None, :]  # i < t
     # what each chunk leaves for the next: its keys decayed to the chunk's end
-    to_end = k - (size - 1 - pos).to(k.dtype)[:, None] * w  # (b nc c ch)
-    leave_logit = to_end.amax(dim=2).detach()
-    leave = einsum((to_end - leave_logit[:, :, None]).masked_fill(~real, fill).exp(), values,
-                   "b nc c ch, b nc c ch two -> b nc ch two")
-    state_logit, state = torch.full_like(leave_logit[:, 0], fill), torch.zeros_like(leave[:, 0])
-    starts = []
-    for i in range(k.shape[1]):  # over chunks, not tokens
+    to_end = k - (size - 1 - pos).to(k.dtype) * w  # (b ch nc c)
+    leave_logit = to_end.amax(dim=-1).detach()
+    leave = ((to_end - leave_logit[..., None]).masked_fill(~real, fill).exp().unsqueeze(-2)
+             @ values).squeeze(-2)  # (b ch nc 2)
+    state_logit, state = torch.full_like(leave_logit[..., 0], fill), torch.zeros_like(leave[:, :, 0])
+    starts, step = [], size * w[:, 0, 0]
+    for i in range(k.shape[2]):  # over chunks, not tokens
         starts.append((state, state_logit))
-        logit = torch.maximum(state_logit - size * w, leave_logit[:, i])
-        state = (state * (state_logit - size * w - logit).exp()[..., None]
-                 + leave[:, i] * (leave_logit[:, i] - logit).exp()[..., None])
+        logit = torch.maximum(state_logit - step, leave_logit[..., i])
+        state = (state * (state_logit - step - logit).exp()[..., None]
+                 + leave[:, :, i] * (leave_logit[..., i] - logit).exp()[..., None])
         state_logit = logit
-    carried = torch.stack([s for s, _ in starts], dim=1)  # (b nc ch 2)
-    carried_logit = torch.stack([s for _, s in starts], dim=1)[:, :, None] - pos.to(k.dtype)[:, None] * w
-    row = torch.maximum(logits.masked_fill(~allowed, fill).amax(dim=3), carried_logit).detach()
-    weights = (logits - row[:, :, :, None]).masked_fill(~allowed, fill).exp()  # (b nc t i ch)
-    sums = (einsum(weights, values, "b nc t i ch, b nc i ch two -> b nc t ch two")
-            + carried[:, :, None] * (carried_logit - row).exp()[..., None])
-    return (rearrange(sums, "b nc c ch two -> b (nc c) ch two")[:, :n],
-            rearrange(row, "b nc c ch -> b (nc c) ch")[:, :n])
+    carried = torch.stack([s for s, _ in starts], dim=2)  # (b ch nc 2)
+    carried_logit = torch.stack([s for _, s in starts], dim=2)[..., None] - pos.to(k.dtype) * w
+    with torch.no_grad():
+        # each row's largest exponent over i < t: a running maximum of k_i + i w, then decayed
+        kappa = (k + pos.to(k.dtype) * w).cummax(dim=-1).values
+        kappa = torch.cat([torch.full_like(kappa[..., :1], fill), kappa[..., :-1]], dim=-1)
+        row = torch.maximum(kappa - (pos - 1).to(k.dtype) * w, carried_logit)  # (b ch nc t)
+    # the largest tensor (n c ch elements), made in place; the exponents of i < t are <= 0, the
+    # others are set to 0 and zeroed after; a weight below e^-60 of its row's largest becomes
+    # e^-60 (a relative change under 1e-24, below float64's epsilon), which keeps exp off its slow
+    # underflow path; padded keys carry zero values
+    logits = (k.unsqueeze(-2) - row.unsqueeze(-1)).sub_(dist * w.unsqueeze(-1))  # (b ch nc t i)
+    weights = logits.masked_fill_(~before, 0).clamp_(min=-60).exp_().masked_fill(~before, 0)
+    sums = weights @ values + carried.unsqueeze(-2) * (carried_logit - row).exp()[..., None]
+    return (rearrange(sums, "b ch nc c two -> b (nc c) ch two")[:, :n],
+            rearrange(row, "b ch nc c -> b (nc c) ch")[:, :n])
 
 
 def wkv_step(k, v, w, u, state=None, mask=None):
@@ -145,10 +153,11 @@ class RWKV(nn.Module):
     """RWKV-4 time mixing. `(b, n, dim) -> (b, n, dim)`.
 
     Args:
-        chunk: tokens per chunk of the parallel form's prefix sums (no effect on the result).
+        chunk: tokens per chunk of the chunked form (no effect on the result; memory grows as
+            `n chunk dim`).
     """
 
-    def __init__(self, dim: int, *, causal: bool = False, chunk: int = 64):
+    def __init__(self, dim: int, *, causal: bool = False, chunk: int = 16):
         super().__init__()
         self.dim, self.causal = positive_int(dim, "dim"), bool(causal)
         self.chunk = positive_int(chunk, "chunk")
