@@ -8,13 +8,13 @@ PY := $(VENV)/bin/python
 export NO_MKDOCS_2_WARNING := 1
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test docs clean bench bench-public
+.PHONY: install serve test docs clean bench bench-public quality
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# The CPU build of torch first, so that nothing pulls a multi-GB CUDA build.
 	$(PY) -m pip install --disable-pip-version-check -q "torch==2.13.0"
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,docs]"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,docs,hf,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,3 +42,10 @@ PUBLIC := performer-pytorch nystrom-attention linformer local-attention reformer
 bench-public: $(STAMP)
 	$(PY) -m pip install -q --no-deps --target .cache/public $(PUBLIC)
 	PYTHONPATH=.cache/public $(PY) benchmarks/compare_public.py --n 4096 16384 --out benchmarks/public.json
+
+# The recall grid (associative recall, every entry x cell x learning rate): hours on 2 cores.
+# Resumable: finished jobs are kept in the file, so stopping and re-running continues. JOBS=2 runs
+# two jobs at a time; RAY=host:port hands them to a Ray cluster (the ray extra).
+JOBS ?= 1
+quality: $(STAMP)
+	$(VENV)/bin/zoo quality --jobs $(JOBS) $(if $(RAY),--ray $(RAY)) --out benchmarks/quality.json

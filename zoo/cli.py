@@ -216,6 +216,34 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_quality(args) -> int:
+    from zoo.verify import quality
+    from zoo.verify.bench import resolve_names
+
+    names = resolve_names(args.ids)
+    recipe = quality.Recipe(threads=args.threads, **({"seed": args.seed} if args.seed is not None else {}))
+    try:
+        cells = quality.resolve_cells(args.cells)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        data = quality.run(names, cells=cells, out=args.out, recipe=recipe, jobs=args.jobs,
+                           ray_address=args.ray)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    table = quality.summary(data)
+    rows = [[n] + [f"{table.get(n, {}).get(c, {}).get('accuracy', float('nan')):.3f}" for c in cells]
+            for n in names]
+    print(_table(rows, ["entry", *cells]))
+    if args.out:
+        print(f"\nwrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="The attention zoo's catalogue.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -258,6 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip a length whose peak would exceed this (default 8192)")
     bench.add_argument("--out", type=Path, help="write the results as JSON")
     bench.set_defaults(run=cmd_bench)
+
+    qual = sub.add_parser("quality", help="train every entry on associative recall (MQAR)")
+    qual.add_argument("ids", nargs="*", help="entry ids or globs (default: all)")
+    qual.add_argument("--cells", nargs="+", metavar="CELL",
+                      help="grid cells (default: all; see zoo.tasks.CELLS)")
+    qual.add_argument("--out", type=Path, help="results JSON: written after every job, resumed from")
+    qual.add_argument("--jobs", type=int, default=1, help="local worker processes (default 1)")
+    qual.add_argument("--ray", metavar="ADDRESS", help="run the jobs on this Ray cluster "
+                      "(needs the ray extra)")
+    qual.add_argument("--threads", type=int, default=1, help="torch threads per job (default 1)")
+    qual.add_argument("--seed", type=int, help="training and data seed (default 0)")
+    qual.set_defaults(run=cmd_quality)
 
     pattern = sub.add_parser("pattern", help="an entry's attention pattern, drawn in the terminal")
     pattern.add_argument("id")

@@ -23,9 +23,11 @@ from zoo.site.pages import (
     page_path,
     taxonomy_page,
 )
+from zoo.site.quality import entry_quality, heatmap_png, pareto_png, quality_page
 from zoo.verify.claims import claims_report
 
 BENCH_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results.json"
+QUALITY_RESULTS = BENCH_RESULTS.with_name("quality.json")
 
 log = logging.getLogger("mkdocs.hooks.zoo")
 MATHJAX_URI = "assets/mathjax/tex-svg.js"
@@ -65,8 +67,16 @@ def on_files(files, config):
 
     add("catalogue.md", catalogue_page(entries, rows))
     add("taxonomy.md", taxonomy_page(entries))
-    add("choose.md", choose_page(entries, rows))
     bench = json.loads(BENCH_RESULTS.read_text()) if BENCH_RESULTS.is_file() else None
+    quality = json.loads(QUALITY_RESULTS.read_text()) if QUALITY_RESULTS.is_file() else None
+    add("choose.md", choose_page(entries, rows, quality))
+    add("quality.md", quality_page(entries, quality, bench))
+    if quality:
+        add("assets/figures/quality-heatmap.png",
+            cached_png("quality-heatmap", (quality, [e.id for e in entries]),
+                       lambda: heatmap_png(quality, entries)))
+        add("assets/figures/quality-pareto.png",
+            cached_png("quality-pareto", (quality, bench), lambda: pareto_png(quality, bench)))
     public_file = BENCH_RESULTS.with_name("public.json")
     public = json.loads(public_file.read_text()) if public_file.is_file() else None
     add("benchmarks.md", benchmarks_page(entries, bench, public))
@@ -80,7 +90,8 @@ def on_files(files, config):
     log.info("zoo: drawing the pattern pictures (cached in .cache/figures)")
     for e in entries:
         in_bench = bool(bench) and e.id in bench["results"]
-        add(page_path(e), entry_page(e, rows.get(e.id), bench=in_bench))
+        add(page_path(e), with_section(entry_page(e, rows.get(e.id), bench=in_bench),
+                                       entry_quality(e, quality), before="## Usage"))
         if in_bench:
             add(f"assets/figures/bench-{e.id}.png",
                 cached_png(f"bench-{e.id}", (bench["results"][e.id], bench["results"]["sdpa"]),
@@ -90,6 +101,14 @@ def on_files(files, config):
             add(f"assets/figures/approx-{e.id}.png", approximation_figure(e))
     files.append(File.generated(config, MATHJAX_URI, abs_src_path=str(_mathjax_file())))
     return files
+
+
+def with_section(page: str, section: str, *, before: str) -> str:
+    """`page` with `section` inserted before the heading line `before` (at the end without it)."""
+    if not section:
+        return page
+    head, sep, tail = page.partition("\n" + before + "\n")
+    return head + "\n" + section + sep + tail if sep else page + "\n" + section
 
 
 def on_page_markdown(markdown, page, config, files):

@@ -6,6 +6,8 @@ not deep inside torch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -20,20 +22,26 @@ def check_tensor(x, name: str) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
-def check_sequence(x, dim: int, mask=None, *, name: str = "layer") -> None:
-    """`x` must be `(b, n, dim)` with n >= 1; `mask`, if given, a bool `(b, n)`."""
+def check_sequence(x, dim: int, mask=None, *, name: str = "layer",
+                   layer: torch.nn.Module | None = None) -> None:
+    """`x` must be `(b, n, dim)` with n >= 1; `mask`, if given, a bool `(b, n)`; with `layer`,
+    `x` must have the dtype of the layer's parameters (`check_dtype`)."""
     check_tensor(x, "x")
     if x.ndim != 3 or x.shape[-1] != dim or x.shape[1] < 1:
         raise ValueError(
             f"{name}: expected x of shape (batch, length >= 1, {dim}), got {_shape(x)}"
         )
     check_key_mask(mask, x.shape[0], x.shape[1], name=name)
+    if layer is not None:
+        check_dtype(x, layer, name=name)
 
 
 def check_dtype(x: torch.Tensor, module: torch.nn.Module, *, name: str = "layer") -> None:
-    """`x` must have the dtype of the module's parameters (no silent casts, no deep torch error)."""
+    """`x` must have the dtype of the module's parameters (no silent casts, no deep torch error).
+
+    Under `torch.autocast` mixed dtypes are the point (autocast casts inside each op): no check."""
     p = next(module.parameters(), None)
-    if p is not None and p.dtype != x.dtype:
+    if p is not None and p.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         raise ValueError(f"{name}: x has dtype {x.dtype} but the layer's parameters are "
                          f"{p.dtype}; convert one of them (e.g. layer.to({x.dtype}))")
 
@@ -51,13 +59,16 @@ def check_key_mask(mask, b: int, n: int, *, name: str = "layer") -> None:
         raise ValueError(f"{name}: expected mask of shape ({b}, {n}), got {_shape(mask)}")
 
 
-def check_image(x, dim: int, *, name: str = "layer") -> None:
-    """`x` must be `(b, dim, y, x)` with both spatial sizes >= 1."""
+def check_image(x, dim: int, *, name: str = "layer", layer: torch.nn.Module | None = None) -> None:
+    """`x` must be `(b, dim, y, x)` with both spatial sizes >= 1; with `layer`, of the dtype of
+    the layer's parameters (`check_dtype`)."""
     check_tensor(x, "x")
     if x.ndim != 4 or x.shape[1] != dim or min(x.shape[2:]) < 1:
         raise ValueError(
             f"{name}: expected x of shape (batch, {dim}, height, width), got {_shape(x)}"
         )
+    if layer is not None:
+        check_dtype(x, layer, name=name)
 
 
 def check_qkv(q, k, v, mask=None, *, name: str = "attention") -> None:
@@ -82,6 +93,33 @@ def positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def _real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def nonnegative_float(value, name: str) -> float:
+    """A finite number >= 0 (a smoothing term, a scale that may switch something off)."""
+    if _real(value, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return float(value)
+
+
+def positive_float(value, name: str) -> float:
+    """A finite number > 0."""
+    if _real(value, name) <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return float(value)
+
+
+def unit_interval(value, name: str) -> float:
+    """A finite number in [0, 1] (a momentum, a ratio)."""
+    if not 0 <= _real(value, name) <= 1:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return float(value)
 
 
 def one_of(value, choices, name: str):

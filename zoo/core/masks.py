@@ -41,10 +41,28 @@ def masked_fill_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch
 
 
 def zero_padded(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Zero the padded positions of `t` `(b, h, n, d)` given a key-padding mask `(b, n)`."""
+    """Zero the padded positions of `t` `(b, h, n, d)` given a key-padding mask `(b, n)`.
+
+    A fill, not a product with the mask: NaN or inf at a padded position becomes 0 too (and its
+    gradient is 0, as the product's would be)."""
     if mask is None:
         return t
-    return t * rearrange(mask, "b n -> b 1 n 1").to(t.dtype)
+    return t.masked_fill(~rearrange(mask, "b n -> b 1 n 1"), 0.0)
+
+
+def zero_padded_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the padded tokens of a layer input `x` `(b, n, ...)` given a key-padding mask `(b, n)`:
+    what a caller leaves behind the mask (NaN, inf, 1e30) then cannot reach a real output."""
+    if mask is None:
+        return x
+    return x.masked_fill(~mask.reshape(*mask.shape, *(1,) * (x.ndim - 2)), 0.0)
+
+
+def safe_denominator(den: torch.Tensor) -> torch.Tensor:
+    """`den` with its exact zeros replaced by 1, for a normaliser that is 0 only where its
+    numerator is 0 too (no real key): the ratio is then 0, and its gradient stays finite, which a
+    clamp to the smallest normal number does not give (its gradient 1 / tiny overflows)."""
+    return den.masked_fill(den == 0, 1)
 
 
 def pad_to_multiple(t: torch.Tensor, multiple: int, *, dim: int = -2, value: float = 0.0):

@@ -2,7 +2,8 @@
 
 It owns what is common to all of them: the input checks, the q/k/v projections, the head split
 and merge, and the output projection. An entry subclasses it and writes only `attend`, its own
-mechanism on `(b, h, n, d)` tensors.
+mechanism on `(b, h, n, d)` tensors. Padded tokens are set to zero before the projections, so
+whatever a caller leaves there (NaN, inf) cannot reach a real output.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from zoo.core.checks import check_dtype, check_sequence, positive_int
+from zoo.core.checks import check_sequence, positive_int
+from zoo.core.masks import zero_padded_tokens
 
 
 class MultiHead(nn.Module):
@@ -48,8 +50,8 @@ class MultiHead(nn.Module):
         return rearrange(t, "b h n e -> b n (h e)")
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name=type(self).__name__)
-        check_dtype(x, self, name=type(self).__name__)
+        check_sequence(x, self.dim, mask, name=type(self).__name__, layer=self)
+        x = zero_padded_tokens(x, mask)
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         return self.to_out(self.merge_heads(self.attend(q, k, v, mask)))
 

@@ -28,7 +28,7 @@ from einops import einsum, rearrange
 from torch import nn
 
 from zoo.core.checks import check_qkv, one_of, positive_int
-from zoo.core.masks import causal_mask, neg_fill, pad_to_multiple, zero_padded
+from zoo.core.masks import causal_mask, neg_fill, pad_to_multiple, safe_denominator, zero_padded
 from zoo.core.shell import MultiHead
 
 VARIANTS = ("local", "full", "simple")
@@ -97,7 +97,7 @@ def aft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             left = c - 1 if causal else (c - 1) // 2
             both = band_matmul(torch.expm1(bias), torch.cat([ekv, ek], dim=-1), left)
             num, den = num + both[..., :ekv.shape[-1]], den + both[..., ekv.shape[-1]:]
-    return q.sigmoid() * num / den.clamp(min=torch.finfo(den.dtype).tiny)
+    return q.sigmoid() * num / safe_denominator(den)
 
 
 class AttentionFreeTransformer(MultiHead):

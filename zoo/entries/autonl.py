@@ -63,6 +63,6 @@ class AutoNL(nn.Module):
         self.depthwise = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(x, self.dim, name=type(self).__name__)
+        check_image(x, self.dim, name=type(self).__name__, layer=self)
         y = light_non_local(x, channel_ratio=self.channel_ratio, stride=self.stride)
         return x + self.depthwise(y)

@@ -28,7 +28,7 @@ from einops import einsum, rearrange
 from torch import nn
 
 from zoo.core.checks import check_qkv, check_sequence, one_of, positive_int
-from zoo.core.masks import causal_mask, neg_fill, pad_mask, pad_to_multiple
+from zoo.core.masks import causal_mask, neg_fill, pad_mask, pad_to_multiple, zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 AXES = {"row": "b h (r c) d -> b h r c d", "column": "b h (r c) d -> b h c r d"}
@@ -90,7 +90,8 @@ class AxialAttention(MultiHead):
         return to_out(self.merge_heads(out))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_sequence(x, self.dim, mask, name=type(self).__name__, layer=self)
+        x = zero_padded_tokens(x, mask)
         b, n, _ = x.shape
         width = self.width or math.ceil(math.sqrt(n))
         x = self.step(x, mask, self.to_qkv, self.to_out, "row", width)

@@ -55,6 +55,6 @@ class CBAM(nn.Module):
         return torch.sigmoid(self.spatial(pooled))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(x, self.dim, name=type(self).__name__)
+        check_image(x, self.dim, name=type(self).__name__, layer=self)
         x = self.channel_gate(x) * x  # eq. (1): F'
         return self.spatial_gate(x) * x  # F''

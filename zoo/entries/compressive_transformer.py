@@ -80,7 +80,7 @@ class CompressiveTransformer(MultiHead):
         return self.split_heads(k), self.split_heads(v)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_sequence(x, self.dim, mask, name=type(self).__name__, layer=self)
         refuse_mask(type(self).__name__, mask)
         n, s, m, r, c = x.shape[1], self.segment_len, self.mem_len, self.cmem_len, self.compression_rate
         x, _ = pad_to_multiple(x, s, dim=1)
@@ -120,7 +120,7 @@ class CompressiveTransformer(MultiHead):
         Returns:
             `(out, memory)` with `out` `(b, n, dim)`.
         """
-        check_sequence(x, self.dim, name=type(self).__name__)
+        check_sequence(x, self.dim, name=type(self).__name__, layer=self)
         mem, cmem = memory if memory is not None else (x[:, :0], x[:, :0])
         context = torch.cat([cmem, mem, x], dim=1)  # oldest first
         k, v = self.to_kv(context)

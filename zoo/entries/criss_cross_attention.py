@@ -65,7 +65,7 @@ class CrissCrossAttention(nn.Module):
         self.to_v = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(x, self.dim, name=type(self).__name__)
+        check_image(x, self.dim, name=type(self).__name__, layer=self)
         for _ in range(self.recurrence):
             x = x + criss_cross_attention(self.to_q(x), self.to_k(x), self.to_v(x))
         return x

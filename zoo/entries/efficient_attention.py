@@ -23,7 +23,7 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.core.checks import check_dtype, check_image, check_qkv, one_of, positive_int, refuse_causal
+from zoo.core.checks import check_image, check_qkv, one_of, positive_int, refuse_causal
 from zoo.core.masks import neg_fill, zero_padded
 from zoo.core.shell import MultiHead
 
@@ -106,8 +106,7 @@ class EfficientAttention2d(nn.Module):
         self.reprojection = nn.Conv2d(value_channels, in_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(x, self.in_channels, name=type(self).__name__)
-        check_dtype(x, self, name=type(self).__name__)
+        check_image(x, self.in_channels, name=type(self).__name__, layer=self)
         h = self.head_count
         used = (self.key_channels // h) * h  # the original drops the remainder channels
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange, reduce, repeat
 from torch import nn
 
-from zoo.core.checks import check_image, positive_int
+from zoo.core.checks import check_image, nonnegative_float, positive_int, unit_interval
 
 
 def em_attention(x: torch.Tensor, mu: torch.Tensor, *, iterations: int = 3, lam: float = 1.0):
@@ -73,7 +73,7 @@ class ExpectationMaximizationAttention(nn.Module):
         super().__init__()
         self.dim = positive_int(dim, "dim")
         self.iterations = positive_int(iterations, "iterations")
-        self.lam, self.momentum = float(lam), float(momentum)
+        self.lam, self.momentum = nonnegative_float(lam, "lam"), unit_interval(momentum, "momentum")
         g = torch.Generator().manual_seed(seed)
         mu = torch.randn(positive_int(bases, "bases"), dim, generator=g) * math.sqrt(2 / bases)
         self.register_buffer("mu", F.normalize(mu, dim=-1))  # (r c)
@@ -81,9 +81,11 @@ class ExpectationMaximizationAttention(nn.Module):
         self.conv_out = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(x, self.dim, name=type(self).__name__)
+        check_image(x, self.dim, name=type(self).__name__, layer=self)
         pixels = rearrange(self.conv_in(x), "b c y x -> b (y x) c")
-        mu0 = repeat(self.mu.to(x.dtype), "r c -> b r c", b=x.shape[0])
+        # in training the buffer is updated in place below: backward needs the bases as they were
+        mu = self.mu.clone() if self.training else self.mu
+        mu0 = repeat(mu.to(x.dtype), "r c -> b r c", b=x.shape[0])
         recon, _, mu = em_attention(pixels, mu0, iterations=self.iterations, lam=self.lam)
         if self.training:
             with torch.no_grad():

@@ -56,7 +56,7 @@ class FastAttention(nn.Module):
     def __init__(self, dim: int, *, inner_dim: int | None = None):
         super().__init__()
         self.dim = positive_int(dim, "dim")
-        self.inner_dim = positive_int(inner_dim or max(dim // 2, 1), "inner_dim")
+        self.inner_dim = positive_int(max(dim // 2, 1) if inner_dim is None else inner_dim, "inner_dim")
         self.to_q = nn.Conv2d(dim, self.inner_dim, 1)
         self.to_k = nn.Conv2d(dim, self.inner_dim, 1)
         self.to_v = nn.Conv2d(dim, self.inner_dim, 1)
@@ -67,7 +67,7 @@ class FastAttention(nn.Module):
         return fast_attention(q, k, v, mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(x, self.dim, name=type(self).__name__)
+        check_image(x, self.dim, name=type(self).__name__, layer=self)
 
         def flat(t):
             return rearrange(t, "b c y x -> b 1 (y x) c")

@@ -31,7 +31,7 @@ from einops import einsum, rearrange
 from torch import nn
 
 from zoo.core.checks import check_qkv, check_sequence, positive_int
-from zoo.core.masks import pad_to_multiple
+from zoo.core.masks import pad_to_multiple, safe_denominator, zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
@@ -43,7 +43,7 @@ def dpfp(x: torch.Tensor, nu: int = 1) -> torch.Tensor:
 
 def sum_normalised(phi: torch.Tensor) -> torch.Tensor:
     """`phi / sum(phi)` over the last axis; an all-zero vector stays zero."""
-    return phi / phi.sum(-1, keepdim=True).clamp(min=torch.finfo(phi.dtype).tiny)
+    return phi / safe_denominator(phi.sum(-1, keepdim=True))
 
 
 def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
@@ -78,7 +78,7 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
         state = torch.baddbmm(state, k_t[:, i], u)  # S + K^T U
         corrections.append(u)
     starts, corrections = (rearrange(torch.stack(t, dim=1), "(b h) nc x y -> b h nc x y",
-                                     b=k.shape[0]) for t in (starts, corrections))
+                                     b=k.shape[0], h=k.shape[1]) for t in (starts, corrections))
     state = state.view(*k.shape[:2], *state.shape[1:])
     if not causal:
         return q @ state  # (b h n e)
@@ -133,7 +133,8 @@ class FastWeightTransformer(MultiHead):
         self.to_beta = nn.Linear(dim, heads, bias=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_sequence(x, self.dim, mask, name=type(self).__name__, layer=self)
+        x = zero_padded_tokens(x, mask)
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         beta = rearrange(self.to_beta(x), "b n h -> b h n").sigmoid()
         out = fast_weight_attention(q, k, v, beta, mask, causal=self.causal, nu=self.nu,

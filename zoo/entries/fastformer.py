@@ -21,7 +21,7 @@ from einops import einsum, rearrange
 from torch import nn
 
 from zoo.core.checks import check_qkv, check_sequence, refuse_causal
-from zoo.core.masks import masked_fill_scores
+from zoo.core.masks import masked_fill_scores, zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
@@ -64,7 +64,8 @@ class Fastformer(MultiHead):
         self.to_r = nn.Linear(inner, inner)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_sequence(x, self.dim, mask, name=type(self).__name__, layer=self)
+        x = zero_padded_tokens(x, mask)
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         u = fastformer_attention(q, k, v, self.w_q, self.w_k, mask)
         return self.to_out(self.to_r(self.merge_heads(u)) + self.merge_heads(q))

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.core.checks import check_image, positive_int
+from zoo.core.checks import check_image, nonnegative_float, positive_int
 
 
 def fractal_tanimoto(p: torch.Tensor, l: torch.Tensor, *, depth: int = 5, dim=-1,
@@ -85,7 +85,7 @@ class FractalTanimotoAttention(nn.Module):
         self.dim, self.depth = positive_int(dim, "dim"), positive_int(depth, "depth")
         if positive_int(kernel_size, "kernel_size") % 2 == 0:
             raise ValueError(f"kernel_size must be odd (same-size output), got {kernel_size}")
-        self.smooth = float(smooth)
+        self.smooth = nonnegative_float(smooth, "smooth")
         self.to_q, self.to_k, self.to_v = (nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2)
                                            for _ in range(3))
         self.gamma = nn.Parameter(torch.zeros(1))
@@ -100,5 +100,5 @@ class FractalTanimotoAttention(nn.Module):
         return (spatial + channel).mul_(0.5).mul_(v)  # (b 1 y x) + (b c 1 1): (b c y x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(x, self.dim, name=type(self).__name__)
+        check_image(x, self.dim, name=type(self).__name__, layer=self)
         return torch.addcmul(x, self.gamma * self.attention(x), x)  # x (1 + gamma A)

@@ -47,6 +47,6 @@ class GCNet(nn.Module):
                                        nn.Linear(hidden, dim))  # W_v1, LN, relu, W_v2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(x, self.dim, name=type(self).__name__)
+        check_image(x, self.dim, name=type(self).__name__, layer=self)
         context = global_context(x, self.w_k(x))  # (b c)
         return x + self.transform(context)[..., None, None]

@@ -27,7 +27,7 @@ import torch
 from einops import einsum, rearrange
 
 from zoo.core.checks import check_qkv, check_sequence, positive_int, refuse_causal
-from zoo.core.masks import block_windows, neg_fill, pad_mask, pad_to_multiple
+from zoo.core.masks import block_windows, neg_fill, pad_mask, pad_to_multiple, zero_padded_tokens
 from zoo.core.shell import MultiHead
 from zoo.core.softmax import softmax_attention
 
@@ -87,7 +87,8 @@ class GMAT(MultiHead):
         return map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_sequence(x, self.dim, mask, name=type(self).__name__, layer=self)
+        x = zero_padded_tokens(x, mask)
         b = x.shape[0]
         # a copy per sample, not a view: a view of a parameter made under no_grad trips module hooks
         mem = self.memory.repeat(b, 1, 1)  # (b m dim)

@@ -87,7 +87,7 @@ class Hamburger(nn.Module):
         self.register_buffer("bases", F.normalize(bases, dim=0))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        check_image(z, self.dim, name=type(self).__name__)
+        check_image(z, self.dim, name=type(self).__name__, layer=self)
         x = rearrange(F.relu(self.lower_bread(z)), "b d y x -> b d (y x)")
         bases = F.normalize(torch.rand_like(self.bases), dim=0) if self.training else self.bases
         out = nmf_ham(x, bases.to(x.dtype).expand(x.shape[0], -1, -1), steps=self.steps)

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from zoo.core.checks import check_sequence, check_tensor, positive_int, refuse_causal
+from zoo.core.checks import check_qkv, check_sequence, check_tensor, positive_int, refuse_causal
+from zoo.core.masks import zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
@@ -84,13 +85,16 @@ class HandCraftedAttention(MultiHead):
         self.to_v = nn.Linear(dim, heads * self.dim_head, bias=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_sequence(x, self.dim, mask, name=type(self).__name__, layer=self)
+        x = zero_padded_tokens(x, mask)
         v = self.split_heads(self.to_v(x))
         return self.to_out(self.merge_heads(hand_crafted_attention(v, mask, radius=self.radius)))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """q and k are ignored: the map is the same for every input."""
+        """q and k are ignored (the map is the same for every input), but their shapes must agree
+        with v's, as for every other kernel entry."""
+        check_qkv(q, k, v, mask, name=type(self).__name__)
         return hand_crafted_attention(v, mask, radius=self.radius)
 
     def extra_repr(self) -> str:

@@ -60,13 +60,13 @@ class InterlacedSparseAttention(nn.Module):
     def __init__(self, dim: int, *, inner_dim: int | None = None, block: int | None = None):
         super().__init__()
         self.dim = positive_int(dim, "dim")
-        self.inner_dim = positive_int(inner_dim or max(dim // 2, 1), "inner_dim")
+        self.inner_dim = positive_int(max(dim // 2, 1) if inner_dim is None else inner_dim, "inner_dim")
         self.block = None if block is None else positive_int(block, "block")
         self.long_range = GroupAttention(dim, self.inner_dim)
         self.short_range = GroupAttention(dim, self.inner_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(x, self.dim, name=type(self).__name__)
+        check_image(x, self.dim, name=type(self).__name__, layer=self)
         b, _, y, w = x.shape
         py, px = block_sizes(y, w, self.block)
         pad = (0, (-w) % px, 0, (-y) % py)

@@ -55,7 +55,7 @@ class KroneckerAttention(nn.Module):
         self.dim, self.heads = positive_int(dim, "dim"), positive_int(heads, "heads")
         if dim_head is None and dim % heads:
             raise ValueError(f"heads={heads} must divide dim={dim}, or pass dim_head")
-        self.dim_head = positive_int(dim_head or dim // heads, "dim_head")
+        self.dim_head = positive_int(dim // heads if dim_head is None else dim_head, "dim_head")
         self.variant = one_of(variant, VARIANTS, "variant")
         inner = heads * self.dim_head
         self.to_q = nn.Linear(dim, inner, bias=False)
@@ -63,7 +63,7 @@ class KroneckerAttention(nn.Module):
         self.to_out = nn.Conv2d(inner, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(x, self.dim, name=type(self).__name__)
+        check_image(x, self.dim, name=type(self).__name__, layer=self)
         hh = x.shape[2]
         c = summaries(x)  # (b (y + x) c)
         k, v = rearrange(self.to_kv(c), "b r (two h d) -> two b h r d", two=2, h=self.heads)

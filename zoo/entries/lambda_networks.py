@@ -26,7 +26,7 @@ from einops import einsum, rearrange
 from torch import nn
 
 from zoo.core.checks import check_qkv, check_sequence, positive_int
-from zoo.core.masks import neg_fill, zero_padded
+from zoo.core.masks import neg_fill, safe_denominator, zero_padded
 from zoo.core.shell import MultiHead
 
 
@@ -62,7 +62,7 @@ def lambda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # positions last: torch's cumsum is fastest along the innermost axis
         state = einsum(weights, v, "b h m d, b h m e -> b h d e m").cumsum(dim=-1)
         norm = rearrange(weights, "b h m d -> b h d 1 m").cumsum(dim=-1)
-        content = state / norm.clamp(min=torch.finfo(q.dtype).tiny)  # lambda^c_n
+        content = state / safe_denominator(norm)  # lambda^c_n
         out = einsum(q, content, "b h n d, b h d e n -> b h n e")
     else:
         content = einsum(k.softmax(dim=2), v, "b h m d, b h m e -> b h d e")  # lambda^c
@@ -100,7 +100,7 @@ class LambdaNetworks(MultiHead):
         self.emb = nn.Parameter(torch.randn(scope, dim_key) * dim_key ** -0.5) if scope else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_sequence(x, self.dim, mask, name=type(self).__name__, layer=self)
         h, d = self.heads, self.dim_key
         q, k, v = self.to_qkv(x).split([h * d, d, self.dim_head], dim=-1)
         q, k, v = self.split_heads(q), rearrange(k, "b n d -> b 1 n d"), rearrange(v, "b n e -> b 1 n e")

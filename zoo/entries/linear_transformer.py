@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, reduce
 
-from zoo.core.checks import check_qkv
+from zoo.core.checks import check_qkv, nonnegative_float
 from zoo.core.linear import causal_sum
 from zoo.core.masks import zero_padded
 from zoo.core.shell import MultiHead
@@ -85,7 +85,7 @@ class LinearTransformer(MultiHead):
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None,
                  causal: bool = False, eps: float = 1e-6):
         super().__init__(dim, heads=heads, dim_head=dim_head, causal=causal)
-        self.eps = eps
+        self.eps = nonnegative_float(eps, "eps")
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
 
 from zoo.core.checks import check_qkv, check_sequence, positive_int
-from zoo.core.masks import masked_fill_scores, pad_to_multiple, score_mask
+from zoo.core.masks import masked_fill_scores, pad_to_multiple, score_mask, zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
@@ -101,7 +101,8 @@ class Luna(MultiHead):
         self.to_unpack_kv = torch.nn.Linear(inner, 2 * inner, bias=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_sequence(x, self.dim, mask, name=type(self).__name__, layer=self)
+        x = zero_padded_tokens(x, mask)
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         pq = rearrange(self.to_pq(self.p), "l (h d) -> h l d", h=self.heads)
         out = luna_attention(q, k, v, pq, self.to_unpack_kv.weight, mask, causal=self.causal)

@@ -33,7 +33,7 @@ from einops import einsum, rearrange
 from torch import nn
 
 from zoo.core.checks import check_sequence, positive_int
-from zoo.core.masks import masked_fill_scores, neg_fill
+from zoo.core.masks import masked_fill_scores, neg_fill, zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
@@ -58,7 +58,8 @@ class Memformer(MultiHead):
         self.memory_bias = nn.Parameter(torch.zeros(num_slots, dim))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_sequence(x, self.dim, mask, name=type(self).__name__, layer=self)
+        x = zero_padded_tokens(x, mask)
         # The tokens' queries, keys and values do not depend on the memory: one projection for
         # all segments; only the read and the write run segment after segment.
         tokens = list(zip(*(t.split(self.segment_len, dim=2) for t in self.token_qkv(x)), strict=True))
@@ -89,7 +90,8 @@ class Memformer(MultiHead):
         Returns:
             `(out, memory)`: `(b, n, dim)` and the next memory `(b, r, dim)`.
         """
-        check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_sequence(x, self.dim, mask, name=type(self).__name__, layer=self)
+        x = zero_padded_tokens(x, mask)
         memory = self.first_memory(x) if memory is None else memory
         return self.read_write(*self.token_qkv(x), memory, mask)
 

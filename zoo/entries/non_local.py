@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from zoo.core.checks import check_dtype, check_image, positive_int
+from zoo.core.checks import check_image, positive_int
 from zoo.core.softmax import softmax_attention
 
 
@@ -31,7 +31,7 @@ class NonLocal(nn.Module):
     def __init__(self, dim: int, *, inner_dim: int | None = None):
         super().__init__()
         self.dim = positive_int(dim, "dim")
-        self.inner_dim = positive_int(inner_dim or max(dim // 2, 1), "inner_dim")
+        self.inner_dim = positive_int(max(dim // 2, 1) if inner_dim is None else inner_dim, "inner_dim")
         self.theta = nn.Conv2d(dim, self.inner_dim, 1)
         self.phi = nn.Conv2d(dim, self.inner_dim, 1)
         self.g = nn.Conv2d(dim, self.inner_dim, 1)
@@ -44,8 +44,7 @@ class NonLocal(nn.Module):
         return softmax_attention(q, k, v, mask, scale=self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(x, self.dim, name=type(self).__name__)
-        check_dtype(x, self, name=type(self).__name__)
+        check_image(x, self.dim, name=type(self).__name__, layer=self)
 
         def flat(t):
             return rearrange(t, "b c y x -> b 1 (y x) c")

@@ -70,7 +70,7 @@ def trig_features(x: torch.Tensor, w: torch.Tensor, *, normalise: bool = True) -
     phase = torch.cat([w.new_full((m,), -torch.pi / 2), w.new_zeros(m)])  # (2m)
     proj = torch.baddbmm(phase, rearrange(x, "b h n d -> (b h) n d"),
                          repeat(torch.cat([w, w], dim=-2), "h m d -> (b h) d m", b=b))
-    features = rearrange(proj, "(b h) n m -> b h n m", b=b).cos_()
+    features = rearrange(proj, "(b h) n m -> b h n m", b=b, h=x.shape[1]).cos_()
     return features.mul_(m ** -0.5) if normalise else features
 
 

@@ -38,6 +38,7 @@ from einops import rearrange
 from torch import nn
 
 from zoo.core.checks import check_image, check_qkv, positive_int, refuse_mask
+from zoo.core.masks import safe_denominator
 
 
 def elevation_matrix(d: int, dtype=torch.float64) -> torch.Tensor:
@@ -175,6 +176,8 @@ def permutohedral_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     """
     check_qkv(q, k, v, name="permutohedral_attention")
     b, h, n, _ = q.shape
+    if b * h == 0:  # an empty batch has no lattice to build
+        return v.new_zeros(v.shape)
     dtype = torch.promote_types(q.dtype, torch.float32)  # lattice keys need >= 24 mantissa bits
     groups = torch.arange(b * h, device=q.device)
     fk, gk = k.flatten(0, 2).to(dtype), groups.repeat_interleave(k.shape[2])
@@ -182,7 +185,7 @@ def permutohedral_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     values = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1).flatten(0, 2).to(dtype)
     out = lattice_filter(fq, fk, values, gq, gk)
     num, den = out[:, :-1], out[:, -1:]
-    out = num / den.clamp(min=torch.finfo(dtype).tiny)
+    out = num / safe_denominator(den)
     return rearrange(out, "(b h n) e -> b h n e", b=b, h=h).to(v.dtype)
 
 
@@ -212,7 +215,7 @@ class PermutohedralAttention(nn.Module):
         return permutohedral_attention(q, k, v)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(x, self.dim, name=type(self).__name__)
+        check_image(x, self.dim, name=type(self).__name__, layer=self)
         b, _, hh, ww = x.shape
         grid = torch.meshgrid(torch.arange(hh, device=x.device) - hh // 2,
                               torch.arange(ww, device=x.device) - ww // 2, indexing="ij")

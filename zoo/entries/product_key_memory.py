@@ -67,7 +67,7 @@ class ProductKeyMemory(nn.Module):
         super().__init__()
         self.dim, self.heads = positive_int(dim, "dim"), positive_int(heads, "heads")
         self.num_keys, self.topk = positive_int(num_keys, "num_keys"), positive_int(topk, "topk")
-        self.dim_key = positive_int(dim_key or 2 * max(1, dim // 4), "dim_key")
+        self.dim_key = positive_int(2 * max(1, dim // 4) if dim_key is None else dim_key, "dim_key")
         if self.dim_key % 2 or topk > num_keys:
             raise ValueError(f"dim_key={self.dim_key} must be even and topk={topk} at most "
                              f"num_keys={num_keys}")
@@ -78,10 +78,10 @@ class ProductKeyMemory(nn.Module):
         self.values = nn.Parameter(torch.randn(num_keys ** 2, dim) * dim ** -0.5)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_sequence(x, self.dim, mask, name=type(self).__name__, layer=self)
         q1, q2 = rearrange(self.to_queries(x), "b n (h two d) -> two b n h d", h=self.heads, two=2)
         scores, idx = product_key_topk(q1, q2, self.keys[0], self.keys[1], self.topk)  # (b n h k)
         weights = scores.softmax(dim=-1)
         out = F.embedding_bag(rearrange(idx, "b n h k -> (b n) (h k)"), self.values, mode="sum",
                               per_sample_weights=rearrange(weights, "b n h k -> (b n) (h k)"))
-        return rearrange(out, "(b n) x -> b n x", b=x.shape[0])
+        return rearrange(out, "(b n) x -> b n x", b=x.shape[0], n=x.shape[1])

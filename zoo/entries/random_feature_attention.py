@@ -35,6 +35,7 @@ from torch import nn
 
 from zoo.core.checks import check_qkv, check_sequence
 from zoo.core.linear import kernel_attention
+from zoo.core.masks import zero_padded_tokens
 from zoo.entries.performer_favor import RandomFeatureHeads, trig_features
 
 
@@ -90,7 +91,8 @@ class RandomFeatureAttention(RandomFeatureHeads):
         self.to_gate = nn.Linear(dim, heads) if gate else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_sequence(x, self.dim, mask, name=type(self).__name__, layer=self)
+        x = zero_padded_tokens(x, mask)
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         gate_logits = rearrange(self.to_gate(x), "b n h -> b h n") if self.gate else None
         return self.to_out(self.merge_heads(self.attend(q, k, v, mask, gate_logits=gate_logits)))

@@ -80,10 +80,10 @@ def scores_at(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, block: int = 
     q, k = (rearrange(t, "b h n d -> (b h n) d") for t in (q, k))
     step = max(block // c, 1)  # queries per block
     scores = []
-    for s in range(0, b * h * n, step):
+    for s in range(0, max(b * h * n, 1), step):  # one (empty) block for an empty batch
         keys = rearrange(k.index_select(0, rows[s:s + step].flatten()), "(r c) d -> r c d", c=c)
         scores.append(einsum(q[s:s + step], keys, "r d, r c d -> r c"))
-    return rearrange(torch.cat(scores), "(b h n) c -> b h n c", b=b, h=h)
+    return rearrange(torch.cat(scores), "(b h n) c -> b h n c", b=b, h=h, n=n)
 
 
 @torch.no_grad()  # the match is an index: no gradient flows through the search
@@ -174,7 +174,7 @@ def scram_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draws: to
     # weighted by attn, without gathering a (b, h, n, w, e) copy of them.
     out = F.embedding_bag(flat_rows(idx, n), rearrange(v, "b h n e -> (b h n) e"),
                           per_sample_weights=rearrange(attn, "b h n w -> (b h n) w"), mode="sum")
-    return rearrange(out, "(b h n) e -> b h n e", b=b, h=h)
+    return rearrange(out, "(b h n) e -> b h n e", b=b, h=h, n=n)
 
 
 class Scram(MultiHead):

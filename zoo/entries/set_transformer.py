@@ -26,6 +26,7 @@ from einops import rearrange
 from torch import nn
 
 from zoo.core.checks import check_sequence, positive_int, refuse_causal
+from zoo.core.masks import zero_padded_tokens
 from zoo.core.softmax import softmax_attention
 
 
@@ -85,10 +86,11 @@ class SetTransformer(nn.Module):
         self.broadcast = MAB(dim, heads, dim_head)  # MAB(X, H), eq. (9)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_sequence(x, self.dim, mask, name=type(self).__name__, layer=self)
         # a copy per sample, not a view: a view of a parameter made under no_grad trips module hooks
         points = self.inducing_points.repeat(x.shape[0], 1, 1)  # (b m dim)
-        summary = self.summarise(points, x, mask)  # (b m dim)
+        # padded elements are filled, not only masked, where they are keys and values
+        summary = self.summarise(points, zero_padded_tokens(x, mask), mask)  # (b m dim)
         return self.broadcast(x, summary)
 
     def extra_repr(self) -> str:

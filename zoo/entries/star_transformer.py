@@ -30,7 +30,7 @@ from einops import einsum, rearrange, reduce
 from torch import nn
 
 from zoo.core.checks import check_sequence, positive_int, refuse_causal
-from zoo.core.masks import neg_fill
+from zoo.core.masks import neg_fill, zero_padded_tokens
 from zoo.entries.set_transformer import head_width
 
 
@@ -71,7 +71,7 @@ def take_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """`t[b, index[b, i]]` for t `(b, n, c)`, index `(b, n)`: one index_select on flattened rows."""
     b, n = index.shape
     rows = index + n * torch.arange(b, device=index.device)[:, None]
-    return t.flatten(0, 1).index_select(0, rows.flatten()).view(b, n, -1)
+    return t.flatten(0, 1).index_select(0, rows.flatten()).view(b, n, t.shape[-1])
 
 
 def satellite_update(h: torch.Tensor, e: torch.Tensor, s: torch.Tensor, prev: torch.Tensor | None,
@@ -150,7 +150,8 @@ class StarTransformer(nn.Module):
         self.relays = nn.ModuleList(StarAttention(dim, heads, dim_head) for _ in range(steps - 1))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_sequence(x, self.dim, mask, name=type(self).__name__, layer=self)
+        x = zero_padded_tokens(x, mask)
         if mask is None:
             prev = nxt = None
             s = reduce(x, "b n d -> b 1 d", "mean")  # s^0: the mean of the embeddings

@@ -26,7 +26,7 @@ from einops import einsum, rearrange
 from torch import nn
 
 from zoo.core.checks import check_sequence, one_of, positive_int
-from zoo.core.masks import masked_fill_scores, score_mask
+from zoo.core.masks import masked_fill_scores, score_mask, zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 VARIANTS = ("dense", "random")
@@ -95,7 +95,8 @@ class Synthesizer(MultiHead):
         return rearrange(self.r[:, :n, :n], "h i j -> 1 h i j")
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_sequence(x, self.dim, mask, name=type(self).__name__, layer=self)
+        x = zero_padded_tokens(x, mask)
         if x.shape[1] > self.max_len:
             raise ValueError(f"{type(self).__name__}: the input has length {x.shape[1]}, but the "
                              f"synthesized weights cover max_len={self.max_len} positions; pass a "

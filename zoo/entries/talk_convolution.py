@@ -26,7 +26,7 @@ from einops import rearrange
 from torch import nn
 
 from zoo.core.checks import check_sequence, positive_int
-from zoo.core.masks import zero_padded
+from zoo.core.masks import zero_padded, zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
@@ -83,7 +83,8 @@ class TaLKConvolution(MultiHead):
         self.to_offsets = nn.Linear(inner, self.heads * (1 if causal else 2))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name=type(self).__name__)
+        check_sequence(x, self.dim, mask, name=type(self).__name__, layer=self)
+        x = zero_padded_tokens(x, mask)
         v = self.to_v(x)
         offsets = rearrange(self.to_offsets(v).sigmoid(), "b n (s h) -> s b h n", h=self.heads)
         right = None if self.causal else offsets[1]

@@ -66,7 +66,7 @@ class TensorLowRankReconstruction(nn.Module):
                 torch.sigmoid(v_w + self.b_w[:, :ww]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(x, self.dim, name=type(self).__name__)
+        check_image(x, self.dim, name=type(self).__name__, layer=self)
         v_c, v_h, v_w = self.generate(x)
         ch = einsum(self.lam, v_c, v_h, "r, b r c, b r y -> b r c y")
         attn = einsum(ch, v_w, "b r c y, b r x -> b c y x")  # TRM: A

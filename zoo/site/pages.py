@@ -23,7 +23,7 @@ FAMILY_TITLES = {
     "downsampling": "Downsampling",
     "gating": "Gating and channel/spatial modules",
     "decay": "Decay and gated recurrences",
-    "kv-sharing": "Shared keys and values",
+    "kv-sharing": "Key-value sharing",
 }
 assert set(FAMILY_TITLES) == set(FAMILIES)
 
@@ -213,11 +213,10 @@ FAMILY_TEXT = {
     "downsampling": "The sequence is shortened (pooling, strided convolution) before attending.",
     "gating": "Channel and spatial modules that re-weight features instead of mixing positions "
               "pairwise.",
-    "decay": "Linear attention with a state that forgets: fixed or data-dependent decays (and "
-             "delta-rule writes) between tokens, run as a recurrence for decoding and chunkwise "
-             "for training.",
-    "kv-sharing": "Exact softmax attention whose keys and values are shared between query heads "
-                  "or drawn from a small latent, so the decoding cache shrinks.",
+    "decay": "Linear attention whose state decays: a fixed or data-dependent gate forgets the past "
+             "(retention, gated linear attention, the gated delta rule, state-space duality).",
+    "kv-sharing": "Exact softmax attention with fewer keys and values to store: heads share them, "
+                  "or they are rebuilt from a small latent; the decoding cache shrinks.",
 }
 assert set(FAMILY_TEXT) == set(FAMILIES)
 
@@ -330,20 +329,31 @@ def _num(row: dict, kind: str) -> float:
         return float("nan")
 
 
-def choose_page(entries: list[Entry], rows: dict[str, dict]) -> str:
-    """'Which one should I use': entries grouped by need and ordered by measured numbers."""
+def choose_page(entries: list[Entry], rows: dict[str, dict], quality: dict | None = None) -> str:
+    """'Which one should I use': entries grouped by need, ranked by measured recall (the
+    committed recall grid) where it exists, then by the measured time and memory exponents."""
+    from zoo.site.quality import cell_names, recall_score
+    from zoo.verify.quality import summary
+
+    recall_table = summary(quality) if quality else {}
+    cells = cell_names(quality) if quality else []
+
+    def recall(e: Entry) -> float | None:
+        return recall_score(recall_table.get(e.id, {}), cells) if recall_table else None
 
     def table(members: list[Entry]) -> list[str]:
-        members = sorted(members, key=lambda e: (_num(rows.get(e.id, {}), "time"),
+        members = sorted(members, key=lambda e: (-(recall(e) if recall(e) is not None else -1),
+                                                 _num(rows.get(e.id, {}), "time"),
                                                  _num(rows.get(e.id, {}), "memory"), e.id))
-        out = ["| entry | time exp. (measured) | memory exp. (measured) | exact limit | "
-               "approx. error at default |", "| --- | --- | --- | --- | --- |"]
+        out = ["| entry | recall (MQAR) | time exp. (measured) | memory exp. (measured) | "
+               "exact limit | approx. error at default |", "| --- | --- | --- | --- | --- | --- |"]
         for e in members:
             row = rows.get(e.id, {})
             exact = "yes" if row.get("exact") and row["exact"]["held"] else "-"
             approx = (row.get("approximation") or {}).get("measured", "-") or "-"
-            out.append(f"| [`{e.id}`](entries/{e.id}.md) | {_num(row, 'time'):.2f} | "
-                       f"{_num(row, 'memory'):.2f} | {exact} | {approx} |")
+            r = recall(e)
+            out.append(f"| [`{e.id}`](entries/{e.id}.md) | {'-' if r is None else f'{r:.2f}'} | "
+                       f"{_num(row, 'time'):.2f} | {_num(row, 'memory'):.2f} | {exact} | {approx} |")
         return out + [""]
 
     seq = [e for e in entries if e.input == "sequence"]
@@ -361,9 +371,12 @@ def choose_page(entries: list[Entry], rows: dict[str, dict]) -> str:
          [e for e in entries if (rows.get(e.id, {}).get("exact") or {}).get("held")]),
     ]
     out = ["# Which one should I use?", "",
-           "Every number on this page is measured from the references at build time (see the "
-           "[claims table](index.md#claims) and [benchmarks](benchmarks.md)); none is copied from "
-           "a paper.", ""]
+           "Every number on this page is measured: the exponents from the references at build "
+           "time (see the [claims table](index.md#claims) and [benchmarks](benchmarks.md)), recall "
+           "from the committed recall grid ([Quality](quality.md)"
+           + (f", last job {max((x.get('date', '') for x in quality['runs'].values()), default='-')[:10]}"
+              if quality else "") + "); none is copied from a paper. Within each need, entries "
+           "are ranked by recall, then by how their cost grows.", ""]
     for title, text, members in groups:
         out += [f"## {title}", "", text, ""] + table(members)
     return "\n".join(out)

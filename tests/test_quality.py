@@ -1,0 +1,143 @@
+"""`zoo quality` end to end on a few steps: the loss falls, the JSON is well formed and resumes,
+the same seed gives the same accuracy, and bad input gets a clear error."""
+
+import json
+
+import pytest
+
+from zoo.cli import main
+from zoo.verify import quality
+from zoo.verify.quality import Job, Recipe
+
+QUICK = Recipe(batch=16, max_steps=30, eval_every=15, test_examples=64, lrs=(1e-2,))
+
+
+@pytest.mark.parametrize("attention", ["softmax-attention", "linear-transformer"])
+def test_a_few_steps_on_the_smoke_cell_lower_the_loss(attention):
+    out = quality.train(Job(attention, "smoke", 1e-2), QUICK)
+    assert out.status == "ok" and out.steps == 30
+    assert out.final_loss < out.first_loss - 0.3, (out.first_loss, out.final_loss)
+    assert 0.0 <= out.accuracy <= 1.0 and [s for s, _ in out.curve] == [15, 30]
+
+
+def test_the_same_seed_gives_the_same_accuracy():
+    a = quality.train(Job("linear-transformer", "smoke", 1e-2), QUICK)
+    b = quality.train(Job("linear-transformer", "smoke", 1e-2), QUICK)
+    assert (a.accuracy, a.final_loss, a.curve) == (b.accuracy, b.final_loss, b.curve)
+
+
+def test_results_file_is_well_formed_and_a_second_run_resumes(tmp_path, monkeypatch):
+    path = tmp_path / "quality.json"
+    quality.run(["softmax-attention"], cells=["smoke"], out=path, recipe=QUICK)
+    data = json.loads(path.read_text())
+    assert data["task"] == "mqar" and data["recipe"] == QUICK.key()
+    assert set(data["runs"]) == {"softmax-attention|smoke|0.01"}
+    run = data["runs"]["softmax-attention|smoke|0.01"]
+    assert {"accuracy", "lr", "steps", "seconds", "status", "curve", "date", "budget"} <= set(run)
+    assert data["machine"]["cpus"] >= 1 and data["cells"]["smoke"]["pairs"] == 4
+    summary = quality.summary(data)
+    assert summary["softmax-attention"]["smoke"]["accuracy"] == run["accuracy"]
+
+    trained = []
+    real = quality.train
+    monkeypatch.setattr(quality, "train", lambda job, recipe, **kw: trained.append(job) or real(
+        job, recipe, **kw))
+    quality.run(["softmax-attention", "linear-transformer"], cells=["smoke"], out=path,
+                recipe=QUICK)
+    assert [j.attention for j in trained] == ["linear-transformer"]  # the stored job is skipped
+    merged = json.loads(path.read_text())
+    assert set(merged["runs"]) == {"softmax-attention|smoke|0.01", "linear-transformer|smoke|0.01"}
+    assert merged["runs"]["softmax-attention|smoke|0.01"] == run
+
+
+def test_a_file_from_other_settings_is_not_mixed_in(tmp_path):
+    path = tmp_path / "quality.json"
+    quality.run(["softmax-attention"], cells=["smoke"], out=path, recipe=QUICK)
+    with pytest.raises(ValueError, match="other settings"):
+        quality.run(["softmax-attention"], cells=["smoke"], out=path,
+                    recipe=Recipe(batch=8, max_steps=30, lrs=(1e-2,)))
+
+
+def test_an_entry_that_cannot_be_built_is_recorded_not_fatal():
+    out = quality.train(Job("softmax-attention", "smoke", 1e-2), QUICK, overrides={"nosuch": 1})
+    assert out.status.startswith("could not build: TypeError") and out.accuracy == 0.0
+
+
+def test_local_processes_give_the_same_results_as_one_process():
+    tiny = Recipe(batch=8, max_steps=8, eval_every=8, test_examples=32, lrs=(3e-3, 1e-2))
+    one = quality.run(["linear-transformer"], cells=["smoke"], recipe=tiny)
+    two = quality.run(["linear-transformer"], cells=["smoke"], recipe=tiny, jobs=2)
+    strip = lambda d: {k: (r["accuracy"], r["final_loss"]) for k, r in d["runs"].items()}  # noqa: E731
+    assert strip(one) == strip(two)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quality", "performr", "--cells", "smoke"], "did you mean 'performer'"),
+    (["quality", "performer", "--cells", "smok"], "no recall cell named 'smok'"),
+])
+def test_cli_errors_name_the_problem(argv, message, capsys):
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_a_cell_whose_budget_changed_is_trained_again(tmp_path, monkeypatch):
+    path = tmp_path / "quality.json"
+    quality.run(["linear-transformer"], cells=["smoke"], out=path, recipe=QUICK)
+    monkeypatch.setitem(quality.STEPS, "smoke", 20)
+    data = quality.run(["linear-transformer"], cells=["smoke"], out=path, recipe=QUICK)
+    assert data["runs"]["linear-transformer|smoke|0.01"]["steps"] == 20
+    assert data["steps"]["smoke"] == 20
+
+
+def test_jobs_handed_to_a_ray_cluster_come_back_into_the_same_json(tmp_path):
+    """A local Ray head started and stopped by the test; the jobs run on its workers."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("ray", reason="the optional ray extra is not installed")
+    ray_cli = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import tempfile
+
+    # Ray's socket paths must stay under 107 bytes: a short folder of its own under /tmp
+    env_dir = tempfile.mkdtemp(prefix="zr", dir="/tmp")
+    start = subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2",
+                            "--include-dashboard=false", "--disable-usage-stats",
+                            f"--temp-dir={env_dir}", "--node-ip-address=127.0.0.1"],
+                           capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        tiny = Recipe(batch=8, max_steps=8, eval_every=8, test_examples=32, lrs=(3e-3, 1e-2))
+        path = tmp_path / "quality.json"
+        data = quality.run(["linear-transformer"], cells=["smoke"], out=path, recipe=tiny,
+                           ray_address=f"127.0.0.1:{port}")
+        local = quality.run(["linear-transformer"], cells=["smoke"], recipe=tiny)
+        assert set(data["runs"]) == set(local["runs"]) == {"linear-transformer|smoke|0.003",
+                                                           "linear-transformer|smoke|0.01"}
+        for k, r in local["runs"].items():
+            assert data["runs"][k]["accuracy"] == r["accuracy"]
+            assert data["runs"][k]["final_loss"] == r["final_loss"]
+        assert json.loads(path.read_text())["machine"]["jobs"] == f"ray 127.0.0.1:{port}"
+    finally:
+        import ray
+
+        ray.shutdown()
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree(env_dir, ignore_errors=True)
+
+
+def test_two_runs_sharing_one_file_keep_each_others_jobs(tmp_path):
+    """Each process writes what it holds merged into what the file holds (under a lock)."""
+    path = tmp_path / "quality.json"
+    first = quality.load_results(path, QUICK)  # a process that started before the other wrote
+    quality.run(["softmax-attention"], cells=["smoke"], out=path, recipe=QUICK)
+    first["runs"]["x|smoke|0.01"] = {"attention": "x", "cell": "smoke", "lr": 0.01, "accuracy": 0.5,
+                                     "budget": quality.steps_for("smoke", QUICK)}
+    quality.write_results(path, first)
+    assert set(json.loads(path.read_text())["runs"]) == {"softmax-attention|smoke|0.01",
+                                                         "x|smoke|0.01"}

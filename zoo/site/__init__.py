@@ -1,0 +1,1 @@
+"""What the docs hooks render: entry pages, tables and pictures, all from the catalogue."""

@@ -1,0 +1,228 @@
+"""The recall results on the site: the Quality page (heat map, table, recall against speed with
+the Pareto front), each entry's row, and the ranking the chooser uses. Everything is read from the
+committed `benchmarks/quality.json` (and `benchmarks/results.json` for speed)."""
+
+from __future__ import annotations
+
+import math
+
+from zoo.catalog import Entry
+from zoo.verify.quality import STOP_AT, summary
+
+# Long Range Arena, Tay et al. (arXiv 2011.04006), Table 1: published test accuracies (%), copied as
+# figures with their source, never measured here. Path-X: every model failed (not listed).
+LRA_SOURCE = "Tay et al., Long Range Arena (ICLR 2021), arXiv 2011.04006, Table 1"
+LRA_TASKS = ("ListOps", "Text", "Retrieval", "Image", "Pathfinder", "Avg")
+LRA = {
+    "softmax-attention": ("Transformer", 36.37, 64.27, 57.46, 42.44, 71.40, 54.39),
+    "longformer": ("Longformer", 35.63, 62.85, 56.89, 42.22, 69.71, 53.46),
+    "linformer": ("Linformer", 35.70, 53.94, 52.27, 38.56, 76.34, 51.36),
+    "reformer": ("Reformer", 37.27, 56.10, 53.40, 38.07, 68.50, 50.67),
+    "sinkhorn-attention": ("Sinkhorn Transformer", 33.67, 61.20, 53.83, 41.23, 67.45, 51.39),
+    "synthesizer": ("Synthesizer", 36.99, 61.68, 54.67, 41.61, 69.45, 52.88),
+    "bigbird": ("BigBird", 36.05, 64.02, 59.29, 40.83, 74.87, 55.01),
+    "linear-transformer": ("Linear Transformer", 16.13, 65.90, 53.09, 42.34, 75.30, 50.55),
+    "performer": ("Performer", 18.01, 65.40, 53.82, 42.77, 77.05, 51.41),
+    "sparse-transformer": ("Sparse Transformer", 17.07, 63.58, 59.59, 44.24, 71.71, 51.24),
+}
+
+
+def cell_names(data: dict) -> list[str]:
+    return list(data.get("cells", {}))
+
+
+def recall_score(table: dict, cells: list[str]) -> float | None:
+    """Mean best accuracy over the separation cells (all but the smoke cell) the entry has;
+    the smoke cell alone when no other is measured yet."""
+    grid = [c for c in cells if c != "smoke" and c in table]
+    use = grid or [c for c in cells if c in table]
+    if not use:
+        return None
+    return sum(table[c]["accuracy"] for c in use) / len(use)
+
+
+def speedups(bench: dict | None, n: int = 16384) -> dict[str, float]:
+    """Forward speed-up over the SDPA layer at `n`, from the committed benchmark."""
+    if not bench:
+        return {}
+
+    def at(points):
+        for p in points:
+            if p["n"] == n and p.get("status") == "ok" and p.get("time_s"):
+                return p["time_s"]
+        return None
+
+    base = at(bench["results"].get("sdpa", {}).get("points", []))
+    out = {}
+    for name, r in bench["results"].items():
+        t = at(r.get("points", []))
+        if name != "sdpa" and t and base:
+            out[name] = base / t
+    return out
+
+
+def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names on the front of (speed-up, recall): no other point is at least as good in both and
+    better in one."""
+    front = []
+    for a, (sa, ra) in points.items():
+        if not any((sb >= sa and rb >= ra) and (sb > sa or rb > ra)
+                   for b, (sb, rb) in points.items() if b != a):
+            front.append(a)
+    return sorted(front, key=lambda k: points[k][0])
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def heatmap_png(data: dict, entries: list[Entry]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from zoo.site.figures import _png
+
+    table, cells = summary(data), cell_names(data)
+    names = [e.id for e in entries if e.id in table]
+    names.sort(key=lambda n: -(recall_score(table[n], cells) or 0))
+    grid = [[table[n].get(c, {}).get("accuracy", math.nan) for c in cells] for n in names]
+    fig, ax = plt.subplots(figsize=(1.2 * len(cells) + 3, 0.22 * len(names) + 1.2))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cells)), cells, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if not math.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="black" if v > 0.6 else "white")
+    fig.colorbar(im, ax=ax, label="test accuracy at the query positions")
+    ax.set_title("Associative recall (MQAR): accuracy per entry and cell")
+    return _png(fig)
+
+
+def pareto_png(data: dict, bench: dict | None) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from zoo.site.figures import _png
+
+    table, cells, speed = summary(data), cell_names(data), speedups(bench)
+    points = {n: (speed[n], recall_score(t, cells)) for n, t in table.items()
+              if n in speed and recall_score(t, cells) is not None}
+    front = pareto(points)  # type: ignore[arg-type]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for n, (s, r) in points.items():
+        on = n in front
+        ax.scatter(s, r, s=30 if on else 14, color="C3" if on else "C0", zorder=3 if on else 2)
+        if on:
+            ax.annotate(n, (s, r), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if front:
+        ax.plot([points[n][0] for n in front], [points[n][1] for n in front], color="C3", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("forward speed-up over the SDPA layer at n = 16384 (committed benchmark)")
+    ax.set_ylabel("recall (mean accuracy over the measured cells)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title("Recall against speed; the Pareto front in red")
+    return _png(fig)
+
+
+def quality_page(entries: list[Entry], data: dict | None, bench: dict | None) -> str:
+    out = ["---", "hide: [navigation]", "---", "", "# Quality: what each mechanism learns", ""]
+    if not data:
+        return "\n".join(out + ["No recall results are committed yet (`benchmarks/quality.json`; "
+                                "`make quality` writes it).", ""])
+    r, m = data["recipe"], data["machine"] or {}
+    table, cells = summary(data), cell_names(data)
+    out += [
+        "Every entry is trained on multi-query associative recall (MQAR; Arora et al., *Zoology*, "
+        "arXiv 2312.04927) inside the same small model (`zoo.models.SequenceModel`): the key-value "
+        "pairs first, then every key queried once at power-law distances; accuracy over the query "
+        "positions of a fixed test set. One change from Zoology: the position after a query holds "
+        "a blank token, so the answer never appears in the input and causal and bidirectional "
+        "entries solve the same problem (`zoo/tasks.py`).", "",
+        f"**Recipe** (the same for every entry): width {r['dim']}, {r['depth']} blocks, {r['heads']} "
+        f"heads where the entry has heads, no MLP, a short causal convolution (kernel {r['conv']}) "
+        "before every mixer (Zoology's Based recipe), causal entries causal and the others "
+        "bidirectional, every other hyper-parameter the layer's default; AdamW (weight decay "
+        f"{r['weight_decay']}), warm-up then cosine, batch {r['batch']}, fresh batches every step, "
+        f"the best of learning rates {', '.join(f'{x:g}' for x in r['lrs'])}, each run stopped once "
+        f"its test accuracy reaches {STOP_AT} ({r['test_examples']} test examples, evaluated every "
+        f"{r['eval_every']} steps). Step budgets per cell: "
+        + ", ".join(f"{c} {data['steps'][c]}" for c in cells) + ".", "",
+        f"**Run**: {m.get('processor', '?')}, {m.get('cpus', '?')} CPUs, torch {m.get('torch', '?')}, "
+        f"one torch thread per job, {m.get('jobs', 1)} job(s) at a time; last job finished "
+        f"{max((x.get('date', '') for x in data['runs'].values()), default='-')[:16]} UTC "
+        "(`make quality`; the run resumes where it stopped).", "",
+        "Cells (length n, key-value pairs, vocabulary): "
+        + "; ".join(f"`{c}` ({v['n']}, {v['pairs']}, {v['vocab']})" for c, v in data["cells"].items())
+        + ".", "",
+        "![recall heat map](assets/figures/quality-heatmap.png){ .zoo-figure }", "",
+        "## Recall against speed", "",
+        "The x axis is the forward speed-up over the SDPA layer at n = 16384 from the committed "
+        "[benchmarks](benchmarks.md) (image entries at about as many pixels); the y axis the mean "
+        "accuracy over the separation cells measured so far (the smoke cell where none is). The "
+        "red line joins the Pareto front: no entry is both faster and better at recall.", "",
+        "![recall against speed](assets/figures/quality-pareto.png){ .zoo-figure }", "",
+    ]
+    speed = speedups(bench)
+    points = {n: (speed[n], recall_score(t, cells)) for n, t in table.items()
+              if n in speed and recall_score(t, cells) is not None}
+    front = pareto(points)  # type: ignore[arg-type]
+    if front:
+        out += ["On the front, slowest first: " + ", ".join(f"[`{n}`](entries/{n}.md)"
+                                                            for n in front) + ".", ""]
+    missing = [e.id for e in entries if any(c not in table.get(e.id, {}) for c in cells)]
+    out += ["## Every entry, every cell", "",
+            "Accuracy at the best learning rate; `-` marks a cell not yet measured"
+            + (f" ({len(missing)} entries have one or more)." if missing else ".") + "", "",
+            "| entry | family | " + " | ".join(cells) + " | recall | speed-up |",
+            "| --- | --- | " + " | ".join("---" for _ in cells) + " | --- | --- |"]
+    order = sorted(entries, key=lambda e: (-(recall_score(table.get(e.id, {}), cells) or -1), e.id))
+    for e in order:
+        t = table.get(e.id, {})
+        vals = [_fmt(t[c]["accuracy"]) if c in t else "-" for c in cells]
+        out.append(f"| [`{e.id}`](entries/{e.id}.md) | {e.family} | " + " | ".join(vals)
+                   + f" | {_fmt(recall_score(t, cells))} | {_fmt(speed.get(e.id))} |")
+    out += ["", "## Long Range Arena: published figures", "",
+            f"Test accuracy (%) as published in {LRA_SOURCE}, not measured here; the zoo's "
+            "entry each row corresponds to is linked. The paper's reading is the same as the "
+            "recall grid's: on ListOps, which needs exact retrieval over long contexts, softmax "
+            "attention, Reformer, Synthesizer, BigBird, Longformer and Linformer score 35-37, "
+            "Linear Transformer, Performer and Sparse Transformer 16-18.",
+            "", "| published model | zoo entry | " + " | ".join(LRA_TASKS) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in LRA_TASKS) + " |"]
+    for zid, (model, *vals) in LRA.items():
+        out.append(f"| {model} | [`{zid}`](entries/{zid}.md) | "
+                   + " | ".join(f"{v:.2f}" for v in vals) + " |")
+    out.append("")
+    return "\n".join(out)
+
+
+def entry_quality(e: Entry, data: dict | None) -> str:
+    """The entry page's recall section: its accuracy per cell and its rank."""
+    if not data:
+        return ""
+    table, cells = summary(data), cell_names(data)
+    t = table.get(e.id)
+    out = ["## Associative recall", ""]
+    if not t:
+        return "\n".join(out + ["Not measured yet (see the [Quality](../quality.md) page).", ""])
+    scores = sorted((s for s in (recall_score(v, cells) for v in table.values()) if s is not None),
+                    reverse=True)
+    mine = recall_score(t, cells)
+    rank = scores.index(mine) + 1 if mine is not None else None
+    out += ["Test accuracy on multi-query associative recall, in the recipe of the "
+            "[Quality](../quality.md) page" + (f" (rank {rank} of {len(scores)} by recall)."
+                                               if rank else "."), "",
+            "| " + " | ".join(cells) + " |", "|" + " --- |" * len(cells),
+            "| " + " | ".join(_fmt(t[c]["accuracy"]) if c in t else "-" for c in cells) + " |", ""]
+    if e.id in LRA:
+        model, *vals = LRA[e.id]
+        out += [f"Published on Long Range Arena as {model} ({LRA_SOURCE}): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in zip(LRA_TASKS, vals, strict=True)) + ".", ""]
+    return "\n".join(out)

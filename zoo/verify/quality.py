@@ -1,0 +1,373 @@
+"""`zoo quality`: what each entry learns, measured by multi-query associative recall (MQAR).
+
+Every entry is trained, inside the same small model (`zoo.models.SequenceModel`), on every cell of
+the grid in `zoo.tasks.CELLS`, with the same recipe:
+
+- the model: width 64, 2 blocks, 2 heads where the entry has heads, no MLP (as Zoology's recall
+  models), a short causal convolution (kernel 4) before every mixer (Zoology's Based recipe, the
+  same for every entry), causal entries causal and the others bidirectional, every other
+  hyper-parameter the layer's default;
+- training: AdamW (weight decay 0.1), a linear warm-up then a cosine schedule, fresh batches drawn
+  from a seeded generator at every step, the output head computed at the query positions only;
+- the best of a small learning-rate sweep, each run stopped early once its test accuracy reaches
+  0.99 (as Zoology does);
+- accuracy on a fixed test set (its own seed), over the query positions.
+
+The grid is a set of independent jobs (entry x cell x learning rate). They run in this process,
+in `--jobs N` local processes, or on a Ray cluster (`--ray ADDRESS`, the optional `ray` extra). The
+results file is written after every finished job, so an interrupted run loses at most the jobs in
+flight, and a later run skips what the file already holds (same settings) and merges the rest.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from zoo.tasks import CELLS, Cell, mqar
+
+SCHEMA_VERSION = 1
+STOP_AT = 0.99
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The training settings shared by every job of a run (part of the results file)."""
+
+    dim: int = 64
+    depth: int = 2
+    heads: int = 2
+    conv: int = 4
+    batch: int = 64
+    max_steps: int | None = None  # caps every cell's budget (quick trials and tests)
+    warmup: float = 0.1
+    weight_decay: float = 0.1
+    lrs: tuple[float, ...] = (3e-3, 1e-2)
+    eval_every: int = 100
+    test_examples: int = 512
+    seed: int = 0
+    threads: int = 1
+
+    def key(self) -> dict:
+        """The settings a stored result must match to be reused (everything but threads)."""
+        d = asdict(self)
+        d.pop("threads")
+        d["lrs"] = list(self.lrs)
+        return d
+
+
+# Per-cell step budgets: longer sequences with more pairs take longer to learn.
+STEPS = {"smoke": 600, "n64-p4": 1500, "n128-p8": 2500, "n256-p16": 3000, "n256-p32": 4000}
+
+
+@dataclass(frozen=True)
+class Job:
+    attention: str
+    cell: str
+    lr: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.attention}|{self.cell}|{self.lr:g}"
+
+
+@dataclass
+class Outcome:
+    """What one job measured."""
+
+    attention: str
+    cell: str
+    lr: float
+    accuracy: float
+    steps: int
+    seconds: float
+    final_loss: float
+    first_loss: float = math.nan
+    status: str = "ok"
+    curve: list = field(default_factory=list)  # (step, test accuracy) at every evaluation
+
+
+def steps_for(cell: str, recipe: Recipe) -> int:
+    steps = STEPS[cell]
+    return steps if recipe.max_steps is None else min(steps, recipe.max_steps)
+
+
+def build_model(attention: str, cell: Cell, recipe: Recipe, overrides: dict | None = None):
+    from zoo.models import SequenceModel
+
+    return SequenceModel(attention, vocab=cell.vocab, dim=recipe.dim, depth=recipe.depth,
+                         heads=recipe.heads, max_len=cell.n, conv=recipe.conv, **(overrides or {}))
+
+
+def accuracy(model, test, chunk: int = 128) -> float:
+    """Fraction of query positions whose argmax logit is the paired value."""
+    model.eval()
+    right = total = 0
+    with torch.no_grad():
+        for i in range(0, test.tokens.shape[0], chunk):
+            tokens, targets = test.tokens[i:i + chunk], test.targets[i:i + chunk]
+            at = targets != -100
+            pred = model(tokens, at=at).argmax(-1)
+            right += int((pred == targets[at]).sum())
+            total += int(at.sum())
+    model.train()
+    return right / max(total, 1)
+
+
+def train(job: Job, recipe: Recipe, *, on_step: Callable[[int], None] | None = None,
+          overrides: dict | None = None) -> Outcome:
+    """Train one model on one cell at one learning rate; deterministic for a given recipe."""
+    torch.set_num_threads(recipe.threads)
+    cell = CELLS[job.cell]
+    steps = steps_for(job.cell, recipe)
+    torch.manual_seed(recipe.seed)
+    start = time.perf_counter()
+    try:
+        model = build_model(job.attention, cell, recipe, overrides)
+    except Exception as err:  # noqa: BLE001 - recorded, so one entry cannot stop the grid
+        return Outcome(job.attention, job.cell, job.lr, 0.0, 0, 0.0, math.nan,
+                       status=f"could not build: {type(err).__name__}: {err}"[:300])
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=recipe.weight_decay)
+    warm = max(int(recipe.warmup * steps), 1)
+
+    def schedule(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(steps - warm, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    test = mqar(recipe.test_examples, n=cell.n, pairs=cell.pairs, vocab=cell.vocab,
+                seed=10_000_019 + recipe.seed)
+    curve: list[list[float]] = []
+    best, loss_value, first_loss, step = 0.0, math.nan, math.nan, 0
+    try:
+        for step in range(1, steps + 1):
+            batch = mqar(recipe.batch, n=cell.n, pairs=cell.pairs, vocab=cell.vocab,
+                         seed=recipe.seed * 1_000_003 + step)
+            at = batch.queries
+            logits = model(batch.tokens, at=at)
+            loss = torch.nn.functional.cross_entropy(logits, batch.targets[at])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            loss_value = float(loss.detach())
+            if step == 1:
+                first_loss = loss_value
+            if not math.isfinite(loss_value):
+                return Outcome(job.attention, job.cell, job.lr, best, step,
+                               time.perf_counter() - start, loss_value, status="diverged (NaN loss)",
+                               curve=curve)
+            if on_step is not None:
+                on_step(1)
+            if step % recipe.eval_every == 0 or step == steps:
+                acc = accuracy(model, test)
+                curve.append([step, round(acc, 4)])
+                best = max(best, acc)
+                if acc >= STOP_AT:
+                    if on_step is not None:
+                        on_step(steps - step)
+                    break
+    except Exception as err:  # noqa: BLE001 - recorded with the reason
+        return Outcome(job.attention, job.cell, job.lr, best, step, time.perf_counter() - start,
+                       loss_value, status=f"failed: {type(err).__name__}: {err}"[:300], curve=curve)
+    final = curve[-1][1] if curve else 0.0
+    return Outcome(job.attention, job.cell, job.lr, final, step, time.perf_counter() - start,
+                   loss_value, first_loss, curve=curve)
+
+
+# --- the results file ---------------------------------------------------------------------------
+
+def machine() -> dict:
+    from zoo.verify.bench import machine as bench_machine
+
+    return bench_machine()
+
+
+def load_results(path: Path | None, recipe: Recipe) -> dict:
+    """The stored results, or a fresh document; a file from other settings is refused."""
+    fresh = {"schema": SCHEMA_VERSION, "task": "mqar", "recipe": recipe.key(),
+             "cells": {name: asdict(c) for name, c in CELLS.items()},
+             "steps": {c: steps_for(c, recipe) for c in CELLS}, "runs": {}, "machine": None}
+    if path is None or not path.exists():
+        return fresh
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a results file ({err}); move it away to start afresh") from None
+    if data.get("recipe") != recipe.key():
+        raise ValueError(f"{path} holds results for other settings ({data.get('recipe')}); "
+                         f"resuming would mix them: use another --out, or move the file away")
+    # a cell whose step budget changed is trained again; its old runs are dropped
+    budgets = {c: steps_for(c, recipe) for c in CELLS}
+    data["runs"] = {k: r for k, r in data["runs"].items() if r.get("budget") == budgets.get(r["cell"])}
+    data["steps"], data["cells"] = budgets, {name: asdict(c) for name, c in CELLS.items()}
+    return data
+
+
+def write_results(path: Path, data: dict) -> None:
+    """Merge `data`'s runs into the file and write it atomically, under a lock: several `zoo
+    quality` processes (say, one per cell) may share one results file, and a crash mid-write
+    leaves the previous file intact. Runs in `data` win over stored runs with the same key."""
+    import fcntl
+
+    with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            try:
+                stored = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                stored = {}
+            if stored.get("recipe") == data["recipe"]:
+                budgets = data["steps"]
+                kept = {k: r for k, r in stored.get("runs", {}).items()
+                        if r.get("budget") == budgets.get(r.get("cell"))}
+                data["runs"] = {**kept, **data["runs"]}
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+
+def summary(data: dict) -> dict:
+    """`{entry: {cell: {"accuracy", "lr", "steps", "seconds"}}}`: the best learning rate per cell."""
+    out: dict = {}
+    for run in data["runs"].values():
+        cell = out.setdefault(run["attention"], {}).setdefault(run["cell"], None)
+        if cell is None or run["accuracy"] > cell["accuracy"]:
+            out[run["attention"]][run["cell"]] = {
+                "accuracy": run["accuracy"], "lr": run["lr"], "steps": run["steps"],
+                "seconds": run["seconds"], "status": run["status"]}
+    return out
+
+
+def jobs_for(names: Iterable[str], cells: Iterable[str], recipe: Recipe) -> list[Job]:
+    return [Job(n, c, lr) for c in cells for n in names for lr in recipe.lrs]
+
+
+def resolve_cells(cells: list[str] | None) -> list[str]:
+    if not cells:
+        return list(CELLS)
+    import difflib
+
+    out = []
+    for c in cells:
+        if c not in CELLS:
+            close = difflib.get_close_matches(c, list(CELLS), n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"no recall cell named {c!r}{hint} (cells: {', '.join(CELLS)})")
+        out.append(c)
+    return out
+
+
+def _run_job(args: tuple) -> dict:
+    job, recipe = args
+    return asdict(train(job, recipe))
+
+
+class _Progress:
+    """A bar over training steps on a terminal; one line per finished job elsewhere (logs)."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, disable=not self.tty,
+                        dynamic_ncols=True)
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+    def advance(self, steps: int) -> None:
+        self.done += steps
+        self.bar.update(steps)
+
+    def finished(self, out: dict, left: int) -> None:
+        label = f"{out['attention']} {out['cell']} lr={out['lr']:g}: {out['accuracy']:.3f}"
+        if self.tty:
+            self.bar.set_postfix_str(label)
+        else:
+            pct = 100 * self.done / max(self.total, 1)
+            print(f"[{pct:5.1f}% of steps, {time.perf_counter() - self.start:7.0f} s] {label} "
+                  f"({out['steps']} steps, {out['seconds']:.0f} s, {out['status']}); {left} jobs left",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run(names: list[str], *, cells: list[str] | None = None, out: Path | None = None,
+        recipe: Recipe | None = None, jobs: int = 1, ray_address: str | None = None) -> dict:
+    """Train every (entry, cell, learning rate) job not already in `out`; returns the document."""
+    recipe = recipe or Recipe()
+    cells = resolve_cells(cells)
+    data = load_results(out, recipe)
+    todo = [j for j in jobs_for(names, cells, recipe) if j.key not in data["runs"]]
+    data["machine"] = machine()
+    data["machine"]["jobs"] = jobs if ray_address is None else f"ray {ray_address}"
+    total = sum(steps_for(j.cell, recipe) for j in todo)
+    bar = _Progress(total, f"recall: {len(todo)} jobs")
+
+    def record(result: dict) -> None:
+        result["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        result["budget"] = steps_for(result["cell"], recipe)
+        data["runs"][Job(result["attention"], result["cell"], result["lr"]).key] = result
+        if out is not None:
+            write_results(out, data)
+
+    try:
+        if ray_address is not None:
+            _run_ray(todo, recipe, ray_address, record, bar)
+        elif jobs > 1:
+            _run_pool(todo, recipe, jobs, record, bar)
+        else:
+            for i, job in enumerate(todo):
+                result = asdict(train(job, recipe, on_step=bar.advance))
+                record(result)
+                bar.finished(result, len(todo) - i - 1)
+    finally:
+        bar.close()
+    return data
+
+
+def _run_pool(todo: list[Job], recipe: Recipe, jobs: int, record, bar: _Progress) -> None:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_job, (job, recipe)): job for job in todo}
+        for left, fut in enumerate(as_completed(futures)):
+            result = fut.result()
+            bar.advance(steps_for(result["cell"], recipe))
+            record(result)
+            bar.finished(result, len(todo) - left - 1)
+
+
+def _run_ray(todo: list[Job], recipe: Recipe, address: str, record, bar: _Progress) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("zoo quality --ray needs the optional ray extra: "
+                          "pip install 'attention-zoo[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+    remote = ray.remote(num_cpus=recipe.threads)(_run_job)
+    pending = {remote.remote((job, recipe)): job for job in todo}
+    left = len(pending)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            pending.pop(ref)
+            result = ray.get(ref)
+            left -= 1
+            bar.advance(steps_for(result["cell"], recipe))
+            record(result)
+            bar.finished(result, left)
