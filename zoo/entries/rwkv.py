@@ -20,8 +20,8 @@ Deviations from the paper:
 - simplified initialisation (decays spread log-uniformly over channels, `u = log 0.3`, mixes 1/2);
 - `causal=False` is ours: the decay mirrored, `e^{-(|t-i|-1) w}` for `i != t` (Vision-RWKV's
   Bi-WKV, without its division by the length);
-- no heads (RWKV-4 has none); padded tokens do not write (the state still decays), and the
-  token shift of a token after a padded one reads zeros.
+- RWKV-4 has no heads: `heads * dim_head` only sets the number of WKV channels; padded tokens do
+  not write (the state still decays), and the token shift after a padded token reads zeros.
 """
 
 import math
@@ -153,20 +153,31 @@ class RWKV(nn.Module):
     """RWKV-4 time mixing. `(b, n, dim) -> (b, n, dim)`.
 
     Args:
+        heads, dim_head: the WKV channels are `heads * dim_head` (default `dim`). RWKV-4 has no
+            heads: WKV acts on each channel alone, so the split into heads changes nothing but
+            the width (taken for the interface every sequence entry shares).
         chunk: tokens per chunk of the chunked form (no effect on the result; memory grows as
-            `n chunk dim`).
+            `n chunk channels`).
     """
 
-    def __init__(self, dim: int, *, causal: bool = False, chunk: int = 16):
+    def __init__(self, dim: int, *, heads: int = 1, dim_head: int | None = None,
+                 causal: bool = False, chunk: int = 16):
         super().__init__()
-        self.dim, self.causal = positive_int(dim, "dim"), bool(causal)
-        self.chunk = positive_int(chunk, "chunk")
-        self.to_r, self.to_k, self.to_v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
-        self.to_out = nn.Linear(dim, dim, bias=False)
+        positive_int(dim, "dim")
+        positive_int(heads, "heads")
+        if dim_head is None:
+            if dim % heads:
+                raise ValueError(f"RWKV: heads={heads} must divide dim={dim}, or pass dim_head")
+            dim_head = dim // heads
+        self.dim, self.heads, self.dim_head = dim, heads, positive_int(dim_head, "dim_head")
+        self.causal, self.chunk = bool(causal), positive_int(chunk, "chunk")
+        inner = heads * dim_head
+        self.to_r, self.to_k, self.to_v = (nn.Linear(dim, inner, bias=False) for _ in range(3))
+        self.to_out = nn.Linear(inner, dim, bias=False)
         self.mix = nn.Parameter(torch.full((3, dim), 0.5))  # mu_r, mu_k, mu_v
-        spread = torch.linspace(0, 1, dim)
+        spread = torch.linspace(0, 1, inner)
         self.time_decay = nn.Parameter(-5 + 8 * spread)  # w = exp(time_decay): e^-5 .. e^3
-        self.time_first = nn.Parameter(torch.full((dim,), math.log(0.3)))  # u
+        self.time_first = nn.Parameter(torch.full((inner,), math.log(0.3)))  # u
 
     def project(self, x, previous):
         """r, k, v of `x` `(b, t, dim)` mixed with the tokens before them (`previous` `(b, dim)`)."""
@@ -187,7 +198,8 @@ class RWKV(nn.Module):
     def step(self, x: torch.Tensor, state=None, *, mask: torch.Tensor | None = None):
         """Decode `t >= 1` new tokens `(b, t, dim)` from `state` (None: empty context).
 
-        Returns `(y (b, t, dim), state)`, the state `((a, b, p), last token)`, each `(b, dim)`.
+        Returns `(y (b, t, dim), state)`, the state `((a, b, p), last token)`: three `(b, channels)`
+        and one `(b, dim)`.
         """
         if not self.causal:
             raise ValueError("RWKV.step needs a layer built with causal=True")
@@ -200,4 +212,5 @@ class RWKV(nn.Module):
         return self.to_out(r.sigmoid() * out), (sums, x[:, -1])
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, causal={self.causal}, chunk={self.chunk}"
+        return (f"dim={self.dim}, heads={self.heads}, dim_head={self.dim_head}, causal={self.causal}, "
+                f"chunk={self.chunk}")
