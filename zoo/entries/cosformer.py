@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from zoo.core.checks import check_dtype, check_qkv, check_sequence, positive_int
+from zoo.core.checks import check_qkv, check_sequence, positive_int
 from zoo.core.decay import decay_recurrence, fill_padded
 from zoo.core.linear import kernel_attention, ratio
+from zoo.core.masks import zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
@@ -111,8 +112,8 @@ class Cosformer(MultiHead):
         """
         if not self.causal:
             raise ValueError("Cosformer.step needs a layer built with causal=True")
-        check_sequence(x, self.dim, mask, name="Cosformer.step")
-        check_dtype(x, self, name="Cosformer.step")
+        check_sequence(x, self.dim, mask, name="Cosformer.step", layer=self)
+        x = zero_padded_tokens(x, mask)
         s, seen = (None, 0) if state is None else state
         self.check_length(seen + x.shape[1], "Cosformer.step")
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))

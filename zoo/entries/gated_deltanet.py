@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.core.checks import check_dtype, check_qkv, check_sequence, positive_int
+from zoo.core.checks import check_qkv, check_sequence, positive_int
 from zoo.core.decay import fill_padded
-from zoo.core.masks import causal_mask, neg_fill, pad_to_multiple
+from zoo.core.masks import causal_mask, neg_fill, pad_to_multiple, zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
@@ -144,8 +144,8 @@ class GatedDeltanet(MultiHead):
         return self.to_out(self.merge_heads(out) * F.silu(self.to_gate(x)))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name="GatedDeltanet")
-        check_dtype(x, self, name="GatedDeltanet")
+        check_sequence(x, self.dim, mask, name="GatedDeltanet", layer=self)
+        x = zero_padded_tokens(x, mask)
         out = gated_delta_rule(*self.project(x), mask, causal=self.causal, chunk=self.chunk)
         return self.finish(x, out)
 
@@ -156,8 +156,8 @@ class GatedDeltanet(MultiHead):
         """
         if not self.causal:
             raise ValueError("GatedDeltanet.step needs a layer built with causal=True")
-        check_sequence(x, self.dim, mask, name="GatedDeltanet.step")
-        check_dtype(x, self, name="GatedDeltanet.step")
+        check_sequence(x, self.dim, mask, name="GatedDeltanet.step", layer=self)
+        x = zero_padded_tokens(x, mask)
         q, *rest = self.project(x)
         outs, state = gated_delta_steps(q, *(fill_padded(t, mask) for t in rest), state)
         return self.finish(x, torch.stack(outs, dim=2)), state

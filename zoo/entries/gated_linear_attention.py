@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.core.checks import check_dtype, check_qkv, check_sequence, positive_int
+from zoo.core.checks import check_qkv, check_sequence, positive_int
 from zoo.core.decay import decay_matrix, decay_recurrence, decayed_sum, fill_padded
+from zoo.core.masks import zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
@@ -95,8 +96,8 @@ class GatedLinearAttention(MultiHead):
         return self.to_out(F.silu(self.to_r(x)) * rearrange(out, "b h n e -> b n (h e)"))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name="GatedLinearAttention")
-        check_dtype(x, self, name="GatedLinearAttention")
+        check_sequence(x, self.dim, mask, name="GatedLinearAttention", layer=self)
+        x = zero_padded_tokens(x, mask)
         q, k, v, log_alpha = self.project(x)
         return self.finish(x, gla(q, k, v, log_alpha, mask, causal=self.causal, chunk=self.chunk))
 
@@ -107,8 +108,8 @@ class GatedLinearAttention(MultiHead):
         """
         if not self.causal:
             raise ValueError("GatedLinearAttention.step needs a layer built with causal=True")
-        check_sequence(x, self.dim, mask, name="GatedLinearAttention.step")
-        check_dtype(x, self, name="GatedLinearAttention.step")
+        check_sequence(x, self.dim, mask, name="GatedLinearAttention.step", layer=self)
+        x = zero_padded_tokens(x, mask)
         out, state = gla_step(*self.project(x), state, mask)
         return self.finish(x, out), state
 

@@ -25,10 +25,10 @@ import torch
 from einops import einsum
 from torch import nn
 
-from zoo.core.checks import check_dtype, check_qkv, check_sequence, positive_int
+from zoo.core.checks import check_qkv, check_sequence, positive_int
 from zoo.core.decay import decay_recurrence, fill_padded
 from zoo.core.linear import kernel_attention, ratio
-from zoo.core.masks import score_mask
+from zoo.core.masks import score_mask, zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
@@ -135,8 +135,8 @@ class Hedgehog(MultiHead):
         """
         if not self.causal:
             raise ValueError("Hedgehog.step needs a layer built with causal=True")
-        check_sequence(x, self.dim, mask, name="Hedgehog.step")
-        check_dtype(x, self, name="Hedgehog.step")
+        check_sequence(x, self.dim, mask, name="Hedgehog.step", layer=self)
+        x = zero_padded_tokens(x, mask)
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         phi_q, phi_k = hedgehog_features(q, self.w_q, self.b_q), hedgehog_features(k, self.w_k, self.b_k)
         v = torch.cat([fill_padded(v, mask), torch.ones_like(v[..., :1])], dim=-1)

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.core.checks import check_dtype, check_qkv, check_sequence, positive_int
+from zoo.core.checks import check_qkv, check_sequence, positive_int
 from zoo.core.decay import decay_matrix, decay_recurrence, decayed_sum, fill_padded
+from zoo.core.masks import zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
@@ -103,8 +104,8 @@ class Mamba2SSD(MultiHead):
         return self.to_out(self.merge_heads(y + self.d[:, None, None] * xs))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name="Mamba2SSD")
-        check_dtype(x, self, name="Mamba2SSD")
+        check_sequence(x, self.dim, mask, name="Mamba2SSD", layer=self)
+        x = zero_padded_tokens(x, mask)
         x_dt, log_a, b, c, xs = self.project(x)
         return self.finish(ssd(x_dt, log_a, b, c, mask, causal=self.causal, chunk=self.chunk), xs)
 
@@ -115,8 +116,8 @@ class Mamba2SSD(MultiHead):
         """
         if not self.causal:
             raise ValueError("Mamba2SSD.step needs a layer built with causal=True")
-        check_sequence(x, self.dim, mask, name="Mamba2SSD.step")
-        check_dtype(x, self, name="Mamba2SSD.step")
+        check_sequence(x, self.dim, mask, name="Mamba2SSD.step", layer=self)
+        x = zero_padded_tokens(x, mask)
         x_dt, log_a, b, c, xs = self.project(x)
         y, state = ssd_scan(x_dt, log_a, b, c, state, mask)
         return self.finish(y, xs), state

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.core.checks import check_dtype, check_qkv, check_sequence, positive_int
+from zoo.core.checks import check_qkv, check_sequence, positive_int
 from zoo.core.decay import decay_matrix, decay_recurrence, decayed_sum, fill_padded
+from zoo.core.masks import zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
@@ -116,8 +117,8 @@ class RetNet(MultiHead):
         return self.to_out(self.merge_heads(out) * F.silu(self.to_gate(x)))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name="RetNet")
-        check_dtype(x, self, name="RetNet")
+        check_sequence(x, self.dim, mask, name="RetNet", layer=self)
+        x = zero_padded_tokens(x, mask)
         return self.finish(x, self.attend(*self.project(x), mask))
 
     def step(self, x: torch.Tensor, state=None, *, mask: torch.Tensor | None = None):
@@ -127,8 +128,8 @@ class RetNet(MultiHead):
         """
         if not self.causal:
             raise ValueError("RetNet.step needs a layer built with causal=True")
-        check_sequence(x, self.dim, mask, name="RetNet.step")
-        check_dtype(x, self, name="RetNet.step")
+        check_sequence(x, self.dim, mask, name="RetNet.step", layer=self)
+        x = zero_padded_tokens(x, mask)
         s, seen = (None, 0) if state is None else state
         q, k, v = self.project(x, seen)
         out, s = retention_step(q, k, v, self.log_gamma.to(x.dtype), s, mask)

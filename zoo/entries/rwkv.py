@@ -30,7 +30,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from zoo.core.checks import check_dtype, check_sequence, positive_int
+from zoo.core.checks import check_sequence, positive_int
 from zoo.core.linear import ratio
 from zoo.core.masks import neg_fill, pad_to_multiple
 
@@ -187,8 +187,7 @@ class RWKV(nn.Module):
         return r, k, v
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_sequence(x, self.dim, mask, name="RWKV")
-        check_dtype(x, self, name="RWKV")
+        check_sequence(x, self.dim, mask, name="RWKV", layer=self)
         x = x if mask is None else torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype))
         r, k, v = self.project(x, x.new_zeros(x.shape[0], self.dim))
         out = wkv(k, v, self.time_decay.exp(), self.time_first, mask, causal=self.causal,
@@ -203,8 +202,7 @@ class RWKV(nn.Module):
         """
         if not self.causal:
             raise ValueError("RWKV.step needs a layer built with causal=True")
-        check_sequence(x, self.dim, mask, name="RWKV.step")
-        check_dtype(x, self, name="RWKV.step")
+        check_sequence(x, self.dim, mask, name="RWKV.step", layer=self)
         sums, previous = (None, x.new_zeros(x.shape[0], self.dim)) if state is None else state
         x = x if mask is None else torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype))
         r, k, v = self.project(x, previous)
