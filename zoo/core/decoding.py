@@ -9,9 +9,10 @@ real and not after it, which is what `keep` builds.
 from __future__ import annotations
 
 import torch
-from einops import rearrange
+from einops import einsum, rearrange
 
 from zoo.core.checks import check_dtype, check_sequence
+from zoo.core.masks import neg_fill
 
 
 def check_step(layer: torch.nn.Module, x, mask=None) -> None:
@@ -54,3 +55,35 @@ def keep(real: torch.Tensor, t: int, *, causal: bool = True) -> torch.Tensor:
         pos_q = torch.arange(j - t, j, device=real.device)
         out = out & (torch.arange(j, device=real.device) <= rearrange(pos_q, "i -> i 1"))
     return out
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor, *,
+                     causal: bool = True, scale: float | None = None,
+                     bias: torch.Tensor | None = None,
+                     allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention of the last `i` positions over all `j` (`i == j` in a forward pass).
+
+    Padded keys and values are replaced by 0 (selection, so NaN behind the mask stays there), and a
+    query with no key to read gets 0, the same in a forward pass as in any split into steps.
+
+    Args:
+        q: `(b, h, i, d)`. k: `(b, h, j, d)`. v: `(b, h, j, e)`. real: `(b, j)`, True = real token.
+        causal: query `i` reads only keys up to its own position.
+        scale: score scale; None means `d ** -0.5`.
+        bias: added to the scores, broadcastable to `(b, h, i, j)` (a decay, a gate).
+        allowed: bool, broadcastable to `(b, h, i, j)`: a pattern restricting the keys further.
+
+    Returns:
+        `(b, h, i, e)`.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    ok = keep(real, q.shape[2], causal=causal)
+    if allowed is not None:
+        ok = ok & allowed
+    zero = q.new_zeros(())
+    k, v = (torch.where(rearrange(real, "b j -> b 1 j 1"), t, zero) for t in (k, v))
+    scores = einsum(q, k, "b h i d, b h j d -> b h i j") * scale
+    if bias is not None:
+        scores = scores + bias
+    attn = torch.where(ok, scores.masked_fill(~ok, neg_fill(q.dtype)).softmax(dim=-1), zero)
+    return einsum(attn, v, "b h i j, b h j e -> b h i e")
