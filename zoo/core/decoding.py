@@ -67,7 +67,8 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: to
     query with no key to read gets 0, the same in a forward pass as in any split into steps.
 
     Args:
-        q: `(b, h, i, d)`. k: `(b, h, j, d)`. v: `(b, h, j, e)`. real: `(b, j)`, True = real token.
+        q: `(b, h, i, d)`. k: `(b, h, j, d)`. v: `(b, h, j, e)`; or k `(b, j, d)` and v `(b, j, e)`,
+            one key-value head read by every query head. real: `(b, j)`, True = real token.
         causal: query `i` reads only keys up to its own position.
         scale: score scale; None means `d ** -0.5`.
         bias: added to the scores, broadcastable to `(b, h, i, j)` (a decay, a gate).
@@ -81,9 +82,12 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: to
     if allowed is not None:
         ok = ok & allowed
     zero = q.new_zeros(())
-    k, v = (torch.where(rearrange(real, "b j -> b 1 j 1"), t, zero) for t in (k, v))
-    scores = einsum(q, k, "b h i d, b h j d -> b h i j") * scale
+    shared = k.ndim == 3  # one key-value head for all query heads (a latent, multi-query)
+    kv = "b j" if shared else "b h j"
+    k, v = (torch.where(rearrange(real, "b j -> b j 1" if shared else "b j -> b 1 j 1"), t, zero)
+            for t in (k, v))
+    scores = einsum(q, k, f"b h i d, {kv} d -> b h i j") * scale
     if bias is not None:
         scores = scores + bias
     attn = torch.where(ok, scores.masked_fill(~ok, neg_fill(q.dtype)).softmax(dim=-1), zero)
-    return einsum(attn, v, "b h i j, b h j e -> b h i e")
+    return einsum(attn, v, f"b h i j, {kv} e -> b h i e")
