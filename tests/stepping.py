@@ -35,3 +35,22 @@ def state_elements(state) -> int:
     if isinstance(state, (tuple, list)):
         return sum(state_elements(v) for v in state)
     return 0
+
+
+def padding(n: int) -> torch.Tensor:
+    """A `(2, n)` padding mask: the first row padded at its end, the second every fifth token."""
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[0, n - 4:] = False
+    mask[1, 2::5] = False
+    return mask
+
+
+def assert_steps_equal_forward(layer, x: torch.Tensor, mask: torch.Tensor | None = None, *,
+                               seeds: int = 3):
+    """`step` over `seeds` random splits of `x` equals `layer(x, mask=mask)` (float64, 1e-10);
+    returns the state after the last split."""
+    full = layer(x, mask=mask)
+    for seed in range(seeds):
+        out, state = decode(layer, x, mask, seed=seed)
+        torch.testing.assert_close(out, full, rtol=1e-10, atol=1e-10)
+    return state

@@ -7,19 +7,13 @@ import pytest
 import torch
 
 import zoo
-from tests.stepping import decode
+from tests.oracles import assert_same_outputs_and_grads
+from tests.stepping import assert_steps_equal_forward, padding
 
 
 def layer_and_input(causal=True, n=17):
     layer = zoo.create("forgetting-transformer", dim=32, heads=2, causal=causal).double()
     return layer, torch.randn(2, n, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-
-
-def padding(n):
-    mask = torch.ones(2, n, dtype=torch.bool)
-    mask[0, n - 4:] = False
-    mask[1, 3::5] = False
-    return mask
 
 
 def product_of_gates_oracle(layer, x, mask, causal):
@@ -47,13 +41,8 @@ def product_of_gates_oracle(layer, x, mask, causal):
 def test_scores_are_lowered_by_the_product_of_the_gates_in_between(causal):
     layer, x = layer_and_input(causal, n=9)
     mask = padding(9)
-    out = layer(x, mask=mask)
-    ref = product_of_gates_oracle(layer, x, mask, causal)
-    torch.testing.assert_close(out[mask], ref[mask], rtol=1e-11, atol=1e-12)
-    params = list(layer.parameters())
-    got = torch.autograd.grad(out[mask].square().sum(), params)
-    for g, w in zip(got, torch.autograd.grad(ref[mask].square().sum(), params), strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    out, ref = layer(x, mask=mask), product_of_gates_oracle(layer, x, mask, causal)
+    assert_same_outputs_and_grads(out[mask], ref[mask], list(layer.parameters()))
 
 
 def test_open_gates_are_softmax_attention_and_closed_gates_read_only_the_current_token():
@@ -74,9 +63,7 @@ def test_open_gates_are_softmax_attention_and_closed_gates_read_only_the_current
 def test_step_over_random_splits_equals_the_causal_forward(masked):
     layer, x = layer_and_input(n=23)
     mask = padding(23) if masked else None
-    for seed in range(3):
-        out, state = decode(layer, x, mask, seed=seed)
-        torch.testing.assert_close(out, layer(x, mask=mask), rtol=1e-10, atol=1e-10)
+    state = assert_steps_equal_forward(layer, x, mask)
     assert state["c"].shape == (2, 2, 23)  # one cumulative log gate per cached token and head
 
 

@@ -57,6 +57,24 @@ def keep(real: torch.Tensor, t: int, *, causal: bool = True) -> torch.Tensor:
     return out
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, real: torch.Tensor, *, causal: bool = True,
+                      scale: float | None = None, bias: torch.Tensor | None = None,
+                      allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The softmax weights `(b, h, i, j)` of `cached_attention` (same arguments, no values): rows
+    with no key to read are all 0."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    ok = keep(real, q.shape[2], causal=causal)
+    if allowed is not None:
+        ok = ok & allowed
+    zero = q.new_zeros(())
+    shared = k.ndim == 3  # one key for all query heads (a latent, multi-query)
+    k = torch.where(rearrange(real, "b j -> b j 1" if shared else "b j -> b 1 j 1"), k, zero)
+    scores = einsum(q, k, f"b h i d, {'b j' if shared else 'b h j'} d -> b h i j") * scale
+    if bias is not None:
+        scores = scores + bias
+    return torch.where(ok, scores.masked_fill(~ok, neg_fill(q.dtype)).softmax(dim=-1), zero)
+
+
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor, *,
                      causal: bool = True, scale: float | None = None,
                      bias: torch.Tensor | None = None,
@@ -77,17 +95,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: to
     Returns:
         `(b, h, i, e)`.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    ok = keep(real, q.shape[2], causal=causal)
-    if allowed is not None:
-        ok = ok & allowed
-    zero = q.new_zeros(())
-    shared = k.ndim == 3  # one key-value head for all query heads (a latent, multi-query)
-    kv = "b j" if shared else "b h j"
-    k, v = (torch.where(rearrange(real, "b j -> b j 1" if shared else "b j -> b 1 j 1"), t, zero)
-            for t in (k, v))
-    scores = einsum(q, k, f"b h i d, {kv} d -> b h i j") * scale
-    if bias is not None:
-        scores = scores + bias
-    attn = torch.where(ok, scores.masked_fill(~ok, neg_fill(q.dtype)).softmax(dim=-1), zero)
-    return einsum(attn, v, f"b h i j, {kv} e -> b h i e")
+    attn = attention_weights(q, k, real, causal=causal, scale=scale, bias=bias, allowed=allowed)
+    shared = v.ndim == 3
+    v = torch.where(rearrange(real, "b j -> b j 1" if shared else "b j -> b 1 j 1"), v, v.new_zeros(()))
+    return einsum(attn, v, f"b h i j, {'b j' if shared else 'b h j'} e -> b h i e")
