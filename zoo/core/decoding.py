@@ -21,7 +21,8 @@ def check_step(layer: torch.nn.Module, x, mask=None) -> None:
     if not getattr(layer, "causal", False):
         raise ValueError(f"{name}.step decodes token by token, which needs a layer built with "
                          "causal=True; this one has causal=False")
-    check_sequence(x, layer.dim, mask, name=f"{name}.step")
+    dim: int = getattr(layer, "dim")  # noqa: B009 - every sequence layer has it; mypy cannot know
+    check_sequence(x, dim, mask, name=f"{name}.step")
     check_dtype(x, layer, name=f"{name}.step")
 
 
