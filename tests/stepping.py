@@ -27,7 +27,10 @@ def decode(layer, x: torch.Tensor, mask: torch.Tensor | None = None, *, seed: in
 
 
 def state_elements(state) -> int:
-    """Floating-point elements held by a state (nested dicts, tuples and lists of tensors)."""
+    """Floating-point elements held by a state (a `StepState`'s cache; nested dicts, tuples and lists
+    of tensors)."""
+    if hasattr(state, "cache"):
+        return state_elements(state.cache)
     if isinstance(state, torch.Tensor):
         return state.numel() if state.is_floating_point() else 0
     if isinstance(state, dict):

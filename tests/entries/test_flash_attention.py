@@ -54,7 +54,7 @@ def test_step_over_random_splits_equals_the_causal_forward(masked):
     x = torch.randn(2, 23, 32, dtype=torch.float64)
     mask = padding(23) if masked else None
     state = assert_steps_equal_forward(layer, x, mask)
-    assert state["k"].shape == (2, 2, 23, 16)  # the cache holds every key: state ~ context
+    assert state.cache["k"].shape == (2, 2, 23, 16)  # the cache holds every key: state ~ context
 
 
 def test_step_refuses_a_non_causal_layer():
@@ -70,3 +70,15 @@ def test_nan_behind_the_mask_reaches_no_real_output():
     out = layer(dirty, mask=mask)
     torch.testing.assert_close(out[mask], layer(x, mask=mask)[mask], rtol=0, atol=0)
     assert torch.isfinite(out).all()
+
+
+def test_a_state_serves_twice_and_not_another_batch_size():
+    layer = zoo.create("flash-attention", dim=32, heads=2, causal=True).double()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    _, state = layer.step(x[:, :6])
+    first, _ = layer.step(x[:, 6:], state)
+    again, _ = layer.step(x[:, 6:], state)
+    assert torch.equal(first, again) and state.length == 6
+    assert state.numel() == 2 * (2 * 2 * 6 * 16) + 2 * 6  # keys, values and the padding mask
+    with pytest.raises(ValueError, match="batch size"):
+        layer.step(x[:1, 6:], state)

@@ -64,7 +64,7 @@ def test_step_over_random_splits_equals_the_causal_forward(masked):
     layer, x = layer_and_input(n=23)
     mask = padding(23) if masked else None
     state = assert_steps_equal_forward(layer, x, mask)
-    assert state["c"].shape == (2, 2, 23)  # one cumulative log gate per cached token and head
+    assert state.cache["c"].shape == (2, 2, 23)  # one cumulative log gate per cached token and head
 
 
 def test_forget_gate_must_be_a_bool():

@@ -84,7 +84,7 @@ def test_cache_holds_the_latent_and_rotary_key_only():
     mla = zoo.create("multi-head-latent-attention", dim=128, heads=8, causal=True).double()
     mha = zoo.create("grouped-query-attention", dim=128, heads=8, kv_heads=8, causal=True).double()
     _, state = decode(mla, x)
-    assert {k: tuple(v.shape) for k, v in state.items()} == {
+    assert {k: tuple(v.shape) for k, v in state.cache.items()} == {
         "c_kv": (1, 29, 64), "k_rope": (1, 29, 8), "real": (1, 29)}
     d_h = 16
     assert state_elements(state) == 29 * (4 * d_h + d_h // 2)

@@ -94,7 +94,7 @@ def test_step_over_random_splits_equals_the_causal_forward(masked):
     layer, x = layer_and_input(n=23)
     mask = padding(23) if masked else None
     state = assert_steps_equal_forward(layer, x, mask)
-    assert state["c_k"].shape[2] == (23 - 4) // 2 + 1  # every completed compressed block, once
+    assert state.cache["c_k"].shape[2] == (23 - 4) // 2 + 1  # every completed compressed block, once
 
 
 def test_selected_tokens_are_at_most_topk_blocks():

@@ -26,8 +26,8 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
+from zoo.core.cache import Cached, append, cached_attention, real_tokens, zero_padding
 from zoo.core.checks import check_dtype, check_sequence, positive_int
-from zoo.core.decoding import append, cached_attention, check_step, real_tokens, zero_padding
 from zoo.core.linear import causal_sum, kernel_attention, ratio
 from zoo.core.masks import block_windows, neg_fill, pad_mask, pad_to_multiple
 from zoo.core.shell import MultiHead
@@ -96,7 +96,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return rearrange(out, "b h m c e -> b h (m c) e")[:, :, :n]
 
 
-class Based(MultiHead):
+class Based(Cached, MultiHead):
     """Taylor linear attention plus sliding-window softmax. `(b, n, dim) -> (b, n, dim)`.
 
     Args:
@@ -127,13 +127,11 @@ class Based(MultiHead):
                + sliding_window_attention(q, k, v, mask, window=self.window, causal=self.causal))
         return self.to_out(self.merge_heads(out))
 
-    def step(self, x: torch.Tensor, state: dict | None = None, *,
-             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """Decode a chunk `(b, t, dim)`. The state does not grow: the linear branch's sums
-        `(b, h, 1 + f + f^2, e + 1)` (the last column the normaliser) and the window's last `w - 1`
-        keys and values."""
-        check_step(self, x, mask)
-        state = state or {}
+    def decode(self, x: torch.Tensor, cache: dict | None, mask: torch.Tensor | None,
+               start: int) -> tuple[torch.Tensor, dict]:
+        """One chunk. The cache does not grow: the linear branch's sums `(b, h, 1 + f + f^2, e + 1)`
+        (the last column the normaliser) and the window's last `w - 1` keys and values."""
+        state = cache or {}
         real = real_tokens(x, mask)
         q, k, v, q_f, k_f, v_f = self.project(zero_padding(x, mask))
         phi_q = taylor_feature_map(q_f)

@@ -28,8 +28,8 @@ Deviations from the paper:
 import torch
 from einops import einsum, rearrange
 
+from zoo.core.cache import Cached, append, real_tokens, zero_padding
 from zoo.core.checks import check_qkv, check_sequence, positive_int
-from zoo.core.decoding import append, check_step, real_tokens, zero_padding
 from zoo.core.masks import neg_fill, pad_to_multiple
 from zoo.core.shell import MultiHead
 
@@ -83,7 +83,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return rearrange(out, "b h nq r e -> b h (nq r) e")[:, :, :n_q]
 
 
-class FlashAttention(MultiHead):
+class FlashAttention(Cached, MultiHead):
     """Multi-head exact attention in tiles. `(b, n, dim) -> (b, n, dim)`.
 
     Args:
@@ -105,11 +105,10 @@ class FlashAttention(MultiHead):
         check_sequence(x, self.dim, mask, name=type(self).__name__)
         return super().forward(zero_padding(x, mask), mask)
 
-    def step(self, x: torch.Tensor, state: dict | None = None, *,
-             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """Decode a chunk `(b, t, dim)`; the state is the key-value cache `{k, v, real}`."""
-        check_step(self, x, mask)
-        state = state or {}
+    def decode(self, x: torch.Tensor, cache: dict | None, mask: torch.Tensor | None,
+               start: int) -> tuple[torch.Tensor, dict]:
+        """One chunk; the cache `{k, v, real}` holds every key and value so far."""
+        state = cache or {}
         q, k, v = map(self.split_heads, self.to_qkv(zero_padding(x, mask)).chunk(3, dim=-1))
         k, v = append(state.get("k"), k, 2), append(state.get("v"), v, 2)
         real = append(state.get("real"), real_tokens(x, mask), 1)

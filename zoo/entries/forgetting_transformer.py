@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from zoo.core.cache import Cached, append, cached_attention, real_tokens, zero_padding
 from zoo.core.checks import check_dtype, check_sequence
-from zoo.core.decoding import append, cached_attention, check_step, real_tokens, zero_padding
 from zoo.core.shell import MultiHead
 
 
@@ -59,7 +59,7 @@ def forgetting_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: t
     return cached_attention(q, k, v, real_tokens(k[:, 0], mask), causal=causal, bias=bias)
 
 
-class ForgettingTransformer(MultiHead):
+class ForgettingTransformer(Cached, MultiHead):
     """Multi-head forgetting attention. `(b, n, dim) -> (b, n, dim)`.
 
     Args:
@@ -89,12 +89,11 @@ class ForgettingTransformer(MultiHead):
         out = forgetting_attention(q, k, v, c, mask, causal=self.causal)
         return self.to_out(self.merge_heads(out))
 
-    def step(self, x: torch.Tensor, state: dict | None = None, *,
-             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """Decode a chunk `(b, t, dim)`. The state is the cache `{k, v, real}` and `c` `(b, h, n)`, the
-        cumulative log gate of every cached token: `D` for a new query needs no earlier gate."""
-        check_step(self, x, mask)
-        state = state or {}
+    def decode(self, x: torch.Tensor, cache: dict | None, mask: torch.Tensor | None,
+               start: int) -> tuple[torch.Tensor, dict]:
+        """One chunk. The cache is `{k, v, real}` and `c` `(b, h, n)`, the cumulative log gate of every
+        cached token: `D` for a new query needs no earlier gate."""
+        state = cache or {}
         x = zero_padding(x, mask)
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         past = state.get("c")

@@ -17,8 +17,8 @@ import torch
 from einops import rearrange, reduce, repeat
 from torch import nn
 
+from zoo.core.cache import Cached, append, cached_attention, real_tokens, zero_padding
 from zoo.core.checks import check_dtype, check_key_mask, check_sequence, check_tensor, positive_int
-from zoo.core.decoding import append, cached_attention, check_step, real_tokens, zero_padding
 from zoo.core.shell import MultiHead
 
 
@@ -47,7 +47,7 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return cached_attention(q, k, v, real_tokens(k[:, 0], mask), causal=causal)
 
 
-class GroupedQueryAttention(MultiHead):
+class GroupedQueryAttention(Cached, MultiHead):
     """Multi-head attention with `kv_heads` key-value heads. `(b, n, dim) -> (b, n, dim)`.
 
     Args:
@@ -96,11 +96,10 @@ class GroupedQueryAttention(MultiHead):
         q, k, v = self.project(zero_padding(x, mask))
         return self.to_out(self.merge_heads(self.attend(q, k, v, mask)))
 
-    def step(self, x: torch.Tensor, state: dict | None = None, *,
-             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """Decode a chunk `(b, t, dim)`; the state is the cache `{k, v, real}` of `kv_heads` heads."""
-        check_step(self, x, mask)
-        state = state or {}
+    def decode(self, x: torch.Tensor, cache: dict | None, mask: torch.Tensor | None,
+               start: int) -> tuple[torch.Tensor, dict]:
+        """One chunk; the cache `{k, v, real}` holds keys and values of `kv_heads` heads only."""
+        state = cache or {}
         q, k, v = self.project(zero_padding(x, mask))
         k, v = append(state.get("k"), k, 2), append(state.get("v"), v, 2)
         real = append(state.get("real"), real_tokens(x, mask), 1)

@@ -27,8 +27,8 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
+from zoo.core.cache import Cached, append, cached_attention, real_tokens, zero_padding
 from zoo.core.checks import check_dtype, check_sequence, positive_int
-from zoo.core.decoding import append, cached_attention, check_step, real_tokens, zero_padding
 
 
 def rope(x: torch.Tensor, start: int = 0, base: float = 10000.0) -> torch.Tensor:
@@ -85,7 +85,7 @@ def latent_attention_absorbed(c_q: torch.Tensor, q_r: torch.Tensor, c_kv: torch.
     return einsum(pooled, w_o_lat, "b h i c, m h c -> b i m")
 
 
-class MultiHeadLatentAttention(nn.Module):
+class MultiHeadLatentAttention(Cached, nn.Module):
     """Multi-head latent attention. `(b, n, dim) -> (b, n, dim)`.
 
     Args:
@@ -152,14 +152,12 @@ class MultiHeadLatentAttention(nn.Module):
                                causal=self.causal)
         return self.to_out(rearrange(out, "b h n e -> b n (h e)"))
 
-    def step(self, x: torch.Tensor, state: dict | None = None, *,
-             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """Decode a chunk `(b, t, dim)` in the absorbed form. The state `{c_kv, k_rope, real}` is the
-        latent cache: `d_c + d_h^R` numbers per token, against `2 h d_h` for multi-head attention."""
-        check_step(self, x, mask)
-        state = state or {}
+    def decode(self, x: torch.Tensor, cache: dict | None, mask: torch.Tensor | None,
+               start: int) -> tuple[torch.Tensor, dict]:
+        """One chunk, in the absorbed form. The cache `{c_kv, k_rope, real}` is the latent cache:
+        `d_c + d_h^R` numbers per token, against `2 h d_h` for multi-head attention."""
+        state = cache or {}
         x = zero_padding(x, mask)
-        start = 0 if state.get("real") is None else state["real"].shape[1]
         c_q, q_r = self.queries(x, start)
         c_kv, k_r = self.cache_entries(x, start)
         c_kv, k_r = append(state.get("c_kv"), c_kv, 1), append(state.get("k_rope"), k_r, 1)

@@ -36,15 +36,15 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.core.checks import check_dtype, check_sequence, positive_int
-from zoo.core.decoding import (
+from zoo.core.cache import (
+    Cached,
     append,
     attention_weights,
     cached_attention,
-    check_step,
     real_tokens,
     zero_padding,
 )
+from zoo.core.checks import check_dtype, check_sequence, positive_int
 from zoo.core.shell import MultiHead
 
 
@@ -132,7 +132,7 @@ def native_sparse_attention(q: torch.Tensor, keys: dict, values: dict, real: tor
                   "b h i e c, b h i c -> b h i e")
 
 
-class NativeSparseAttention(MultiHead):
+class NativeSparseAttention(Cached, MultiHead):
     """Multi-head native sparse attention. `(b, n, dim) -> (b, n, dim)`.
 
     Args:
@@ -183,13 +183,11 @@ class NativeSparseAttention(MultiHead):
         out = self.attend_all(q, keys, values, real, gates, (k_cmp, v_cmp, real_cmp), self.causal)
         return self.to_out(self.merge_heads(out))
 
-    def step(self, x: torch.Tensor, state: dict | None = None, *,
-             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """Decode a chunk `(b, t, dim)`. The state caches every token's keys and values of the three
-        branches and the compressed blocks completed so far; a chunk compresses only the blocks it
-        completes."""
-        check_step(self, x, mask)
-        state = dict(state or {})
+    def decode(self, x: torch.Tensor, cache: dict | None, mask: torch.Tensor | None,
+               start: int) -> tuple[torch.Tensor, dict]:
+        """One chunk. The cache holds every token's keys and values of the three branches and the
+        compressed blocks completed so far; a chunk compresses only the blocks it completes."""
+        state = dict(cache or {})
         x = zero_padding(x, mask)
         q, keys, values, gates = self.project(x)
         for name in ("cmp", "slc", "win"):

@@ -1,12 +1,20 @@
-"""What the token-by-token `step(x, state=None, *, mask=None)` of a cached entry shares.
+"""Key-value caches: what the token-by-token `step(x, state=None, *, mask=None)` of a cached entry
+shares, and the masked softmax its forward pass and its steps both run.
 
-A cached entry keeps, per layer, whatever its paper says the cache holds (keys and values, a
-latent, compressed blocks) plus `real`, the `(b, n)` padding mask of every token seen so far. A
-chunk of `t` new tokens is the query positions `n .. n + t - 1`; it reads every cached key that is
-real and not after it, which is what `keep` builds.
+An entry writes `decode(x, cache, mask, start) -> (y, cache)`: `cache` is None on the first call,
+else what it returned last time, and `start` is the number of tokens seen before the chunk `x`.
+`run_step` checks the inputs and wraps the cache in a `StepState` (batch size, length), the same
+interface as the shell's `step` of issue 16. A cache holds whatever the entry's paper says it holds
+(keys and values, a latent, compressed blocks) and `real`, the padding mask of the tokens seen; a
+chunk of `t` tokens is the query positions `start .. start + t - 1` and reads every cached key that
+is real and not after it, which is what `keep` builds.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from einops import einsum, rearrange
@@ -15,8 +23,24 @@ from zoo.core.checks import check_dtype, check_sequence
 from zoo.core.masks import neg_fill
 
 
-def check_step(layer: torch.nn.Module, x, mask=None) -> None:
-    """`step` is defined only for a causal layer; `x` and `mask` are checked as `forward` checks them."""
+@dataclass(frozen=True)
+class StepState:
+    """What `step` returns and takes back. batch: the batch size; length: tokens seen (padded ones
+    included); cache: the entry's tensors (a dict)."""
+
+    batch: int
+    length: int
+    cache: Any
+
+    def numel(self) -> int:
+        """Elements held in the cache: the size of the decoding state."""
+        return sum(t.numel() for t in self.cache.values())
+
+
+def run_step(layer: torch.nn.Module, x, state: StepState | None, mask,
+             decode: Callable) -> tuple[torch.Tensor, StepState]:
+    """Check a step's inputs (a causal layer, `x` `(b, t, dim)`, `mask` `(b, t)`, a state of the same
+    batch), run `decode(x, cache, mask, start)` and wrap the cache it returns."""
     name = type(layer).__name__
     if not getattr(layer, "causal", False):
         raise ValueError(f"{name}.step decodes token by token, which needs a layer built with "
@@ -24,6 +48,27 @@ def check_step(layer: torch.nn.Module, x, mask=None) -> None:
     dim: int = getattr(layer, "dim")  # noqa: B009 - every sequence layer has it; mypy cannot know
     check_sequence(x, dim, mask, name=f"{name}.step")
     check_dtype(x, layer, name=f"{name}.step")
+    if state is not None and not isinstance(state, StepState):
+        raise TypeError(f"{name}.step: state must be None or what the previous step returned, got "
+                        f"{type(state).__name__}")
+    if state is not None and state.batch != x.shape[0]:
+        raise ValueError(f"{name}.step: the state holds a context for batch size {state.batch}, but "
+                         f"x has batch size {x.shape[0]}")
+    cache, start = (None, 0) if state is None else (state.cache, state.length)
+    y, cache = decode(x, cache, mask, start)
+    return y, StepState(x.shape[0], start + x.shape[1], cache)
+
+
+class Cached:
+    """Mixin of a layer with `decode(x, cache, mask, start) -> (y, cache)`: gives it `step`."""
+
+    def step(self, x: torch.Tensor, state: StepState | None = None, *,
+             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, StepState]:
+        """Decode a chunk `(b, t, dim)` of new tokens; `state` is None (no context) or what the last
+        call returned. Successive calls equal the causal forward over the concatenated chunks."""
+        decode: Callable = getattr(self, "decode")  # noqa: B009 - the layer's own, see the class
+        layer: Any = self
+        return run_step(layer, x, state, mask, decode)
 
 
 def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
