@@ -1,4 +1,5 @@
-"""Helpers for the new entries' own decoding tests (layer objects, not catalogue names): run a layer's `step` over random splits of a sequence."""
+"""Helpers for the new entries' own decoding tests, on layer objects (not catalogue names):
+run a layer's `step` over random splits of a sequence."""
 
 import torch
 
