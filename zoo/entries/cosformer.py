@@ -30,7 +30,6 @@ from einops import einsum, rearrange
 from zoo.core.checks import check_qkv, check_sequence, positive_int
 from zoo.core.decay import decay_recurrence, fill_padded
 from zoo.core.linear import kernel_attention, ratio
-from zoo.core.masks import zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
@@ -104,23 +103,15 @@ class Cosformer(MultiHead):
         return cosformer_attention(q, k, v, mask, causal=self.causal, max_len=self.max_len,
                                    chunk=self.chunk)
 
-    def step(self, x: torch.Tensor, state=None, *, mask: torch.Tensor | None = None):
-        """Decode `t >= 1` new tokens `(b, t, dim)` from `state` (None: empty context).
-
-        Returns `(y (b, t, dim), state)`; the state is `(S (b, h, 2d, e + 1), tokens seen)`: the
-        key-value sums with the normaliser as the last column.
-        """
-        if not self.causal:
-            raise ValueError("Cosformer.step needs a layer built with causal=True")
-        check_sequence(x, self.dim, mask, name="Cosformer.step", layer=self)
-        x = zero_padded_tokens(x, mask)
-        s, seen = (None, 0) if state is None else state
-        self.check_length(seen + x.shape[1], "Cosformer.step")
+    def decode(self, x: torch.Tensor, cache, mask: torch.Tensor | None, start: int):
+        """The recurrent form (`step` of the shell): the key-value sums `(2d, e + 1)` per head, the
+        normaliser as the last column, the positions counted from `start`."""
+        self.check_length(start + x.shape[1], "Cosformer.step")
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
-        phi_q, phi_k = cos_sin_features(q, self.max_len, seen), cos_sin_features(k, self.max_len, seen)
+        phi_q, phi_k = cos_sin_features(q, self.max_len, start), cos_sin_features(k, self.max_len, start)
         v = torch.cat([fill_padded(v, mask), torch.ones_like(v[..., :1])], dim=-1)
-        out, s = decay_recurrence(phi_q, fill_padded(phi_k, mask), v, None, s)
-        return self.to_out(self.merge_heads(ratio(out))), (s, seen + x.shape[1])
+        out, cache = decay_recurrence(phi_q, fill_padded(phi_k, mask), v, None, cache)
+        return self.to_out(self.merge_heads(ratio(out))), cache
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, max_len={self.max_len}, chunk={self.chunk}"

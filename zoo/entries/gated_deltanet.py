@@ -149,18 +149,11 @@ class GatedDeltanet(MultiHead):
         out = gated_delta_rule(*self.project(x), mask, causal=self.causal, chunk=self.chunk)
         return self.finish(x, out)
 
-    def step(self, x: torch.Tensor, state=None, *, mask: torch.Tensor | None = None):
-        """Decode `t >= 1` new tokens `(b, t, dim)` from `state` (None: empty context).
-
-        Returns `(y (b, t, dim), state)`, the state `S` `(b, h, d, e)`.
-        """
-        if not self.causal:
-            raise ValueError("GatedDeltanet.step needs a layer built with causal=True")
-        check_sequence(x, self.dim, mask, name="GatedDeltanet.step", layer=self)
-        x = zero_padded_tokens(x, mask)
+    def decode(self, x: torch.Tensor, cache, mask: torch.Tensor | None, start: int):
+        """The step-by-step rule (`step` of the shell): the state `S` `(d, e)` per head carried over."""
         q, *rest = self.project(x)
-        outs, state = gated_delta_steps(q, *(fill_padded(t, mask) for t in rest), state)
-        return self.finish(x, torch.stack(outs, dim=2)), state
+        outs, cache = gated_delta_steps(q, *(fill_padded(t, mask) for t in rest), cache)
+        return self.finish(x, torch.stack(outs, dim=2)), cache
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk={self.chunk}"

@@ -101,17 +101,10 @@ class GatedLinearAttention(MultiHead):
         q, k, v, log_alpha = self.project(x)
         return self.finish(x, gla(q, k, v, log_alpha, mask, causal=self.causal, chunk=self.chunk))
 
-    def step(self, x: torch.Tensor, state=None, *, mask: torch.Tensor | None = None):
-        """Decode `t >= 1` new tokens `(b, t, dim)` from `state` (None: empty context).
-
-        Returns `(y (b, t, dim), state)`, the state `(b, h, d, e)`.
-        """
-        if not self.causal:
-            raise ValueError("GatedLinearAttention.step needs a layer built with causal=True")
-        check_sequence(x, self.dim, mask, name="GatedLinearAttention.step", layer=self)
-        x = zero_padded_tokens(x, mask)
-        out, state = gla_step(*self.project(x), state, mask)
-        return self.finish(x, out), state
+    def decode(self, x: torch.Tensor, cache, mask: torch.Tensor | None, start: int):
+        """The recurrence (`step` of the shell): the `(d, e)` state per head carried over."""
+        out, cache = gla_step(*self.project(x), cache, mask)
+        return self.finish(x, out), cache
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gate_rank={self.gate_rank}, tau={self.tau}, chunk={self.chunk}"

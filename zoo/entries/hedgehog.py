@@ -28,7 +28,7 @@ from torch import nn
 from zoo.core.checks import check_qkv, check_sequence, positive_int
 from zoo.core.decay import decay_recurrence, fill_padded
 from zoo.core.linear import kernel_attention, ratio
-from zoo.core.masks import score_mask, zero_padded_tokens
+from zoo.core.masks import score_mask
 from zoo.core.shell import MultiHead
 
 
@@ -127,21 +127,14 @@ class Hedgehog(MultiHead):
         q, k, _ = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         return distillation_loss(q, k, self.maps, mask, causal=self.causal)
 
-    def step(self, x: torch.Tensor, state=None, *, mask: torch.Tensor | None = None):
-        """Decode `t >= 1` new tokens `(b, t, dim)` from `state` (None: empty context).
-
-        Returns `(y (b, t, dim), state)`, the state `(b, h, 2f, e + 1)`: the key-value sums with
-        the normaliser as the last column.
-        """
-        if not self.causal:
-            raise ValueError("Hedgehog.step needs a layer built with causal=True")
-        check_sequence(x, self.dim, mask, name="Hedgehog.step", layer=self)
-        x = zero_padded_tokens(x, mask)
+    def decode(self, x: torch.Tensor, cache, mask: torch.Tensor | None, start: int):
+        """The recurrent form (`step` of the shell): the key-value sums `(2f, e + 1)` per head,
+        the normaliser as the last column."""
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         phi_q, phi_k = hedgehog_features(q, self.w_q, self.b_q), hedgehog_features(k, self.w_k, self.b_k)
         v = torch.cat([fill_padded(v, mask), torch.ones_like(v[..., :1])], dim=-1)
-        out, state = decay_recurrence(phi_q, fill_padded(phi_k, mask), v, None, state)
-        return self.to_out(self.merge_heads(ratio(out))), state
+        out, cache = decay_recurrence(phi_q, fill_padded(phi_k, mask), v, None, cache)
+        return self.to_out(self.merge_heads(ratio(out))), cache
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk={self.chunk}"

@@ -109,18 +109,11 @@ class Mamba2SSD(MultiHead):
         x_dt, log_a, b, c, xs = self.project(x)
         return self.finish(ssd(x_dt, log_a, b, c, mask, causal=self.causal, chunk=self.chunk), xs)
 
-    def step(self, x: torch.Tensor, state=None, *, mask: torch.Tensor | None = None):
-        """Decode `t >= 1` new tokens `(b, t, dim)` from `state` (None: empty context).
-
-        Returns `(y (b, t, dim), state)`, the state the SSM's `h` `(b, h, d, e)`.
-        """
-        if not self.causal:
-            raise ValueError("Mamba2SSD.step needs a layer built with causal=True")
-        check_sequence(x, self.dim, mask, name="Mamba2SSD.step", layer=self)
-        x = zero_padded_tokens(x, mask)
+    def decode(self, x: torch.Tensor, cache, mask: torch.Tensor | None, start: int):
+        """The linear scan (`step` of the shell): the SSM's `h` `(d, e)` per head carried over."""
         x_dt, log_a, b, c, xs = self.project(x)
-        y, state = ssd_scan(x_dt, log_a, b, c, state, mask)
-        return self.finish(y, xs), state
+        y, cache = ssd_scan(x_dt, log_a, b, c, cache, mask)
+        return self.finish(y, xs), cache
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk={self.chunk}"

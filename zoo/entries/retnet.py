@@ -121,19 +121,12 @@ class RetNet(MultiHead):
         x = zero_padded_tokens(x, mask)
         return self.finish(x, self.attend(*self.project(x), mask))
 
-    def step(self, x: torch.Tensor, state=None, *, mask: torch.Tensor | None = None):
-        """Decode `t >= 1` new tokens `(b, t, dim)` from `state` (None: empty context).
-
-        Returns `(y (b, t, dim), state)`, the state `(S (b, h, d, e), tokens seen)`.
-        """
-        if not self.causal:
-            raise ValueError("RetNet.step needs a layer built with causal=True")
-        check_sequence(x, self.dim, mask, name="RetNet.step", layer=self)
-        x = zero_padded_tokens(x, mask)
-        s, seen = (None, 0) if state is None else state
-        q, k, v = self.project(x, seen)
-        out, s = retention_step(q, k, v, self.log_gamma.to(x.dtype), s, mask)
-        return self.finish(x, out), (s, seen + x.shape[1])
+    def decode(self, x: torch.Tensor, cache, mask: torch.Tensor | None, start: int):
+        """The recurrent form (`step` of the shell): the `(d, e)` state per head carried over, the
+        rotations counted from `start`."""
+        q, k, v = self.project(x, start)
+        out, cache = retention_step(q, k, v, self.log_gamma.to(x.dtype), cache, mask)
+        return self.finish(x, out), cache
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk={self.chunk}"

@@ -30,6 +30,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from zoo.core import decoding
 from zoo.core.checks import check_sequence, positive_int
 from zoo.core.linear import ratio
 from zoo.core.masks import neg_fill, pad_to_multiple
@@ -194,16 +195,16 @@ class RWKV(nn.Module):
                   chunk=self.chunk)
         return self.to_out(r.sigmoid() * out)
 
-    def step(self, x: torch.Tensor, state=None, *, mask: torch.Tensor | None = None):
-        """Decode `t >= 1` new tokens `(b, t, dim)` from `state` (None: empty context).
+    def step(self, x: torch.Tensor, state: decoding.DecodeState | None = None, *,
+             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, decoding.DecodeState]:
+        """Decode a chunk `x` `(b, t, dim)` of new tokens after the context in `state` (None: none).
+        Returns `(y, state)`; needs `causal=True`. See `zoo.core.decoding`."""
+        return decoding.step(self, x, state, mask, self.decode)
 
-        Returns `(y (b, t, dim), state)`, the state `((a, b, p), last token)`: three `(b, channels)`
-        and one `(b, dim)`.
-        """
-        if not self.causal:
-            raise ValueError("RWKV.step needs a layer built with causal=True")
-        check_sequence(x, self.dim, mask, name="RWKV.step", layer=self)
-        sums, previous = (None, x.new_zeros(x.shape[0], self.dim)) if state is None else state
+    def decode(self, x: torch.Tensor, cache, mask: torch.Tensor | None, start: int):
+        """The RNN form: the cache `((a, b, p), last token)`, three `(b, channels)` and one
+        `(b, dim)`."""
+        sums, previous = (None, x.new_zeros(x.shape[0], self.dim)) if cache is None else cache
         x = x if mask is None else torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype))
         r, k, v = self.project(x, previous)
         out, sums = wkv_step(k, v, self.time_decay.exp(), self.time_first, sums, mask)
