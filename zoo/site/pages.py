@@ -397,7 +397,7 @@ def choose_page(entries: list[Entry], rows: dict[str, dict], quality: dict | Non
         return recall_score(recall_table.get(e.id, {}), cells) if recall_table else None
 
     def table(members: list[Entry]) -> list[str]:
-        members = sorted(members, key=lambda e: (-(recall(e) if recall(e) is not None else -1),
+        members = sorted(members, key=lambda e: (-(recall(e) or -1.0),
                                                  _num(rows.get(e.id, {}), "time"),
                                                  _num(rows.get(e.id, {}), "memory"), e.id))
         out = ["| entry | recall (MQAR) | time exp. (measured) | memory exp. (measured) | "

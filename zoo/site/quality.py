@@ -5,6 +5,7 @@ committed `benchmarks/quality.json` (and `benchmarks/results.json` for speed).""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from zoo.catalog import Entry
 from zoo.verify.quality import STOP_AT, summary
@@ -13,7 +14,7 @@ from zoo.verify.quality import STOP_AT, summary
 # figures with their source, never measured here. Path-X: every model failed (not listed).
 LRA_SOURCE = "Tay et al., Long Range Arena (ICLR 2021), arXiv 2011.04006, Table 1"
 LRA_TASKS = ("ListOps", "Text", "Retrieval", "Image", "Pathfinder", "Avg")
-LRA = {
+LRA: dict[str, tuple[Any, ...]] = {
     "softmax-attention": ("Transformer", 36.37, 64.27, 57.46, 42.44, 71.40, 54.39),
     "longformer": ("Longformer", 35.63, 62.85, 56.89, 42.22, 69.71, 53.46),
     "linformer": ("Linformer", 35.70, 53.94, 52.27, 38.56, 76.34, 51.36),
@@ -111,9 +112,12 @@ def pareto_png(data: dict, bench: dict | None) -> bytes:
     from zoo.site.figures import _png
 
     table, cells, speed = summary(data), cell_names(data), speedups(bench)
-    points = {n: (speed[n], recall_score(t, cells)) for n, t in table.items()
-              if n in speed and recall_score(t, cells) is not None}
-    front = pareto(points)  # type: ignore[arg-type]
+    points: dict[str, tuple[float, float]] = {}
+    for n, t in table.items():
+        score = recall_score(t, cells)
+        if n in speed and score is not None:
+            points[n] = (speed[n], score)
+    front = pareto(points)
     fig, ax = plt.subplots(figsize=(8, 5))
     for n, (s, r) in points.items():
         on = n in front
