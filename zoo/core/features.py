@@ -55,7 +55,7 @@ def trig_features(x: torch.Tensor, w: torch.Tensor, *, normalise: bool = True) -
     phase = torch.cat([w.new_full((m,), -torch.pi / 2), w.new_zeros(m)])  # (2m)
     proj = torch.baddbmm(phase, rearrange(x, "b h n d -> (b h) n d"),
                          repeat(torch.cat([w, w], dim=-2), "h m d -> (b h) d m", b=b))
-    features = rearrange(proj, "(b h) n m -> b h n m", b=b).cos_()
+    features = rearrange(proj, "(b h) n m -> b h n m", b=b, h=x.shape[1]).cos_()  # h: b may be 0
     return features.mul_(m ** -0.5) if normalise else features
 
 
@@ -131,3 +131,11 @@ class RandomFeatureHeads(MultiHead):
         if self.redraw and self.training:
             return self.draw().to(self.projection)
         return self.projection
+
+
+def favor_plus_key_shift(k: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The keys' shift `favor_plus_features` drops, `(b, h)`: its largest exponent over the real keys."""
+    k = k * k.shape[-1] ** -0.25
+    proj_k = einsum(k, w, "b h n d, h m d -> b h n m")
+    exponent = proj_k.amax(dim=-1, keepdim=True) - k.square().sum(-1, keepdim=True) / 2
+    return key_shift(exponent, mask)[..., 0, 0]

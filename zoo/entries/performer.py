@@ -30,7 +30,12 @@ import torch
 from einops import einsum, rearrange
 
 from zoo.core.checks import check_qkv
-from zoo.core.features import RandomFeatureHeads, favor_plus_features, key_shift, positive_features
+from zoo.core.features import (
+    RandomFeatureHeads,
+    favor_plus_features,
+    favor_plus_key_shift,
+    positive_features,
+)
 from zoo.core.linear import kernel_attention, kernel_attention_step, ratio
 from zoo.core.masks import causal_mask
 
@@ -90,11 +95,3 @@ class Performer(RandomFeatureHeads):
         phi_q, phi_k = favor_plus_features(q, k, w, mask)
         return kernel_attention_step(phi_q, phi_k, v, cache, mask, chunk=self.chunk,
                                      key_log_scale=favor_plus_key_shift(k, w, mask))
-
-
-def favor_plus_key_shift(k: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The keys' shift `favor_plus_features` drops, `(b, h)`: its largest exponent over the real keys."""
-    k = k * k.shape[-1] ** -0.25
-    proj_k = einsum(k, w, "b h n d, h m d -> b h n m")
-    exponent = proj_k.amax(dim=-1, keepdim=True) - k.square().sum(-1, keepdim=True) / 2
-    return key_shift(exponent, mask)[..., 0, 0]

@@ -30,8 +30,8 @@ Deviations from the paper:
 import torch
 
 from zoo.core.checks import check_qkv
-from zoo.core.features import RandomFeatureHeads, favor_plus_features
-from zoo.core.linear import causal_sum, kernel_attention, prefix_sum, ratio
+from zoo.core.features import RandomFeatureHeads, favor_plus_features, favor_plus_key_shift
+from zoo.core.linear import causal_sum, kernel_attention, kernel_attention_step, prefix_sum, ratio
 from zoo.core.masks import zero_padded
 
 
@@ -113,3 +113,12 @@ class SlimPerformer(RandomFeatureHeads):
                mask: torch.Tensor | None = None) -> torch.Tensor:
         return slim_attention(q, k, v, self.current_projection(), mask, causal=self.causal,
                               chunk=self.chunk)
+
+    def attend_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache,
+                    mask: torch.Tensor | None = None, start: int = 0):
+        """The recurrent form on a chunk, as the Performer's (the same FAVOR+ sums: SLiM changes
+        only how the training pass stores them): the `(m, e)` sums carried between chunks."""
+        w = self.current_projection()
+        phi_q, phi_k = favor_plus_features(q, k, w, mask)
+        return kernel_attention_step(phi_q, phi_k, v, cache, mask, chunk=self.chunk,
+                                     key_log_scale=favor_plus_key_shift(k, w, mask))
