@@ -116,3 +116,27 @@ def test_jobs_handed_to_a_ray_cluster_come_back_into_the_same_json(tmp_path):
         import shutil
 
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_a_cell_settled_by_one_learning_rate_skips_the_others(tmp_path, monkeypatch):
+    """Rates go largest first; once one reaches the stop accuracy the smaller ones are not run,
+    and a rate that falls short leaves the next one to be tried."""
+    trained = []
+
+    def fake(job, recipe, **kw):
+        trained.append((job.attention, job.lr))
+        acc = 1.0 if job.attention == "softmax-attention" else 0.5
+        return quality.Outcome(job.attention, job.cell, job.lr, acc, 10, 0.1, 1.0, 2.0)
+
+    monkeypatch.setattr(quality, "train", fake)
+    recipe = Recipe(batch=16, max_steps=30, eval_every=15, test_examples=64, lrs=(3e-3, 1e-2))
+    path = tmp_path / "quality.json"
+    quality.run(["softmax-attention", "linear-transformer"], cells=["smoke"], out=path,
+                recipe=recipe)
+    assert trained == [("softmax-attention", 1e-2), ("linear-transformer", 1e-2),
+                       ("linear-transformer", 3e-3)]
+    assert set(json.loads(path.read_text())["runs"]) == {
+        "softmax-attention|smoke|0.01", "linear-transformer|smoke|0.01",
+        "linear-transformer|smoke|0.003"}
+    assert quality.settled(Job("softmax-attention", "smoke", 3e-3), quality.load_results(
+        path, recipe)["runs"])

@@ -10,7 +10,9 @@ the grid in `zoo.tasks.CELLS`, with the same recipe:
 - training: AdamW (weight decay 0.1), a linear warm-up then a cosine schedule, fresh batches drawn
   from a seeded generator at every step, the output head computed at the query positions only;
 - the best of a small learning-rate sweep, each run stopped early once its test accuracy reaches
-  0.99 (as Zoology does);
+  0.99 (as Zoology does); the rates are tried largest first, and once one of them reaches 0.99 in
+  a cell the smaller ones are not trained there (none could beat it), which halves the cost of the
+  mechanisms that learn a cell;
 - accuracy on a fixed test set (its own seed), over the query positions.
 
 The grid is a set of independent jobs (entry x cell x learning rate). They run in this process,
@@ -252,7 +254,16 @@ def summary(data: dict) -> dict:
 
 
 def jobs_for(names: Iterable[str], cells: Iterable[str], recipe: Recipe) -> list[Job]:
-    return [Job(n, c, lr) for c in cells for n in names for lr in recipe.lrs]
+    """Cell by cell, entry by entry, the largest learning rate first (see `settled`)."""
+    lrs = sorted(recipe.lrs, reverse=True)
+    return [Job(n, c, lr) for c in cells for n in names for lr in lrs]
+
+
+def settled(job: Job, runs: dict) -> bool:
+    """True when another learning rate already reached the stop accuracy for this entry and cell:
+    the sweep's best is then decided, and training this job could not change it."""
+    return any(r["attention"] == job.attention and r["cell"] == job.cell and r["lr"] != job.lr
+               and r["status"] == "ok" and r["accuracy"] >= STOP_AT for r in runs.values())
 
 
 def resolve_cells(cells: list[str] | None) -> list[str]:
@@ -327,9 +338,12 @@ def run(names: list[str], *, cells: list[str] | None = None, out: Path | None = 
         if ray_address is not None:
             _run_ray(todo, recipe, ray_address, record, bar)
         elif jobs > 1:
-            _run_pool(todo, recipe, jobs, record, bar)
+            _run_pool(todo, recipe, jobs, record, bar, data["runs"])
         else:
             for i, job in enumerate(todo):
+                if settled(job, data["runs"]):
+                    bar.advance(steps_for(job.cell, recipe))
+                    continue
                 result = asdict(train(job, recipe, on_step=bar.advance))
                 record(result)
                 bar.finished(result, len(todo) - i - 1)
@@ -338,17 +352,31 @@ def run(names: list[str], *, cells: list[str] | None = None, out: Path | None = 
     return data
 
 
-def _run_pool(todo: list[Job], recipe: Recipe, jobs: int, record, bar: _Progress) -> None:
+def _run_pool(todo: list[Job], recipe: Recipe, jobs: int, record, bar: _Progress,
+              runs: dict) -> None:
+    """At most `jobs` in flight, handed out in order, so that a job whose cell another learning
+    rate has settled by the time its turn comes is skipped (`settled`)."""
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    queue = list(todo)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_run_job, (job, recipe)): job for job in todo}
-        for left, fut in enumerate(as_completed(futures)):
-            result = fut.result()
-            bar.advance(steps_for(result["cell"], recipe))
-            record(result)
-            bar.finished(result, len(todo) - left - 1)
+        running: set = set()
+        while queue or running:
+            while queue and len(running) < jobs:
+                job = queue.pop(0)
+                if settled(job, runs):
+                    bar.advance(steps_for(job.cell, recipe))
+                else:
+                    running.add(pool.submit(_run_job, (job, recipe)))
+            if not running:
+                continue
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                result = fut.result()
+                bar.advance(steps_for(result["cell"], recipe))
+                record(result)
+                bar.finished(result, len(queue) + len(running))
 
 
 def _run_ray(todo: list[Job], recipe: Recipe, address: str, record, bar: _Progress) -> None:
