@@ -1,4 +1,4 @@
-# Two commands matter: `make serve` (the site on http://127.0.0.1:8000) and `make test`.
+# Two commands matter: `make serve` (the site on http://127.0.0.1:8000, or PORT=...) and `make test`.
 # The tests run on two workers with one torch thread each: more threads than cores makes the
 # small-op-heavy references (segment loops, chunked scans) many times slower.
 # Both create .venv on first use and install everything the project needs into it.
@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# PORT=8001 make serve for another port. The first build measures every entry's claims and draws
+# its pictures (minutes; progress is printed); later builds reuse .cache/ and take seconds.
+PORT ?= 8000
 serve: $(STAMP)
-	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
+	@echo "Building the site first (the first time: a few minutes, measuring 55+ entries)..."
+	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:$(PORT)
 
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict

@@ -93,3 +93,34 @@ def check_pictures_loaded(page) -> None:
 def check_source_shown(page, needle: str) -> None:
     code = page.locator("pre code").all_inner_texts()
     assert any(needle in c for c in code), f"the source file ({needle!r}) is not on the page"
+
+
+FORMULA_SIZES = """() => {
+  const body = parseFloat(getComputedStyle(document.querySelector('.md-content p') ||
+                                           document.body).fontSize);
+  return [body, Array.from(document.querySelectorAll('.md-content .arithmatex')).map(el => {
+    const svg = el.querySelector('mjx-container svg');
+    const r = svg ? svg.getBoundingClientRect() : {width: 0, height: 0};
+    return [el.textContent.slice(0, 50), Math.round(r.width), Math.round(r.height * 10) / 10];
+  })];
+}"""
+
+
+def check_formula_sizes(page) -> None:
+    """Every formula's rendered SVG is at least as tall as the body text's font size (not shrunk
+    to fit the column, not collapsed by a narrow-screen rule)."""
+    body, sizes = page.evaluate(FORMULA_SIZES)
+    assert sizes, "no formula on the page"
+    small = [s for s in sizes if s[2] < body]
+    assert not small, f"formulas shorter than the body text ({body} px): {small[:3]}"
+
+
+def first_search_result(page, query: str) -> str:
+    """The address of the first search result for `query`, typed into Material's search box."""
+    page.keyboard.press("/")
+    box = page.locator("input.md-search__input")
+    box.fill("")
+    box.press_sequentially(query, delay=30)
+    page.wait_for_selector(".md-search-result__item a", timeout=30_000)
+    page.wait_for_timeout(300)
+    return page.locator(".md-search-result__item a").first.get_attribute("href") or ""

@@ -1,22 +1,29 @@
 """The built site in headless Chromium, served on loopback: the catalogue filter, rendered math,
 loaded pictures, the source, search, no console errors and no request leaving loopback.
 
-Screenshots of the home, catalogue and one entry page are saved under pytest's temporary folder
-(the path is printed), never in the tree. The same page checks are shown to fail on a copy of the
-site with MathJax removed and a picture deleted.
+Screenshots of the home, catalogue, "Which one?", comparison and one entry page (desktop and
+phone) are saved under pytest's temporary folder (the path is printed), never in the tree; with
+ZOO_SHOTS=<folder> they are copied there too, for a person to look at. The same page checks are
+shown to fail on a copy of the site with MathJax removed, a picture deleted, and without the CSS
+that keeps formulas at their size.
 """
 
+import json
+import os
 import shutil
 
 import pytest
 
+import zoo
 from tests.browser import (
     CHROMIUM_ARGS,
     Watch,
     check_formula_rendered,
+    check_formula_sizes,
     check_pictures_loaded,
     check_source_shown,
     chromium_path,
+    first_search_result,
     serve,
 )
 
@@ -77,6 +84,27 @@ def test_site_in_a_browser(site, page, tmp_path_factory):
         check_pictures_loaded(page)
         check_source_shown(page, "def linear_attention(")
         page.screenshot(path=str(shots / "entry.png"), full_page=True)
+        page.set_viewport_size({"width": 400, "height": 800})
+        page.screenshot(path=str(shots / "entry-phone.png"), full_page=True)
+        page.set_viewport_size({"width": 1280, "height": 900})
+
+        page.goto(base + "choose/")
+        page.wait_for_load_state("networkidle")
+        check_pictures_loaded(page)  # the Pareto plot
+        page.screenshot(path=str(shots / "choose.png"), full_page=True)
+
+        page.goto(base + "compare/?sort=speedup&dir=desc&pick=performer,linformer")
+        page.wait_for_load_state("networkidle")
+        speeds = page.eval_on_selector_all("#zoo-compare tbody tr",
+                                           "rows => rows.map(r => parseFloat(r.dataset.speedup))")
+        measured = [x for x in speeds if x == x]  # NaN (unmeasured) rows come last
+        assert measured and measured == sorted(measured, reverse=True), speeds[:5]
+        assert page.locator("#zoo-side [data-card]").count() == 2
+        page.select_option("[data-zoo-for=zoo-compare] select[data-zoo-filter=family]", "kernel")
+        assert "family=kernel" in page.url and "pick=performer%2Clinformer" in page.url, page.url
+        page.click("#zoo-compare th[data-sort=memory]")
+        assert "sort=memory" in page.url
+        page.screenshot(path=str(shots / "compare.png"), full_page=True)
 
         page.goto(base)
         page.wait_for_load_state("networkidle")
@@ -87,8 +115,15 @@ def test_site_in_a_browser(site, page, tmp_path_factory):
         page.wait_for_selector(".md-search-result__item", timeout=30_000)
         results = " ".join(page.locator(".md-search-result__item").all_inner_texts()).lower()
         assert "linear" in results
+        for query, wanted in (("FAVOR", "performer"), ("LSH", "reformer"), ("Nystrom", "nystromformer")):
+            page.goto(base)
+            page.wait_for_load_state("networkidle")
+            href = first_search_result(page, query)
+            assert f"entries/{wanted}/" in href, (query, href)
 
     print(f"\nscreenshots in {shots}")
+    if os.environ.get("ZOO_SHOTS"):
+        shutil.copytree(shots, os.environ["ZOO_SHOTS"], dirs_exist_ok=True)
     assert not page.watch.errors, page.watch.errors
     assert not page.watch.outside, f"requests left loopback: {page.watch.outside}"
 
@@ -106,3 +141,45 @@ def test_checks_fail_on_a_broken_site(site, page, tmp_path):
         with pytest.raises(AssertionError, match="pictures not loaded"):
             check_pictures_loaded(page)
         check_source_shown(page, "def linear_attention(")
+
+
+def test_every_formula_legible_on_phone_and_desktop(site, page):
+    """At 400 and 1280 px every formula on every entry page is at least as tall as the text."""
+    with serve(site) as base:
+        for i in zoo.names():
+            page.set_viewport_size({"width": 1280, "height": 900})
+            page.goto(base + f"entries/{i}/")
+            page.wait_for_load_state("load")
+            check_formula_rendered(page)
+            for width in (1280, 400):
+                page.set_viewport_size({"width": width, "height": 900})
+                try:
+                    check_formula_sizes(page)
+                except AssertionError as err:
+                    raise AssertionError(f"{i} at {width} px: {err}") from None
+
+
+def test_size_check_fails_without_the_css_fix(site, page, tmp_path):
+    """Material's own rules (the zoo's override removed) collapse a display formula below 720 px."""
+    broken = tmp_path / "broken"
+    shutil.copytree(site, broken)
+    (broken / "assets" / "zoo.css").write_text("/* planted: no formula-size override */")
+    with serve(broken) as base:
+        page.set_viewport_size({"width": 400, "height": 900})
+        page.goto(base + "entries/performer/")
+        page.wait_for_load_state("load")
+        check_formula_rendered(page)
+        with pytest.raises(AssertionError, match="shorter than the body text"):
+            check_formula_sizes(page)
+
+
+def test_search_index_has_names_not_source_or_bibtex(site):
+    docs = json.loads((site / "search" / "search_index.json").read_text())["docs"]
+    titles = {d["title"] for d in docs}
+    assert not titles & {"Source", "BibTeX"}, "Source or BibTeX sections are in the search index"
+    entry_sections = [d for d in docs if d["location"].startswith("entries/")]
+    assert entry_sections and not any("@inproceedings" in d["text"] or "def forward(" in d["text"]
+                                      for d in entry_sections)  # (the Use page shows code on purpose)
+    pages = {d["location"]: d for d in docs if "#" not in d["location"]}
+    assert pages["entries/performer/"]["title"] == "Performer"
+    assert "FAVOR+" in pages["entries/performer/"]["text"]

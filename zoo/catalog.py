@@ -150,9 +150,23 @@ class Entry:
     pointwise: bool = False
     provenance: str = "awesome-fast-attention"
     decoding: Mapping[str, Any] | None = None
+    name: str | None = None
+    aliases: tuple[str, ...] = ()
     line: int = dataclasses.field(default=0, compare=False)
     key_lines: Mapping[str, int] = dataclasses.field(default_factory=dict, compare=False,
                                                      repr=False)
+
+    @property
+    def display_name(self) -> str:
+        """The mechanism's name ("Performer"): `name`, else the title's part before a colon when
+        that is short ("Linformer: Self-Attention ..." -> "Linformer"), else the id in words."""
+        if self.name:
+            return self.name
+        head, sep, _ = self.title.partition(":")
+        if sep and len(head.split()) <= 3:
+            return head.strip()
+        words = self.id.replace("-", " ")
+        return words[:1].upper() + words[1:]
 
     @property
     def module(self) -> str:
@@ -236,6 +250,10 @@ SCHEMA: dict[str, tuple[Any, str, bool]] = {
                "a mapping {param: name, values: [at least three numbers]}", False),
     "provenance": (lambda v: v in PROVENANCES, "one of " + ", ".join(PROVENANCES) +
                    " (default awesome-fast-attention)", False),
+    "name": (_str, 'the mechanism\'s name, as people say it ("Performer"); default: the title\'s '
+             "part before a colon, else the id in words", False),
+    "aliases": (lambda v: isinstance(v, list) and all(map(_str, v)),
+                "a list of other names search should find it by (FAVOR+, LSH)", False),
     "decoding": (lambda v: v is None or (_dict(v) and {"state", "step"} <= set(v)
                                          <= {"state", "step", "exact", "contexts", "why"}
                                          and _number(v["state"]) and _number(v["step"])
@@ -325,6 +343,8 @@ def validate_record(rec: _Located, path: Path | str) -> Entry:
                                f"{name}: key {key!r} must be {wanted}; got {rec[key]!r}")
     fields: dict[str, Any] = {k: rec[k] for k in SCHEMA if k in rec}
     fields["authors"] = tuple(rec["authors"])
+    if "aliases" in fields:
+        fields["aliases"] = tuple(fields["aliases"])
     if fields["citations"] is not None:
         fields["citations"] = {"count": rec["citations"]["count"],
                                "as_of": str(rec["citations"]["as_of"])}

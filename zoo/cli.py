@@ -38,7 +38,7 @@ def cmd_list(args) -> int:
 
 def cmd_show(args) -> int:
     from zoo.registry import entry, load
-    from zoo.site.pages import usage
+    from zoo.site.pages import settings_note, usage
 
     e = entry(args.id)
     cls = load(e.id)
@@ -55,6 +55,7 @@ def cmd_show(args) -> int:
         ("masking", "yes" if e.masking else "no"), ("citations", cites),
         ("idea", " ".join(e.idea.split())), ("notes", " ".join(e.notes.split()) or "none"),
         ("layer", f"{e.module}.{cls.__name__}({params})"),
+        ("settings", f"the usage below uses {settings_note(e)}"),
         ("source", str(e.source)),
     ]
     width = max(len(k) for k, _ in fields)
@@ -183,6 +184,15 @@ def cmd_claims(args) -> int:
         table.append([row["id"], *(f"{text} [{mark[held]}]" if held is not None else text
                                    for text, held in cells)])
     print(_table(table, list(HEADERS)))
+    peaked = [(r["id"], r["approximation"]) for r in rows if (r.get("approximation") or {}).get("peaked")]
+    if peaked:
+        t = peaked[0][1]["peaked"]["temperature"]
+        print(f"\nOn peaked inputs (queries divided by {t}: softmax far from uniform), at the default "
+              "budget, beside the same baselines:")
+        for i, a in peaked:
+            p = a["peaked"]
+            print(f"  {i}: {p['error']:.3f} at {a['param']}={a['default']} "
+                  f"(uniform averaging {p['uniform']:.3f}, zeros {p['zeros']:.3f})")
     print(f"\n{len(rows) - broken} entries keep every claim, {broken} do not")
     return 1 if broken else 0
 

@@ -5,7 +5,8 @@
 - `scaling`: FLOPs (`torch.utils.flop_counter`) and the largest intermediate tensor of one forward
   over several n, and their exponents of n. Counts depend on shapes only, so they are the same on
   every run and machine.
-- `approximation_error`: relative error against softmax attention as an entry's budget grows.
+- `approximation_error`: relative error against softmax attention as an entry's budget grows, and
+  `approximation_baselines`: the errors of uniform averaging and of zeros on the same inputs.
 - `decoding_scaling`: the decoding state's size and one token's step FLOPs after `L` tokens, and
   their exponents of `L`.
 
@@ -15,6 +16,7 @@ a deliberately broken layer under the same claims.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -257,23 +259,26 @@ def reference_scale(layer: nn.Module) -> float | None:
     return getattr(layer, "scale", None)
 
 
-def compare_to_softmax(layer: nn.Module, *, n: int = 37, mask=None, seed: int = 0) -> float:
-    """Relative error of the layer against softmax attention with the same q, k, v (float64).
-
-    Kernel entries are compared through `attend`; other sequence entries on the multi-head shell
-    through a softmax layer given the same `to_qkv` and `to_out` weights.
-    """
+def _outputs(layer: nn.Module, n: int, mask, seed: int, temperature: float):
+    """The layer's output, softmax attention's and uniform averaging's (softmax with all scores
+    zero) on the same q, k, v, the queries divided by `temperature` (float64)."""
     layer = layer.double()
     shell: Any = layer  # attributes of the shell or the entry, looked up by name
     causal = getattr(layer, "causal", False)
     with torch.no_grad():
         if has_attend(layer):
             q, k, v = qkv_for(layer, n, b=2, seed=seed)
+            q = q / temperature
             out = shell.attend(q, k, v, mask)
-            ref = softmax_attention(q, k, v, mask, causal=causal, scale=reference_scale(layer))
+            scale = reference_scale(layer)
+            ref = softmax_attention(q, k, v, mask, causal=causal, scale=scale)
+            uniform = softmax_attention(q, k, v, mask, causal=causal, scale=0.0)
         elif hasattr(layer, "to_qkv") and hasattr(layer, "to_out"):
             from zoo.entries.softmax_attention import SoftmaxAttention
 
+            if temperature != 1.0:  # the query rows of to_qkv: the first third of its outputs
+                layer = shell = copy.deepcopy(layer)
+                shell.to_qkv.weight[: shell.to_qkv.weight.shape[0] // 3] /= temperature
             exact = SoftmaxAttention(shell.dim, heads=shell.heads, dim_head=shell.dim_head,
                                      causal=causal).double()
             exact.to_qkv.load_state_dict(shell.to_qkv.state_dict())
@@ -281,19 +286,51 @@ def compare_to_softmax(layer: nn.Module, *, n: int = 37, mask=None, seed: int = 
             x = torch.randn(2, n, shell.dim, generator=torch.Generator().manual_seed(seed),
                             dtype=torch.float64)
             out, ref = layer(x, mask=mask) if mask is not None else layer(x), exact(x, mask)
+            exact.to_qkv.weight[: exact.to_qkv.weight.shape[0] // 3] = 0.0
+            uniform = exact(x, mask)
         else:
             raise TypeError(f"{type(layer).__name__} has neither attend() nor the multi-head shell; "
                             "it cannot be compared with softmax attention")
     if mask is not None and out.ndim == 4:
         keep = mask[:, None, :, None].expand_as(out)
-        out, ref = out[keep], ref[keep]
+        out, ref, uniform = out[keep], ref[keep], uniform[keep]
     elif mask is not None:
-        out, ref = out[mask], ref[mask]
-    return ((out - ref).norm() / ref.norm()).item()
+        out, ref, uniform = out[mask], ref[mask], uniform[mask]
+    return out, ref, uniform
 
 
-def approximation_error(e: Entry | str, budgets=None, *, n: int = 64, draws: int = 3,
-                        make: Make | None = None) -> dict:
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a - ref).norm() / ref.norm()).item()
+
+
+def compare_to_softmax(layer: nn.Module, *, n: int = 37, mask=None, seed: int = 0,
+                       temperature: float = 1.0) -> float:
+    """Relative error of the layer against softmax attention with the same q, k, v (float64).
+
+    Kernel entries are compared through `attend`; other sequence entries on the multi-head shell
+    through a softmax layer given the same `to_qkv` and `to_out` weights. `temperature` divides
+    the queries (below 1: a peaked softmax, far from uniform).
+    """
+    out, ref, _ = _outputs(layer, n, mask, seed, temperature)
+    return _rel(out, ref)
+
+
+def baseline_errors(layer: nn.Module, *, n: int = 37, seed: int = 0,
+                    temperature: float = 1.0) -> dict[str, float]:
+    """The errors of two trivial answers on the inputs `compare_to_softmax` uses: `uniform`
+    (every query averages all the keys it may see) and `zeros` (outputting nothing)."""
+    _, ref, uniform = _outputs(layer, n, None, seed, temperature)
+    return {"uniform": _rel(uniform, ref), "zeros": _rel(torch.zeros_like(ref), ref)}
+
+
+# Queries divided by this make softmax far from uniform at the probe's sizes: the scores' spread
+# grows fourfold, and averaging is then about as wrong as outputting zeros (see `baseline_errors`).
+PEAKED_TEMPERATURE = 0.25
+APPROX_N, APPROX_DRAWS = 64, 3
+
+
+def approximation_error(e: Entry | str, budgets=None, *, n: int = APPROX_N, draws: int = APPROX_DRAWS,
+                        make: Make | None = None, temperature: float = 1.0) -> dict:
     """Mean relative error against softmax attention at each budget (`budget.param` in the
     catalogue), over `draws` independently seeded layers and inputs.
 
@@ -312,10 +349,25 @@ def approximation_error(e: Entry | str, budgets=None, *, n: int = 64, draws: int
         for draw in range(draws):
             torch.manual_seed(1000 + draw)
             layer = make(**{param: value})
-            errs.append(compare_to_softmax(layer, n=n, seed=draw))
+            errs.append(compare_to_softmax(layer, n=n, seed=draw, temperature=temperature))
         out[value] = sum(errs) / len(errs)
     return out
 
 
-__all__ = ["DecodingScaling", "Scaling", "approximation_error", "attention_matrix",
-           "compare_to_softmax", "decoding_scaling", "influence", "qkv_for", "sample", "scaling"]
+def approximation_baselines(e: Entry | str, *, n: int = APPROX_N, draws: int = APPROX_DRAWS,
+                            make: Make | None = None, temperature: float = 1.0) -> dict[str, float]:
+    """`baseline_errors` averaged over the same draws (layers and inputs) `approximation_error`
+    uses, so an entry's error can be read against them."""
+    e = _resolve(e)
+    make = make or factory(e, dim=DIM)
+    sums = {"uniform": 0.0, "zeros": 0.0}
+    for draw in range(draws):
+        torch.manual_seed(1000 + draw)
+        for k, v in baseline_errors(make(), n=n, seed=draw, temperature=temperature).items():
+            sums[k] += v / draws
+    return sums
+
+
+__all__ = ["PEAKED_TEMPERATURE", "DecodingScaling", "Scaling", "approximation_baselines",
+           "approximation_error", "attention_matrix", "baseline_errors", "compare_to_softmax",
+           "decoding_scaling", "influence", "qkv_for", "sample", "scaling"]

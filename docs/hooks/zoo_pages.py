@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from mkdocs.structure.files import File
 
 from zoo.catalog import FAMILIES, catalog
+from zoo.site.compare import compare_page
 from zoo.site.figures import approximation_figure, bench_png, cached_png, pattern_figure
 from zoo.site.pages import (
     FAMILY_TITLES,
@@ -44,13 +46,33 @@ def _mathjax_file() -> Path:
     return path
 
 
+def _forget_loaded_catalogue() -> None:
+    """`mkdocs serve` rebuilds in the same process: read catalog.yaml again, and re-import the
+    entry modules whose file changed, so a new entry (`zoo new`) or an edit shows without a
+    restart."""
+    import importlib
+    import sys
+
+    from zoo import catalog as catalog_module
+
+    catalog_module._default.cache_clear()
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if name.startswith("zoo.entries.") and file and Path(file).is_file():
+            if Path(file).stat().st_mtime_ns != getattr(module, "_zoo_mtime", None):
+                if hasattr(module, "_zoo_mtime"):
+                    importlib.reload(module)
+                module._zoo_mtime = Path(file).stat().st_mtime_ns
+
+
 def on_config(config):
+    _forget_loaded_catalogue()
     entries = list(catalog().values())
     by_family = []
     for fam in FAMILIES:
-        members = sorted((e for e in entries if e.family == fam), key=lambda e: e.title.lower())
+        members = sorted((e for e in entries if e.family == fam), key=lambda e: e.display_name.lower())
         if members:
-            by_family.append({FAMILY_TITLES[fam]: [{e.title: page_path(e)} for e in members]})
+            by_family.append({FAMILY_TITLES[fam]: [{e.display_name: page_path(e)} for e in members]})
     config["nav"] = [{"Entries": by_family} if item == {"Entries": "entries/"} else item
                      for item in config["nav"] or []]
     return config
@@ -59,7 +81,16 @@ def on_config(config):
 def on_files(files, config):
     entries = list(catalog().values())
     log.info("zoo: measuring the claims of %d entries (cached in .cache/claims)", len(entries))
-    _rows[:] = claims_report(entries)
+    done: list[str] = []
+    last = [time.monotonic()]
+
+    def progress(entry_id: str) -> None:  # a line per measured (not cached) entry: minutes at first
+        done.append(entry_id)
+        if time.monotonic() - last[0] > 0.5:
+            log.info("zoo: claims %d/%d measured (%s)", len(done), len(entries), entry_id)
+        last[0] = time.monotonic()
+
+    _rows[:] = claims_report(entries, progress=progress)
     rows = {r["id"]: r for r in _rows}
 
     def add(uri: str, content):
@@ -69,7 +100,8 @@ def on_files(files, config):
     add("taxonomy.md", taxonomy_page(entries))
     bench = json.loads(BENCH_RESULTS.read_text()) if BENCH_RESULTS.is_file() else None
     quality = json.loads(QUALITY_RESULTS.read_text()) if QUALITY_RESULTS.is_file() else None
-    add("choose.md", choose_page(entries, rows, quality))
+    add("choose.md", choose_page(entries, rows, quality, bench))
+    add("compare.md", compare_page(entries, rows, bench, quality))
     add("quality.md", quality_page(entries, quality, bench))
     if quality:
         add("assets/figures/quality-heatmap.png",

@@ -25,7 +25,10 @@ def cached_png(name: str, key_parts: tuple, render: Callable[[], bytes],
     path = cache_dir / f"{name}-{fingerprint(*key_parts)}.png"
     if path.is_file():
         return path.read_bytes()
-    data = render()
+    try:
+        data = render()
+    except Exception as err:  # noqa: BLE001 - an unfinished entry must not stop the whole site
+        return failed_png(name, err)  # not cached: drawn again once the entry runs
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         for old in cache_dir.glob(f"{name}-*.png"):
@@ -34,6 +37,21 @@ def cached_png(name: str, key_parts: tuple, render: Callable[[], bytes],
     except OSError:
         pass
     return data
+
+
+def failed_png(name: str, err: Exception) -> bytes:
+    """A picture that says why `name` could not be drawn (an entry still being written, say
+    `zoo new`'s TODO), so the site still builds and the reason is on the page."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 1.6))
+    ax.axis("off")
+    why = textwrap.fill(f"{type(err).__name__}: {err}", 80)
+    ax.text(0.0, 0.5, f"{name}: could not be drawn\n{why}", va="center", family="monospace",
+            fontsize=8, transform=ax.transAxes)
+    return _png(fig)
 
 
 def _png(fig) -> bytes:
@@ -89,21 +107,33 @@ def pattern_png(e: Entry) -> bytes:
     return _png(fig)
 
 
-def approximation_png(e: Entry, errors: dict) -> bytes:
+def approximation_png(e: Entry, errors: dict, baselines: dict | None = None,
+                      peaked: tuple[dict, dict] | None = None) -> bytes:
+    """Error against the budget, with the uniform-averaging and zeros baselines as dashed lines;
+    `peaked` = (errors, baselines) on peaked inputs, drawn in a second colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.6, 3.2))
-    xs, ys = list(errors), list(errors.values())
-    ax.plot(xs, ys, marker="o", color="#5e35b1")
+    fig, ax = plt.subplots(figsize=(5.4, 3.4), layout="constrained")
+    series = [("random inputs", errors, baselines, "#5e35b1")]
+    if peaked:
+        series.append(("peaked inputs", peaked[0], peaked[1], "#ef6c00"))
+    for label, errs, base, colour in series:
+        ax.plot(list(errs), list(errs.values()), marker="o", color=colour, label=label)
+        if base:
+            ax.axhline(base["uniform"], color=colour, ls="--", lw=1,
+                       label=f"uniform averaging ({label})")
+    if baselines:
+        ax.axhline(baselines["zeros"], color="black", ls=":", lw=1, label="zeros")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel(str((e.budget or {}).get("param")), fontsize=9)
     ax.set_ylabel("relative error vs softmax", fontsize=9)
-    ax.set_title(f"{e.id}: error as the budget grows", fontsize=10)
+    ax.set_title(f"{e.display_name}: error as the budget grows", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
     return _png(fig)
 
 
@@ -112,8 +142,13 @@ def pattern_figure(e: Entry) -> bytes:
 
 
 def approximation_figure(e: Entry) -> bytes:
-    return cached_png(f"approx-{e.id}", (e, *e.sources),
-                      lambda: approximation_png(e, probe.approximation_error(e)))
+    def draw() -> bytes:
+        t = probe.PEAKED_TEMPERATURE
+        return approximation_png(e, probe.approximation_error(e), probe.approximation_baselines(e),
+                                 (probe.approximation_error(e, temperature=t),
+                                  probe.approximation_baselines(e, temperature=t)))
+
+    return cached_png(f"approx-{e.id}", (e, *e.sources, "baselines"), draw)
 
 
 def _series(points: list[dict], key: str):

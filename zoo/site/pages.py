@@ -35,12 +35,37 @@ def page_path(e: Entry) -> str:
     return f"entries/{e.id}.md"
 
 
+def layer_defaults(e: Entry) -> dict:
+    """The layer's own defaults for the keywords the catalogue's test-sized `hparams` set."""
+    import inspect
+
+    from zoo.registry import load
+
+    params = inspect.signature(load(e.id).__init__).parameters
+    return {k: params[k].default for k in e.hparams
+            if k in params and params[k].default is not inspect.Parameter.empty}
+
+
+def settings_note(e: Entry) -> str:
+    """One line saying which settings are test-sized and what the layer's defaults are."""
+    if not e.hparams:
+        return "the layer's defaults"
+    test = ", ".join(f"{k}={v!r}" for k, v in e.hparams.items())
+    defaults = ", ".join(f"{k}={v!r}" for k, v in layer_defaults(e).items())
+    return f"test-sized settings {test} (the layer's defaults: {defaults or 'none for these'})"
+
+
 def usage(e: Entry) -> str:
     """A runnable snippet for the entry; tests execute exactly this text."""
     kwargs = "".join(f", {k}={v!r}" for k, v in e.hparams.items())
+    defaults = ", ".join(f"{k}={v!r}" for k, v in layer_defaults(e).items())
+    note = (f"# test-sized settings (the catalogue's hparams); the layer's defaults are\n"
+            f"# {defaults or 'none for these keywords'}: leave the keywords out to get them\n"
+            if e.hparams else "")
     if e.input == "image":
         return (
             "import torch\nimport zoo\n\n"
+            f"{note}"
             f'layer = zoo.create("{e.id}", dim=64{kwargs})\n'
             "x = torch.randn(2, 64, 16, 16)  # (batch, channels, height, width)\n"
             "y = layer(x)\n"
@@ -54,6 +79,7 @@ def usage(e: Entry) -> str:
     ) if e.masking else "y = layer(x)\n"
     return (
         "import torch\nimport zoo\n\n"
+        f"{note}"
         f'layer = zoo.create("{e.id}", dim=64{kwargs}{causal})\n'
         "x = torch.randn(2, 128, 64)  # (batch, length, dim)\n"
         f"{mask}"
@@ -136,10 +162,11 @@ def source_section(e: Entry) -> list[str]:
         own = [s for s in snippets if s[2].startswith(path + ":")]
         where = ("its references above come first in the file" if own else
                  "the references above are the core's, in `zoo/core`")
-        head = ["## What runs, tested equal", "",
+        head = ["## What runs, tested equal { data-search-exclude }", "",
                 f"The fast path, `{e.module}`, exactly as tested ({where}):", ""]
     else:
-        head = ["## Source", "", f"The reference, `{e.module}`, exactly as tested:", ""]
+        head = ["## Source { data-search-exclude }", "",
+                f"The reference, `{e.module}`, exactly as tested:", ""]
     return [*head, "```python", f'--8<-- "{path}"', "```", ""]
 
 
@@ -151,14 +178,16 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
     arxiv = f" · [arXiv:{e.arxiv}](https://arxiv.org/abs/{e.arxiv})" if e.arxiv else ""
     exact = ", ".join(f"`{k}={v!r}`" for k, v in (e.exact_when or {}).items()) or "defaults"
     ns: list = list(e.scaling.get("ns") or SCALING_NS)
+    aka = f"Also known as: {', '.join(e.aliases)}." if e.aliases else ""
     lines = [
-        f"# {e.title}",
+        f"# {e.display_name}",
         "",
-        f"`{e.id}` · {FAMILY_TITLES[e.family]} · {e.venue}",
+        f'<p class="zoo-paper">{html.escape(e.title)}</p>',
         "",
-        "| | |",
-        "| --- | --- |",
+        f"`{e.id}` · {FAMILY_TITLES[e.family]} · {e.venue}. {aka}",
+        "",
         f"| Authors | {', '.join(e.authors)} |",
+        "| --- | --- |",
         f"| Paper | [{e.paper}]({e.paper}){arxiv} |",
         f"| Original code | {code} |",
         f"| Citations | {cites} |",
@@ -213,8 +242,11 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
                 "## Approximation error",
                 "",
                 f"Relative error against softmax attention with the same q, k, v as "
-                f"`{e.budget['param']}` grows (mean of 3 draws, n = 64).",
+                f"`{e.budget['param']}` grows (mean of 3 draws, n = 64). The dashed lines are "
+                "two answers that know nothing: uniform averaging over the keys, and outputting "
+                "zeros (error 1); an error above them is worse than ignoring the scores.",
                 "",
+                *approximation_table(e, (row or {}).get("approximation")),
                 f'![Approximation error of {e.id}](../assets/figures/approx-{e.id}.png)'
                 '{ .zoo-figure }',
                 "",
@@ -239,7 +271,7 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
         "```",
         "",
         *source_section(e),
-        "## BibTeX",
+        "## BibTeX { data-search-exclude }",
         "",
         "```bibtex",
         bibtex(e),
@@ -247,6 +279,22 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
         "",
     ]
     return "\n".join(lines)
+
+
+def approximation_table(e: Entry, cell: dict | None) -> list[str]:
+    """The error at the default budget beside its baselines, on random and on peaked inputs."""
+    if not cell or "random" not in cell:
+        return []
+    out = [f"At the layer's default `{cell['param']}={cell['default']}` (n = {cell['n']}, "
+           f"mean of {cell['draws']} draws):", "",
+           "| inputs | this entry | uniform averaging | zeros |", "| --- | --- | --- | --- |"]
+    for key, what in (("random", "random q, k, v"),
+                      ("peaked", f"peaked: queries divided by {cell['peaked']['temperature']}, "
+                                 "softmax far from uniform")):
+        r = cell[key]
+        verdict = " (worse than averaging)" if r["error"] > r["uniform"] else ""
+        out.append(f"| {what} | **{r['error']:.3f}**{verdict} | {r['uniform']:.3f} | {r['zeros']:.3f} |")
+    return out + [""]
 
 
 FAMILY_TEXT = {
@@ -312,7 +360,7 @@ def catalogue_page(entries: list[Entry], rows: dict[str, dict] | None = None) ->
         "",
         '<table id="zoo-catalogue">',
         "<thead><tr>"
-        '<th data-sort="id">Entry</th><th data-sort="family">Family</th>'
+        '<th data-sort="name">Entry</th><th data-sort="family">Family</th>'
         '<th data-sort="year" data-type="number">Year</th>'
         '<th data-sort="citations" data-type="number">Citations</th>'
         "<th>Time</th>"
@@ -329,13 +377,16 @@ def catalogue_page(entries: list[Entry], rows: dict[str, dict] | None = None) ->
         except ValueError:
             measured = ""
         cites = e.citations["count"] if e.citations else ""
-        text = html.escape(" ".join([e.id, e.title, e.idea, e.family]).lower(), quote=True)
+        text = html.escape(" ".join([e.id, e.display_name, *e.aliases, e.title, e.idea, e.family]).lower(),
+                           quote=True)
         out.append(
-            f'<tr data-id="{e.id}" data-family="{e.family}" data-year="{e.year}" '
+            f'<tr data-id="{e.id}" data-name="{html.escape(e.display_name.lower(), quote=True)}" '
+            f'data-family="{e.family}" data-year="{e.year}" '
             f'data-citations="{cites}" data-declared="{e.scaling["time"]}" '
             f'data-measured="{measured}" data-autoregressive="{_yes(e.autoregressive)}" '
             f'data-masking="{_yes(e.masking)}" data-input="{e.input}" data-text="{text}">'
-            f'<td><a href="../entries/{e.id}/">{html.escape(e.title)}</a><br><code>{e.id}</code></td>'
+            f'<td><a href="../entries/{e.id}/">{html.escape(e.display_name)}</a><br>'
+            f'<span class="zoo-paper">{html.escape(e.title)}</span><br><code>{e.id}</code></td>'
             f"<td>{e.family}</td><td>{e.year}</td><td>{cites}</td>"
             f"<td>{_math(e.complexity['time'])}</td><td>{e.scaling['time']}</td>"
             f"<td>{measured or '-'}</td><td>{_yes(e.autoregressive)}</td><td>{_yes(e.masking)}</td>"
@@ -371,7 +422,8 @@ def taxonomy_page(entries: list[Entry]) -> str:
         if not members:
             continue
         out += [f"## {FAMILY_TITLES[fam]}", "", FAMILY_TEXT[fam], ""]
-        out += [f"- [{e.title}](entries/{e.id}.md) ({e.year}): {' '.join(e.idea.split())}"
+        out += [f"- [{e.display_name}](entries/{e.id}.md) ({e.title}, {e.year}): "
+                f"{' '.join(e.idea.split())}"
                 for e in members]
         out.append("")
     return "\n".join(out)
@@ -384,57 +436,13 @@ def _num(row: dict, kind: str) -> float:
         return float("nan")
 
 
-def choose_page(entries: list[Entry], rows: dict[str, dict], quality: dict | None = None) -> str:
-    """'Which one should I use': entries grouped by need, ranked by measured recall (the
-    committed recall grid) where it exists, then by the measured time and memory exponents."""
-    from zoo.site.quality import cell_names, recall_score
-    from zoo.verify.quality import summary
+def choose_page(entries: list[Entry], rows: dict[str, dict], quality: dict | None = None,
+                bench: dict | None = None) -> str:
+    """'Which one should I use': picks per need by a stated rule over the measured numbers
+    (zoo/site/compare.py)."""
+    from zoo.site import compare
 
-    recall_table = summary(quality) if quality else {}
-    cells = cell_names(quality) if quality else []
-
-    def recall(e: Entry) -> float | None:
-        return recall_score(recall_table.get(e.id, {}), cells) if recall_table else None
-
-    def table(members: list[Entry]) -> list[str]:
-        members = sorted(members, key=lambda e: (-(recall(e) or -1.0),
-                                                 _num(rows.get(e.id, {}), "time"),
-                                                 _num(rows.get(e.id, {}), "memory"), e.id))
-        out = ["| entry | recall (MQAR) | time exp. (measured) | memory exp. (measured) | "
-               "exact limit | approx. error at default |", "| --- | --- | --- | --- | --- | --- |"]
-        for e in members:
-            row = rows.get(e.id, {})
-            exact = "yes" if row.get("exact") and row["exact"]["held"] else "-"
-            approx = (row.get("approximation") or {}).get("measured", "-") or "-"
-            r = recall(e)
-            out.append(f"| [`{e.id}`](entries/{e.id}.md) | {'-' if r is None else f'{r:.2f}'} | "
-                       f"{_num(row, 'time'):.2f} | {_num(row, 'memory'):.2f} | {exact} | {approx} |")
-        return out + [""]
-
-    seq = [e for e in entries if e.input == "sequence"]
-    groups = [
-        ("Causal language modelling on long sequences",
-         "Autoregressive entries whose measured time exponent is below 1.5, fastest-growing last.",
-         [e for e in seq if e.autoregressive and _num(rows.get(e.id, {}), "time") < 1.5]),
-        ("Bidirectional encoders with padding",
-         "Entries that honour a padding mask and grow slower than n squared.",
-         [e for e in seq if e.masking and _num(rows.get(e.id, {}), "time") < 1.75]),
-        ("Images and feature maps", "Image modules, ordered by how their cost grows with pixels.",
-         [e for e in entries if e.input == "image"]),
-        ("When the answer must be exact",
-         "Entries that equal softmax attention at some setting (checked to 1e-10).",
-         [e for e in entries if (rows.get(e.id, {}).get("exact") or {}).get("held")]),
-    ]
-    out = ["# Which one should I use?", "",
-           "Every number on this page is measured: the exponents from the references at build "
-           "time (see the [claims table](index.md#claims) and [benchmarks](benchmarks.md)), recall "
-           "from the committed recall grid ([Quality](quality.md)"
-           + (f", last job {max((x.get('date', '') for x in quality['runs'].values()), default='-')[:10]}"
-              if quality else "") + "); none is copied from a paper. Within each need, entries "
-           "are ranked by recall, then by how their cost grows.", ""]
-    for title, text, members in groups:
-        out += [f"## {title}", "", text, ""] + table(members)
-    return "\n".join(out)
+    return compare.choose_page(entries, rows, quality, bench)
 
 
 def benchmarks_page(entries: list[Entry], data: dict | None, public: dict | None = None) -> str:
