@@ -8,7 +8,7 @@ import torch
 
 import zoo
 from tests.oracles import assert_same_outputs_and_grads, qkv
-from tests.stepping_layers import assert_steps_equal_forward, decode, padding, state_elements
+from tests.stepping import assert_layer_steps_equal_forward, decode, padding, state_elements
 from zoo.core.softmax import softmax_attention
 from zoo.entries.based import (
     based_linear_attention,
@@ -70,7 +70,7 @@ def test_window_covering_everything_is_softmax_attention():
 def test_step_over_random_splits_equals_the_causal_forward(masked):
     layer = zoo.create("based", dim=32, heads=2, feature_dim=4, window=5, causal=True).double()
     x = torch.randn(2, 23, 32, dtype=torch.float64)
-    assert_steps_equal_forward(layer, x, padding(23) if masked else None)
+    assert_layer_steps_equal_forward(layer, x, padding(23) if masked else None)
 
 
 def test_state_does_not_grow_with_the_context():

@@ -6,7 +6,7 @@ import torch
 
 import zoo
 from tests.oracles import assert_same_outputs_and_grads, qkv
-from tests.stepping_layers import assert_steps_equal_forward, padding
+from tests.stepping import assert_layer_steps_equal_forward, padding
 from zoo import probe
 from zoo.core.softmax import softmax_attention
 from zoo.entries.flash_attention import flash_attention
@@ -53,7 +53,7 @@ def test_step_over_random_splits_equals_the_causal_forward(masked):
     layer = zoo.create("flash-attention", dim=32, heads=2, block_q=4, block_k=5, causal=True).double()
     x = torch.randn(2, 23, 32, dtype=torch.float64)
     mask = padding(23) if masked else None
-    state = assert_steps_equal_forward(layer, x, mask)
+    state = assert_layer_steps_equal_forward(layer, x, mask)
     assert state.cache["k"].shape == (2, 2, 23, 16)  # the cache holds every key: state ~ context
 
 

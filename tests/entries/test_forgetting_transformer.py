@@ -8,7 +8,7 @@ import torch
 
 import zoo
 from tests.oracles import assert_same_outputs_and_grads
-from tests.stepping_layers import assert_steps_equal_forward, padding
+from tests.stepping import assert_layer_steps_equal_forward, padding
 
 
 def layer_and_input(causal=True, n=17):
@@ -63,7 +63,7 @@ def test_open_gates_are_softmax_attention_and_closed_gates_read_only_the_current
 def test_step_over_random_splits_equals_the_causal_forward(masked):
     layer, x = layer_and_input(n=23)
     mask = padding(23) if masked else None
-    state = assert_steps_equal_forward(layer, x, mask)
+    state = assert_layer_steps_equal_forward(layer, x, mask)
     assert state.cache["c"].shape == (2, 2, 23)  # one cumulative log gate per cached token and head
 
 

@@ -8,7 +8,7 @@ import torch
 
 import zoo
 from tests.oracles import assert_same_outputs_and_grads
-from tests.stepping_layers import assert_steps_equal_forward, decode, padding, state_elements
+from tests.stepping import assert_layer_steps_equal_forward, decode, padding, state_elements
 from zoo.core.softmax import softmax_attention
 from zoo.entries.grouped_query_attention import GroupedQueryAttention, grouped_query_attention
 
@@ -69,7 +69,7 @@ def test_step_over_random_splits_equals_the_causal_forward(kv_heads, masked):
                        causal=True).double()
     x = torch.randn(2, 23, 32, dtype=torch.float64)
     mask = padding(23) if masked else None
-    assert_steps_equal_forward(layer, x, mask)
+    assert_layer_steps_equal_forward(layer, x, mask)
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import zoo
-from tests.stepping_layers import assert_steps_equal_forward, decode, padding, state_elements
+from tests.stepping import assert_layer_steps_equal_forward, decode, padding, state_elements
 from zoo.entries.multi_head_latent_attention import rope
 
 
@@ -74,7 +74,7 @@ def test_rotary_scores_depend_only_on_the_relative_position():
 def test_step_over_random_splits_equals_the_causal_forward(masked):
     layer, x = layer_and_input()
     mask = padding(23) if masked else None
-    assert_steps_equal_forward(layer, x, mask)
+    assert_layer_steps_equal_forward(layer, x, mask)
 
 
 def test_cache_holds_the_latent_and_rotary_key_only():

@@ -11,7 +11,7 @@ import torch
 
 import zoo
 from tests.oracles import assert_same_outputs_and_grads
-from tests.stepping_layers import assert_steps_equal_forward, padding
+from tests.stepping import assert_layer_steps_equal_forward, padding
 from zoo import probe
 from zoo.entries.native_sparse_attention import selection_scores
 
@@ -93,7 +93,7 @@ def test_selection_scores_are_the_papers_double_sum():
 def test_step_over_random_splits_equals_the_causal_forward(masked):
     layer, x = layer_and_input(n=23)
     mask = padding(23) if masked else None
-    state = assert_steps_equal_forward(layer, x, mask)
+    state = assert_layer_steps_equal_forward(layer, x, mask)
     assert state.cache["c_k"].shape[2] == (23 - 4) // 2 + 1  # every completed compressed block, once
 
 

@@ -26,10 +26,10 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.core.cache import Cached, append, cached_attention, real_tokens, zero_padding
 from zoo.core.checks import check_dtype, check_sequence, positive_int
+from zoo.core.decoding import Cached, append, cached_attention, real_tokens
 from zoo.core.linear import causal_sum, kernel_attention, ratio
-from zoo.core.masks import block_windows, neg_fill, pad_mask, pad_to_multiple
+from zoo.core.masks import block_windows, neg_fill, pad_mask, pad_to_multiple, zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
@@ -122,7 +122,7 @@ class Based(Cached, MultiHead):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
         check_dtype(x, self, name=type(self).__name__)
-        q, k, v, q_f, k_f, v_f = self.project(zero_padding(x, mask))
+        q, k, v, q_f, k_f, v_f = self.project(zero_padded_tokens(x, mask))
         out = (based_linear_attention(q_f, k_f, v_f, mask, causal=self.causal)
                + sliding_window_attention(q, k, v, mask, window=self.window, causal=self.causal))
         return self.to_out(self.merge_heads(out))
@@ -133,7 +133,7 @@ class Based(Cached, MultiHead):
         (the last column the normaliser) and the window's last `w - 1` keys and values."""
         state = cache or {}
         real = real_tokens(x, mask)
-        q, k, v, q_f, k_f, v_f = self.project(zero_padding(x, mask))
+        q, k, v, q_f, k_f, v_f = self.project(zero_padded_tokens(x, mask))
         phi_q = taylor_feature_map(q_f)
         phi_k = torch.where(rearrange(real, "b t -> b 1 t 1"), taylor_feature_map(k_f), q.new_zeros(()))
         v_f = torch.cat([v_f, torch.ones_like(v_f[..., :1])], dim=-1)

@@ -28,9 +28,9 @@ Deviations from the paper:
 import torch
 from einops import einsum, rearrange
 
-from zoo.core.cache import Cached, append, real_tokens, zero_padding
 from zoo.core.checks import check_qkv, check_sequence, positive_int
-from zoo.core.masks import neg_fill, pad_to_multiple
+from zoo.core.decoding import Cached, append, real_tokens
+from zoo.core.masks import neg_fill, pad_to_multiple, zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
@@ -103,13 +103,13 @@ class FlashAttention(Cached, MultiHead):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
-        return super().forward(zero_padding(x, mask), mask)
+        return super().forward(zero_padded_tokens(x, mask), mask)
 
     def decode(self, x: torch.Tensor, cache: dict | None, mask: torch.Tensor | None,
                start: int) -> tuple[torch.Tensor, dict]:
         """One chunk; the cache `{k, v, real}` holds every key and value so far."""
         state = cache or {}
-        q, k, v = map(self.split_heads, self.to_qkv(zero_padding(x, mask)).chunk(3, dim=-1))
+        q, k, v = map(self.split_heads, self.to_qkv(zero_padded_tokens(x, mask)).chunk(3, dim=-1))
         k, v = append(state.get("k"), k, 2), append(state.get("v"), v, 2)
         real = append(state.get("real"), real_tokens(x, mask), 1)
         out = flash_attention(q, k, v, real, causal=True, block_q=self.block_q, block_k=self.block_k)

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from zoo.core.cache import Cached, append, cached_attention, real_tokens, zero_padding
 from zoo.core.checks import check_dtype, check_sequence
+from zoo.core.decoding import Cached, append, cached_attention, real_tokens
+from zoo.core.masks import zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
@@ -83,7 +84,7 @@ class ForgettingTransformer(Cached, MultiHead):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
         check_dtype(x, self, name=type(self).__name__)
-        x = zero_padding(x, mask)
+        x = zero_padded_tokens(x, mask)
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         c = cumulative_log_forget(self.log_forget(x), mask)
         out = forgetting_attention(q, k, v, c, mask, causal=self.causal)
@@ -94,7 +95,7 @@ class ForgettingTransformer(Cached, MultiHead):
         """One chunk. The cache is `{k, v, real}` and `c` `(b, h, n)`, the cumulative log gate of every
         cached token: `D` for a new query needs no earlier gate."""
         state = cache or {}
-        x = zero_padding(x, mask)
+        x = zero_padded_tokens(x, mask)
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         past = state.get("c")
         c = append(past, cumulative_log_forget(self.log_forget(x), mask,

@@ -17,8 +17,9 @@ import torch
 from einops import rearrange, reduce, repeat
 from torch import nn
 
-from zoo.core.cache import Cached, append, cached_attention, real_tokens, zero_padding
 from zoo.core.checks import check_dtype, check_key_mask, check_sequence, check_tensor, positive_int
+from zoo.core.decoding import Cached, append, cached_attention, real_tokens
+from zoo.core.masks import zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
@@ -93,14 +94,14 @@ class GroupedQueryAttention(Cached, MultiHead):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
         check_dtype(x, self, name=type(self).__name__)
-        q, k, v = self.project(zero_padding(x, mask))
+        q, k, v = self.project(zero_padded_tokens(x, mask))
         return self.to_out(self.merge_heads(self.attend(q, k, v, mask)))
 
     def decode(self, x: torch.Tensor, cache: dict | None, mask: torch.Tensor | None,
                start: int) -> tuple[torch.Tensor, dict]:
         """One chunk; the cache `{k, v, real}` holds keys and values of `kv_heads` heads only."""
         state = cache or {}
-        q, k, v = self.project(zero_padding(x, mask))
+        q, k, v = self.project(zero_padded_tokens(x, mask))
         k, v = append(state.get("k"), k, 2), append(state.get("v"), v, 2)
         real = append(state.get("real"), real_tokens(x, mask), 1)
         out = grouped_query_attention(q, k, v, real, causal=True)

@@ -27,8 +27,9 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.core.cache import Cached, append, cached_attention, real_tokens, zero_padding
 from zoo.core.checks import check_dtype, check_sequence, positive_int
+from zoo.core.decoding import Cached, append, cached_attention, real_tokens
+from zoo.core.masks import zero_padded_tokens
 
 
 def rope(x: torch.Tensor, start: int = 0, base: float = 10000.0) -> torch.Tensor:
@@ -142,7 +143,7 @@ class MultiHeadLatentAttention(Cached, nn.Module):
         name = type(self).__name__
         check_sequence(x, self.dim, mask, name=name)
         check_dtype(x, self, name=name)
-        x = zero_padding(x, mask)
+        x = zero_padded_tokens(x, mask)
         c_q, q_r = self.queries(x)
         c_kv, k_r = self.cache_entries(x)
         q_c = rearrange(self.to_q(c_q), "b n (h d) -> b h n d", h=self.heads)
@@ -157,7 +158,7 @@ class MultiHeadLatentAttention(Cached, nn.Module):
         """One chunk, in the absorbed form. The cache `{c_kv, k_rope, real}` is the latent cache:
         `d_c + d_h^R` numbers per token, against `2 h d_h` for multi-head attention."""
         state = cache or {}
-        x = zero_padding(x, mask)
+        x = zero_padded_tokens(x, mask)
         c_q, q_r = self.queries(x, start)
         c_kv, k_r = self.cache_entries(x, start)
         c_kv, k_r = append(state.get("c_kv"), c_kv, 1), append(state.get("k_rope"), k_r, 1)

@@ -36,15 +36,15 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-from zoo.core.cache import (
+from zoo.core.checks import check_dtype, check_sequence, positive_int
+from zoo.core.decoding import (
     Cached,
     append,
     attention_weights,
     cached_attention,
     real_tokens,
-    zero_padding,
 )
-from zoo.core.checks import check_dtype, check_sequence, positive_int
+from zoo.core.masks import zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
@@ -54,8 +54,10 @@ def compress(t: torch.Tensor, real: torch.Tensor, phi: nn.Linear, *, block: int,
 
     t `(b, h, n, d)`, real `(b, n)` -> `(b, h, nb, d)` and `(b, nb)`, True where the block holds a
     real token. Only complete blocks: block `i` covers tokens `i stride .. i stride + block - 1`.
+    A padded token enters its block's vector as zeros (selected: NaN behind the mask stays out).
     """
     t, real = t[:, :, first * stride:], real[:, first * stride:]
+    t = torch.where(rearrange(real, "b n -> b 1 n 1"), t, t.new_zeros(()))
     if t.shape[2] < block:
         return t.new_zeros(*t.shape[:2], 0, phi.out_features), real[:, :0]
     windows = t.unfold(2, block, stride)  # (b h nb d l)
@@ -175,7 +177,7 @@ class NativeSparseAttention(Cached, MultiHead):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_sequence(x, self.dim, mask, name=type(self).__name__)
         check_dtype(x, self, name=type(self).__name__)
-        x = zero_padding(x, mask)
+        x = zero_padded_tokens(x, mask)
         q, keys, values, gates = self.project(x)
         real = real_tokens(x, mask)
         k_cmp, real_cmp = compress(keys["cmp"], real, self.phi_k, block=self.block, stride=self.stride)
@@ -188,7 +190,7 @@ class NativeSparseAttention(Cached, MultiHead):
         """One chunk. The cache holds every token's keys and values of the three branches and the
         compressed blocks completed so far; a chunk compresses only the blocks it completes."""
         state = dict(cache or {})
-        x = zero_padding(x, mask)
+        x = zero_padded_tokens(x, mask)
         q, keys, values, gates = self.project(x)
         for name in ("cmp", "slc", "win"):
             state[f"k_{name}"] = keys[name] = append(state.get(f"k_{name}"), keys[name], 2)
