@@ -140,3 +140,43 @@ def test_a_cell_settled_by_one_learning_rate_skips_the_others(tmp_path, monkeypa
         "linear-transformer|smoke|0.003"}
     assert quality.settled(Job("softmax-attention", "smoke", 3e-3), quality.load_results(
         path, recipe)["runs"])
+
+
+def test_the_committed_results_are_consistent():
+    """benchmarks/quality.json, as `make quality` writes it: today's recipe and budgets, keys that
+    match their runs, known entries and cells, curves that end at the recorded accuracy, and a run
+    that stopped before its budget only because it reached the stop accuracy."""
+    from pathlib import Path
+
+    import zoo
+    from zoo.tasks import CELLS
+
+    data = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "quality.json").read_text())
+    assert data["recipe"] == Recipe().key() and data["steps"] == quality.STEPS
+    assert data["runs"], "no runs committed"
+    for key, run in data["runs"].items():
+        assert key == Job(run["attention"], run["cell"], run["lr"]).key
+        assert run["attention"] in zoo.names() and run["cell"] in CELLS
+        assert run["lr"] in Recipe().lrs and run["budget"] == quality.STEPS[run["cell"]]
+        assert 0 <= run["steps"] <= run["budget"] and 0.0 <= run["accuracy"] <= 1.0
+        if run["status"] == "ok":
+            assert run["curve"] and run["curve"][-1] == [run["steps"], round(run["accuracy"], 4)], key
+            if run["steps"] < run["budget"]:
+                assert run["accuracy"] >= quality.STOP_AT, key
+
+
+def test_the_quality_page_shows_the_ordering_from_the_data():
+    from zoo.site.quality import ordering_section
+
+    def run(name, cell, acc):
+        return {"attention": name, "cell": cell, "lr": 0.01, "accuracy": acc, "steps": 10,
+                "seconds": 1.0, "status": "ok"}
+
+    data = {"cells": {"smoke": {"pairs": 4}, "n64-p4": {"pairs": 4}, "n128-p8": {"pairs": 8}},
+            "runs": {f"{n}|{c}": run(n, c, a) for n, c, a in [
+                ("softmax-attention", "n64-p4", 0.996), ("linear-transformer", "n64-p4", 0.9),
+                ("softmax-attention", "n128-p8", 0.991), ("performer", "n128-p8", 0.5)]}}
+    lines = ordering_section(quality.summary(data), data)
+    rows = [x for x in lines if x.startswith("| `n")]
+    assert rows == ["| `n64-p4` | 4 | 1.00 | 0.90 | - | +0.10 |",
+                    "| `n128-p8` | 8 | 0.99 | - | 0.50 | +0.49 |"]

@@ -135,6 +135,33 @@ def pareto_png(data: dict, bench: dict | None) -> bytes:
     return _png(fig)
 
 
+ORDERING = ("softmax-attention", "linear-transformer", "performer")
+
+
+def ordering_section(table: dict, data: dict) -> list[str]:
+    """Zoology's ordering, checked on our numbers: softmax at the stop accuracy in every cell, the
+    kernel attentions below it in the harder cells, their gap growing with the number of pairs."""
+    cells = [c for c in cell_names(data) if c != "smoke"]
+    out = ["## The published ordering, checked", "",
+           "Zoology (Figure 2) finds softmax attention solving MQAR at every length and number of "
+           "pairs, and the kernel (linear) attentions falling behind as the pairs grow at a fixed "
+           "width. Our numbers for the three mechanisms of that comparison, per separation cell "
+           "(`-`: not measured yet):", "",
+           "| cell | pairs | " + " | ".join(f"`{n}`" for n in ORDERING) + " | gap to softmax |",
+           "| --- | --- | " + " | ".join("---" for _ in ORDERING) + " | --- |"]
+    for c in cells:
+        accs = [table.get(n, {}).get(c, {}).get("accuracy") for n in ORDERING]
+        gaps = [accs[0] - a for a in accs[1:] if a is not None and accs[0] is not None]
+        out.append(f"| `{c}` | {data['cells'][c]['pairs']} | " + " | ".join(_fmt(a) for a in accs)
+                   + f" | {', '.join(f'{g:+.2f}' for g in gaps) or '-'} |")
+    out += ["", "A model that has learnt that the answer is one of the values in its context, but "
+            "not which, scores about 1 / pairs (0.25 with 4 pairs): many entries sit at that "
+            "plateau in the `smoke` cell, whose short budget (the whole cell over every entry in "
+            "about an hour here) measures how soon a mechanism leaves it more than whether it can; "
+            "`n64-p4` asks the same question with a larger vocabulary and a longer budget.", ""]
+    return out
+
+
 def quality_page(entries: list[Entry], data: dict | None, bench: dict | None) -> str:
     out = ["---", "hide: [navigation]", "---", "", "# Quality: what each mechanism learns", ""]
     if not data:
@@ -180,6 +207,7 @@ def quality_page(entries: list[Entry], data: dict | None, bench: dict | None) ->
     if front:
         out += ["On the front, slowest first: " + ", ".join(f"[`{n}`](entries/{n}.md)"
                                                             for n in front) + ".", ""]
+    out += ordering_section(table, data)
     missing = [e.id for e in entries if any(c not in table.get(e.id, {}) for c in cells)]
     out += ["## Every entry, every cell", "",
             "Accuracy at the best learning rate; `-` marks a cell not yet measured"
