@@ -203,12 +203,17 @@ def cmd_bench(args) -> int:
     with progress_bar(len(names) + 1, f"benchmarking at n = {args.n}") as step:
         data = bench.run(names, ns=args.n, dim=args.dim, heads=args.heads, backward=args.backward,
                          repeats=args.repeats, device=args.device, threads=args.threads,
-                         max_time=args.max_time, max_mem=args.max_mem * 2**20, progress=step)
-    header, rows = bench.table_rows(data)
-    m = data["machine"]
-    print(f"{m['processor']}, {m['cpus']} cpus, torch {m['torch']}, {m['threads']} threads; "
-          f"dim {args.dim}, {args.heads} heads, {'forward+backward' if args.backward else 'forward'}")
-    print(_table(rows, header))
+                         max_time=args.max_time, max_mem=args.max_mem * 2**20,
+                         allocators=args.allocators, progress=step)
+    m, envs = data["machine"], data["settings"]["environments"]
+    print(f"{m['processor']}, {m['cpus']} cpus, torch {m['torch']}, {m['threads']} threads, "
+          f"float32 matmul {m['matmul']['flops_per_s'] / 1e9:.0f} GFLOP/s; dim {args.dim}, "
+          f"{args.heads} heads; times in the plain process, "
+          + ", ".join(f"{k}: {envs[k]['label']}" for k in data["settings"]["allocators"]))
+    for mode in ["forward", "fb"] if args.backward else ["forward"]:
+        header, rows = bench.table_rows(data, mode)
+        print(f"\n{'forward' if mode == 'forward' else 'forward + backward'}")
+        print(_table(rows, header))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1) + "\n")
@@ -276,7 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sequence lengths, or pixel counts for image entries")
     bench.add_argument("--dim", type=int, default=256)
     bench.add_argument("--heads", type=int, default=4)
-    bench.add_argument("--backward", action="store_true", help="time forward + backward")
+    bench.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True,
+                       help="also time forward + backward, and its peak memory (default: yes)")
+    bench.add_argument("--allocators", nargs="*", default=["tuned", "preload"],
+                       choices=["tuned", "preload"],
+                       help="timing columns beside the plain process: glibc tuned, and a caching "
+                            "allocator (jemalloc, tcmalloc) preloaded where ldconfig finds one")
     bench.add_argument("--repeats", type=int, default=5, help="timed passes after a warm-up")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
