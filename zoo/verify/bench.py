@@ -131,15 +131,13 @@ def environments(allocators: Iterable[str] = ("tuned", "preload")) -> dict[str, 
     `plain` always comes first; `tuned` is glibc's settings; `preload` adds the caching allocator
     that `caching_allocator` finds (labelled by its name), and is left out where there is none.
     """
-    out: dict[str, dict] = {"plain": {"label": "plain process (glibc defaults)", "set": {}}}
+    out: dict[str, dict] = {"plain": {"label": "plain process, glibc's defaults", "set": {}}}
     allocators = list(allocators)
     unknown = set(allocators) - {"tuned", "preload"}
     if unknown:
         raise ValueError(f"allocators: expected 'tuned' and/or 'preload', got {sorted(unknown)}")
     if "tuned" in allocators:
-        out["tuned"] = {"label": "glibc tuned (" + ", ".join(f"{k}={v}" for k, v in
-                                                             TUNED_VARS.items()) + ")",
-                        "set": dict(TUNED_VARS)}
+        out["tuned"] = {"label": "glibc tuned to keep freed memory", "set": dict(TUNED_VARS)}
     found = caching_allocator() if "preload" in allocators else None
     if found:
         name, path = found
@@ -336,8 +334,8 @@ def matmul_worker(spec: dict) -> None:
         start = time.perf_counter()
         torch.mm(a, b, out=out)
         best = min(best, time.perf_counter() - start)
-    print(json.dumps({"seen": _seen(default_threads), "size": size, "threads": spec["threads"], "best_s": best,
-                      "flops_per_s": 2 * size ** 3 / best}), flush=True)
+    print(json.dumps({"seen": _seen(default_threads), "size": size, "threads": spec["threads"],
+                      "best_s": best, "flops_per_s": 2 * size ** 3 / best}), flush=True)
 
 
 # --- the parent -------------------------------------------------------------------------------
@@ -606,7 +604,8 @@ def table_rows(data: dict, mode: str = "forward") -> tuple[list[str], list[list[
               + [f"MiB{pass_label} @{n}" for n in ns])
     if mode == "forward":
         header += ["time exp (decl.)", "mem exp (decl.)"]
-    header += [f"x SDPA{pass_label} @{last}"] + ([f"of peak @{last}"] if mode == "forward" else [])
+    peak = mode == "forward" and matmul_flops_per_s(data) is not None
+    header += [f"x SDPA{pass_label} @{last}"] + ([f"of peak @{last}"] if peak else [])
     rows = []
     for name, r in data["results"].items():
         by_n = [_point(data, name, n) for n in ns]
@@ -620,7 +619,7 @@ def table_rows(data: dict, mode: str = "forward") -> tuple[list[str], list[list[
             row += [f"{fit['time']} ({r['declared']['time']})",
                     f"{fit['memory']} ({r['declared']['memory']})"]
         row.append(_fmt(speedup(data, name, last, f"time{infix}_s"), ".1f"))
-        if mode == "forward":
+        if peak:
             row.append(_fmt(fraction_of_peak(data, name, last), ".2f"))
         rows.append(row)
     return header, rows
