@@ -161,7 +161,7 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
         lines += [
             "## Benchmark",
             "",
-            "Forward time and peak memory against the SDPA baseline (see "
+            "Time (forward, and forward + backward) and peak memory against the SDPA baseline (see "
             "[Benchmarks](../benchmarks.md)).",
             "",
             f'![Benchmark of {e.id}](../assets/figures/bench-{e.id}.png){{ .zoo-figure }}',
