@@ -35,9 +35,13 @@ test: $(STAMP)
 clean:
 	rm -rf site .pytest_cache .ruff_cache .cache
 
-# The committed benchmark results for this machine kind (2 cores, no GPU); takes several minutes.
+# The committed benchmark results for this machine kind (2 cores, no GPU): every entry forward and
+# forward + backward in the plain process, beside glibc tuned and, where ldconfig finds
+# libjemalloc.so or libtcmalloc.so (Debian: apt-get install libjemalloc2), that allocator
+# preloaded; FLOPs against the run's matmul rate. About 40 minutes on a quiet machine (55 entries).
 bench: $(STAMP)
-	$(VENV)/bin/zoo bench --n 1024 4096 16384 --repeats 5 --out benchmarks/results.json
+	$(VENV)/bin/zoo bench --n 1024 4096 16384 --repeats 5 --backward --allocators tuned preload \
+		--out benchmarks/results.json
 
 # Time per new token (layer.step) after contexts of 1k, 4k and 16k, every autoregressive entry
 # beside SDPA with a KV cache; on a quiet machine, like `bench`.

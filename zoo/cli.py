@@ -210,10 +210,7 @@ def cmd_bench(args) -> int:
             print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
             return 1
     names = bench.resolve_names(args.ids)
-    if args.decode:
-        if args.backward:
-            print("error: --decode times inference steps; it does not take --backward", file=sys.stderr)
-            return 1
+    if args.decode:  # inference steps: no backward pass, plain process only
         refused = [i for i in names if not catalog()[i].autoregressive]
         if args.ids and refused:
             print(f"error: --decode needs autoregressive entries; not autoregressive: "
@@ -224,15 +221,20 @@ def cmd_bench(args) -> int:
     with progress_bar(len(names) + 1, f"{what} n = {args.n}") as step:
         data = bench.run(names, ns=args.n, dim=args.dim, heads=args.heads, backward=args.backward,
                          repeats=args.repeats, device=args.device, threads=args.threads,
-                         max_time=args.max_time, max_mem=args.max_mem * 2**20, decode=args.decode,
-                         progress=step)
-    header, rows = bench.table_rows(data)
-    m = data["machine"]
+                         max_time=args.max_time, max_mem=args.max_mem * 2**20,
+                         allocators=args.allocators, decode=args.decode, progress=step)
+    m, envs = data["machine"], data["settings"]["environments"]
     mode = ("one decoding step after n - 1 tokens (exponents: step, state)" if args.decode
-            else "forward+backward" if args.backward else "forward")
-    print(f"{m['processor']}, {m['cpus']} cpus, torch {m['torch']}, {m['threads']} threads; "
-          f"dim {args.dim}, {args.heads} heads, {mode}")
-    print(_table(rows, header))
+            else "times in the plain process, "
+            + ", ".join(f"{k}: {envs[k]['label']}" for k in data["settings"]["allocators"]))
+    print(f"{m['processor']}, {m['cpus']} cpus, torch {m['torch']}, {m['threads']} threads, "
+          f"float32 matmul {m['matmul']['flops_per_s'] / 1e9:.0f} GFLOP/s; dim {args.dim}, "
+          f"{args.heads} heads; {mode}")
+    passes = ["decode"] if args.decode else ["forward", "fb"] if args.backward else ["forward"]
+    for pass_ in passes:
+        header, rows = bench.table_rows(data, pass_)
+        print(f"\n{ {'forward': 'forward', 'fb': 'forward + backward', 'decode': 'decoding'}[pass_] }")
+        print(_table(rows, header))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1) + "\n")
@@ -300,10 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sequence lengths, or pixel counts for image entries")
     bench.add_argument("--dim", type=int, default=256)
     bench.add_argument("--heads", type=int, default=4)
-    bench.add_argument("--backward", action="store_true", help="time forward + backward")
+    bench.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True,
+                       help="also time forward + backward, and its peak memory (default: yes)")
     bench.add_argument("--decode", action="store_true",
                        help="time one decoding step (layer.step on one token) after a context of "
                             "n - 1 tokens, for the autoregressive entries, beside SDPA with a KV cache")
+    bench.add_argument("--allocators", nargs="*", default=["tuned", "preload"],
+                       choices=["tuned", "preload"],
+                       help="timing columns beside the plain process: glibc tuned, and a caching "
+                            "allocator (jemalloc, tcmalloc) preloaded where ldconfig finds one")
     bench.add_argument("--repeats", type=int, default=5, help="timed passes after a warm-up")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

@@ -111,7 +111,9 @@ def on_files(files, config):
             cached_png("quality-pareto", (quality, bench), lambda: pareto_png(quality, bench)))
     public_file = BENCH_RESULTS.with_name("public.json")
     public = json.loads(public_file.read_text()) if public_file.is_file() else None
-    add("benchmarks.md", benchmarks_page(entries, bench, public))
+    decoding_file = BENCH_RESULTS.with_name("decoding.json")
+    decoding = json.loads(decoding_file.read_text()) if decoding_file.is_file() else None
+    add("benchmarks.md", benchmarks_page(entries, bench, public, decoding))
     if bench:
         for fam in FAMILIES:
             members = [e.id for e in entries if e.family == fam and e.id in bench["results"]]

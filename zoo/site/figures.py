@@ -152,13 +152,15 @@ def approximation_figure(e: Entry) -> bytes:
 
 
 def _series(points: list[dict], key: str):
-    ok = [p for p in points if p.get("status") == "ok" and p.get(key)]
-    scale = 1e3 if key == "time_s" else 1 / 2**20
+    ok = [p for p in points if isinstance(p.get(key), (int, float)) and p[key] > 0
+          and (key != "time_s" or p.get("status", "ok") == "ok")]
+    scale = 1e3 if key.startswith("time") else 1 / 2**20
     return [p["n"] for p in ok], [p[key] * scale for p in ok]
 
 
 def bench_png(data: dict, names: list[str], title: str) -> bytes:
-    """Time and peak memory against n, log-log, one line per entry, the SDPA baseline in black."""
+    """Time (plain process; forward, and forward + backward where measured) and peak memory against
+    n, log-log, one line per entry, the SDPA baseline in black."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,9 +168,13 @@ def bench_png(data: dict, names: list[str], title: str) -> bytes:
 
     from zoo.verify.bench import BASELINE
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
-    for ax, key, label in ((axes[0], "time_s", "forward time (ms)"),
-                           (axes[1], "peak_bytes", "peak memory (MiB)")):
+    s = data["settings"]
+    panels = [("time_s", "forward time (ms)")]
+    if s.get("backward") and "passes" in s:  # files before the training columns timed one pass
+        panels.append(("time_fb_s", "forward + backward time (ms)"))
+    panels.append(("peak_bytes", "forward peak memory (MiB)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), layout="constrained")
+    for ax, (key, label) in zip(axes, panels, strict=True):
         for name in [BASELINE, *names]:
             r = data["results"].get(name)
             if r is None:
@@ -185,8 +191,10 @@ def bench_png(data: dict, names: list[str], title: str) -> bytes:
         ax.set_xlabel("n (tokens, or pixels for images)", fontsize=9)
         ax.set_ylabel(label, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    s = data["settings"]
-    fig.suptitle(f"{title} (dim {s['dim']}, {s['heads']} heads, "
-                 f"{'forward+backward' if s['backward'] else 'forward'})", fontsize=10)
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    if "passes" in s:
+        what = "plain process"
+    else:
+        what = "forward+backward" if s["backward"] else "forward"
+    fig.suptitle(f"{title} (dim {s['dim']}, {s['heads']} heads, {what})", fontsize=10)
     return _png(fig)

@@ -255,7 +255,7 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
         lines += [
             "## Benchmark",
             "",
-            "Forward time and peak memory against the SDPA baseline (see "
+            "Time (forward, and forward + backward) and peak memory against the SDPA baseline (see "
             "[Benchmarks](../benchmarks.md)).",
             "",
             f'![Benchmark of {e.id}](../assets/figures/bench-{e.id}.png){{ .zoo-figure }}',
@@ -445,8 +445,14 @@ def choose_page(entries: list[Entry], rows: dict[str, dict], quality: dict | Non
     return compare.choose_page(entries, rows, quality, bench)
 
 
-def benchmarks_page(entries: list[Entry], data: dict | None, public: dict | None = None) -> str:
-    from zoo.verify.bench import table_rows
+def _bench_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+            + ["| " + " | ".join(r) + " |" for r in rows] + [""])
+
+
+def benchmarks_page(entries: list[Entry], data: dict | None, public: dict | None = None,
+                    decoding: dict | None = None) -> str:
+    from zoo.verify.bench import TARGETS, projection_bound, table_rows, target_misses, target_n
 
     out = ["---", "hide: [navigation]", "---", "", "# Benchmarks", "",
            "Every entry on one harness (`zoo bench`, see `zoo/verify/bench.py` for how time and peak "
@@ -455,17 +461,117 @@ def benchmarks_page(entries: list[Entry], data: dict | None, public: dict | None
     if not data:
         return "\n".join(out + ["No results file is committed yet (`benchmarks/results.json`).", ""])
     m, s = data["machine"], data["settings"]
-    out += [f"Measured on {m['processor']} with {m['cpus']} CPUs, {m['threads']} torch threads, "
-            f"torch {m['torch']}, Python {m['python']}, on {m['date'][:10]}; dim {s['dim']}, "
-            f"{s['heads']} heads, batch 1, {'forward+backward' if s['backward'] else 'forward'}, "
-            f"median of {s['repeats']} passes after a warm-up (more for passes under 0.1 s), "
-            "each pass starting with cold caches, in a process whose allocator keeps freed "
-            "memory for reuse (no page faults on fresh pages at every pass); peak memory from a "
-            "separate process. Image entries run on square images of about n pixels.", ""]
-    header, rows = table_rows(data)
-    out += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
+    if "passes" not in s:  # a file from before the plain-process headline
+        out += [f"Measured on {m['processor']} with {m['cpus']} CPUs, {m['threads']} torch threads, "
+                f"torch {m['torch']}, Python {m['python']}, on {m['date'][:10]}; dim {s['dim']}, "
+                f"{s['heads']} heads, batch 1, {'forward+backward' if s['backward'] else 'forward'}, "
+                f"median of {s['repeats']} passes after a warm-up, each pass starting with cold "
+                "caches, in a process whose glibc was tuned to keep freed memory for reuse "
+                "(`MALLOC_MMAP_MAX_=0`, a 1 TiB `MALLOC_TRIM_THRESHOLD_`), not the plain process "
+                "a user has; peak memory from a separate process. Image entries run on square "
+                "images of about n pixels.", ""]
+        header, rows = table_rows(data)
+        return "\n".join(out + _bench_table(header, rows) + _bench_public(public)
+                         + _bench_families(entries, data))
+    envs = s["environments"]
+    mm = m.get("matmul") or {}
+    out += ["## The run", "",
+            f"- Machine: {m['processor']}, {m['cpus']} CPUs, {m['platform']}; torch {m['torch']}, "
+            f"Python {m['python']}; {m['threads']} torch thread{'s' * (m['threads'] != 1)}; "
+            f"run on {m['date'][:10]} ({m['date']}).",
+            f"- Matmul rate (the peak below): {mm.get('flops_per_s', 0) / 1e9:.0f} GFLOP/s, the "
+            f"best of a few {mm.get('size')} x {mm.get('size')} float32 products at "
+            f"the same thread count, measured at the start of the same run.",
+            f"- Sizes: dim {s['dim']}, {s['heads']} heads, batch 1; image entries on square images "
+            "of about n pixels. Time: median of "
+            f"{s['repeats']} passes after a warm-up (more for passes under 0.1 s), each starting "
+            "with cold caches; forward without grad in eval mode, forward + backward of `sum()` in "
+            "train mode.",
+            "- Environments (each worker reports the variables it saw; they are in "
+            "`benchmarks/results.json`, `settings.environments`):"]
+    for label, e in envs.items():
+        set_ = ", ".join(f"`{k}={v}`" for k, v in e["set"].items()) or "nothing set"
+        extra = f", from `{e['package']}`" if e.get("package") else ""
+        if label == "plain":
+            removed = s.get("removed_from_plain") or []
+            set_ = ("glibc's defaults, no `MALLOC_*` variable and no `LD_PRELOAD`"
+                    + (f" (removed: {', '.join(removed)})" if removed else ""))
+            what = "the headline times: the process a user has"
+        elif label == "memory":
+            what = "peak memory and FLOPs only"
+        else:
+            what = "a labelled column beside the plain one"
+        out.append(f"    - **{label}** ({e['label']}): {set_}{extra}; {what}.")
     out.append("")
+    bound = projection_bound(data)
+    if bound:
+        fb = (f", and {bound['fb']:.1f}x in forward + backward (where the projections cost three "
+              "times their forward FLOPs)" if bound["fb"] else "")
+        out += ["## The projection bound", "",
+                f"A layer whose FLOPs are mostly its q, k, v and output projections does 4 n dim² "
+                f"multiply-adds ({bound['flops'] / 1e9:.3g} GFLOP at n = {bound['n']}, dim "
+                f"{bound['dim']}), {bound['seconds'] * 1e3:.3g} ms at the measured matmul rate. "
+                "The SDPA layer's time over that time is how much faster than the SDPA layer such "
+                f"a layer can be on this machine: at most {bound['forward']:.1f}x in the forward "
+                f"pass{fb}.", ""]
+    kernel = [e.id for e in entries if e.kernel]
+    misses = target_misses(data, kernel)
+    n_t = target_n(data)
+    out += ["## Targets", "",
+            f"In the plain process at n = {n_t}: every entry that claims linear time at least "
+            f"{TARGETS['linear_forward']:g}x faster than the SDPA layer forward and "
+            f"{TARGETS['linear_fb']:g}x forward + backward; kernel entries at "
+            f"{TARGETS['kernel_fraction']:g} of the matmul rate or better forward. "]
+    if misses:
+        out[-1] += f"{len({x['id'] for x in misses})} entries miss, from this run's data:"
+        out += ["", "| entry | target | measured |", "| --- | --- | --- |"]
+        for x in misses:
+            got = ("not measured" if x["measured"] is None else
+                   f"{x['measured']:.2f}" if "rate" in x["target"] else f"{x['measured']:.1f}x")
+            out.append(f"| `{x['id']}` | {x['target']} | {got} |")
+    else:
+        out[-1] += "every entry meets them in this run."
+    out.append("")
+    out += ["## Forward", "",
+            "Plain-process times per n, the allocator columns at the longest n, peak memory, the "
+            "fitted exponents of time and memory against the declared ones, the speed-up over the "
+            "SDPA layer, and the fraction of peak (the forward's FLOPs over its time, over the "
+            "matmul rate).", ""]
+    header, rows = table_rows(data, "forward")
+    out += _bench_table(header, rows)
+    if s.get("backward"):
+        out += ["## Forward + backward", "",
+                "Training: one forward and the backward of its `sum()`, same lengths; peak memory of "
+                "the two together.", ""]
+        header, rows = table_rows(data, "fb")
+        out += _bench_table(header, rows)
+    return "\n".join(out + _bench_decoding(decoding) + _bench_public(public)
+                     + _bench_families(entries, data))
+
+
+def _bench_decoding(data: dict | None) -> list[str]:
+    """The decoding table (`make bench-decode`, benchmarks/decoding.json): one token's `step`."""
+    from zoo.verify.bench import table_rows
+
+    out = ["## Decoding, token by token", ""]
+    if not data:
+        return out + ["No decoding results are committed yet (`make bench-decode` writes "
+                      "`benchmarks/decoding.json`).", ""]
+    m, s = data["machine"], data["settings"]
+    out += [f"One `step` on a single token after a context of n - 1 tokens, every autoregressive "
+            f"entry built causal, beside the SDPA layer with a KV cache (`make bench-decode`). "
+            f"{m['processor']}, {m['cpus']} CPUs, {m['threads']} torch threads, torch {m['torch']}, "
+            f"run on {m['date'][:10]}; dim {s['dim']}, {s['heads']} heads, batch 1, median of "
+            f"{s['repeats']} steps from the same state, in the plain process. The state's size is "
+            "what the layer carries between steps; its exponent of n (fitted between the two "
+            "longest contexts) is 0 for a recurrent state and 1 for a cache that keeps every "
+            "token.", ""]
+    header, rows = table_rows(data, "decode")
+    return out + _bench_table(header, rows)
+
+
+def _bench_public(public: dict | None) -> list[str]:
+    out: list[str] = []
     if public:
         out += ["## Against public implementations", "",
                 "The same mechanism from public packages (not dependencies of the zoo), matched "
@@ -477,9 +583,14 @@ def benchmarks_page(entries: list[Entry], data: dict | None, public: dict | None
         out += [f"| `{r['entry']}` | {r['n']} | {r['settings']} | {r['ours_s'] * 1e3:.1f} | "
                 f"{r['public_s'] * 1e3:.1f} | {r['ratio']:.2f} |" for r in public["rows"]]
         out.append("")
+    return out
+
+
+def _bench_families(entries: list[Entry], data: dict) -> list[str]:
+    out: list[str] = []
     for fam in FAMILIES:
         if any(e.family == fam and e.id in data["results"] for e in entries):
             out += [f"## {FAMILY_TITLES[fam]}", "",
                     f"![{FAMILY_TITLES[fam]}](assets/figures/bench-family-{fam}.png)"
                     "{ .zoo-figure }", ""]
-    return "\n".join(out)
+    return out
