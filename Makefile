@@ -48,7 +48,9 @@ bench: $(STAMP)
 bench-decode: $(STAMP)
 	$(VENV)/bin/zoo bench --decode --n 1024 4096 16384 --repeats 5 --out benchmarks/decoding.json
 
-# Side-by-side with public CPU implementations (not dependencies: installed into .cache/public).
+# Side-by-side with public CPU implementations, forward and forward + backward, plain process:
+# lucidrains' packages (not dependencies: installed into .cache/public) and the transformers
+# implementations of the hf extra. On a quiet machine; about 15 minutes.
 PUBLIC := performer-pytorch nystrom-attention linformer local-attention reformer-pytorch \
 	sinkhorn-transformer routing-transformer axial-attention axial-positional-embedding \
 	product-key-memory mixture-of-experts hyper-connections colt5-attention

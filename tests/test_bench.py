@@ -201,3 +201,19 @@ def test_decode_bench_writes_results(tmp_path, capsys):
 def test_decode_bench_refuses_what_cannot_decode(capsys):
     assert main(["bench", "--decode", "non-local", "--n", "16"]) == 1
     assert "not autoregressive: non-local" in capsys.readouterr().err
+
+
+def test_public_table_shows_both_passes_and_failures():
+    from zoo.site.pages import _bench_public
+
+    machine = {"processor": "x86_64", "cpus": 2, "torch": "2.13.0", "date": "2026-12-03T00:00:00"}
+    rows = [{"entry": "bigbird", "n": 4096, "settings": "s", "ours_s": 0.1, "public_s": 0.2,
+             "ratio": 2.0, "ours_fb_s": 0.3, "public_fb_s": 0.3, "ratio_fb": 1.0},
+            {"entry": "reformer", "n": 4096, "settings": "s", "ours_s": 0.2, "public_s": 0.1,
+             "ratio": 0.5, "error_fb": "ValueError: no"}]
+    page = "\n".join(_bench_public({"machine": machine, "threads": 2, "environment": "plain", "rows": rows}))
+    assert "| `bigbird` | 4096 | s | 100.0 | 200.0 | 2.00 | 300.0 | 300.0 | 1.00 |" in page
+    assert "| `reformer` | 4096 | s | 200.0 | 100.0 | 0.50 | failed: ValueError |  |  |" in page
+    old = [{"entry": "linformer", "n": 4096, "settings": "s", "ours_s": 0.1, "public_s": 0.1, "ratio": 1.0}]
+    assert "| `linformer` | 4096 | s | 100.0 | 100.0 | 1.00 | - |  |  |" in "\n".join(
+        _bench_public({"machine": machine, "rows": old}))

@@ -571,19 +571,34 @@ def _bench_decoding(data: dict | None) -> list[str]:
 
 
 def _bench_public(public: dict | None) -> list[str]:
-    out: list[str] = []
-    if public:
-        out += ["## Against public implementations", "",
-                "The same mechanism from public packages (not dependencies of the zoo), matched "
-                "hyper-parameters, timed side by side in one process (`make bench-public`, "
-                f"`benchmarks/compare_public.py`; {public['machine']['date'][:10]}). A ratio above "
-                "1 means the zoo's reference is faster.", "",
-                "| entry | n | settings | zoo (ms) | public (ms) | public / zoo |",
-                "| --- | --- | --- | --- | --- | --- |"]
-        out += [f"| `{r['entry']}` | {r['n']} | {r['settings']} | {r['ours_s'] * 1e3:.1f} | "
-                f"{r['public_s'] * 1e3:.1f} | {r['ratio']:.2f} |" for r in public["rows"]]
-        out.append("")
-    return out
+    """The side-by-side table (`make bench-public`): forward and, where measured, forward +
+    backward; a pair that failed shows its error. Older files (forward only, tuned glibc) too."""
+    if not public:
+        return []
+    m = public["machine"]
+    env = public.get("environment", "glibc tuned to keep freed memory (an older run)")
+    out = ["## Against public implementations", "",
+           "The same mechanism from public packages (not dependencies of the zoo: lucidrains' "
+           "packages and the pure-PyTorch implementations in Hugging Face transformers), matched "
+           "hyper-parameters, timed side by side in one process, passes interleaved "
+           f"(`make bench-public`, `benchmarks/compare_public.py`). {m['processor']}, {m['cpus']} "
+           f"CPUs, torch {m['torch']}, {public.get('threads', m.get('threads', '?'))} threads, "
+           f"{env}, run on {m['date'][:10]}. A ratio above 1 means the zoo's entry is faster.", "",
+           "| entry | n | settings | zoo (ms) | public (ms) | public / zoo | zoo fwd+bwd (ms) | "
+           "public fwd+bwd (ms) | public / zoo fwd+bwd |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def cells(r: dict, key: str) -> list[str]:
+        if f"ours{key}_s" not in r:
+            why = r.get(f"error{key}")
+            return [f"failed: {why.split(':')[0]}" if why else "-", "", ""]
+        return [f"{r[f'ours{key}_s'] * 1e3:.1f}", f"{r[f'public{key}_s'] * 1e3:.1f}",
+                f"{r[f'ratio{key}']:.2f}"]
+
+    for r in public["rows"]:
+        out.append(f"| `{r['entry']}` | {r['n']} | {r['settings']} | "
+                   + " | ".join(cells(r, "") + cells(r, "_fb")) + " |")
+    return out + [""]
 
 
 def _bench_families(entries: list[Entry], data: dict) -> list[str]:
