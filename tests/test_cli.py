@@ -74,3 +74,15 @@ def test_pattern_draws_the_causal_map_in_the_terminal(capsys, tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["pattern", "efficient-attention", "--causal"]) == 1
     assert "not autoregressive" in capsys.readouterr().err
+
+
+def test_progress_off_a_terminal_is_one_line_per_step(capsys):
+    """In a log file (no terminal) long work still reports: the count, the label and the time."""
+    from zoo.verify.progress import progress_bar
+
+    with progress_bar(2, "benchmarking") as step:
+        step("sdpa")
+        step("performer")
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in err] == ["benchmarking: 1/2 done (sdpa)",
+                                                    "benchmarking: 2/2 done (performer)"]
