@@ -1,0 +1,225 @@
+"""Each zoo entry beside a public implementation of the same mechanism, in float64.
+
+A *pair* builds both with the weights copied from the public module into ours (and their random
+parts shared), runs both on the same input and returns `(ours, theirs)` outputs; `perturb=True`
+adds 1e-3 to one of our weights after the copy, so that a test can show the comparison bites.
+A *measure* returns the relative size of a difference as shipped, and of what is left of it once
+its cause is removed: `(as_shipped, cause_removed)`.
+
+The public packages are the optional extra `peers` (and transformers, the extra `hf`); each
+function imports its package itself, so that a missing one skips only its own tests.
+`zoo.site.peers` lists the pairs and differences that the documentation shows; the tests hold the
+two in step, and `benchmarks/peers.py` writes the measured sizes to `benchmarks/peers.json`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+from torch import nn
+
+import zoo
+
+DIM, HEADS, DIM_HEAD = 32, 2, 16
+F64 = torch.float64
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference over the largest absolute value of `b`."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def need(module: str):
+    """Import `module`, or skip the calling test naming the package that is missing."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:  # pragma: no cover - the extra is installed by `make test`
+        import pytest
+
+        pytest.skip(f"{module} cannot be imported ({err}); it comes with the extra `peers`")
+
+
+def ours(entry: str, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    return zoo.create(entry, **kw).double().eval()
+
+
+@torch.no_grad()
+def set_(param: torch.Tensor, value: torch.Tensor) -> None:
+    param.copy_(value)
+
+
+@torch.no_grad()
+def bump(param: torch.Tensor, perturb: bool) -> None:
+    """The perturbed variant: one weight of ours moved by 1e-3."""
+    if perturb:
+        param.view(-1)[0] += 1e-3
+
+
+def fused_qkv(q: nn.Linear, k: nn.Linear, v: nn.Linear) -> torch.Tensor:
+    return torch.cat([q.weight, k.weight, v.weight])
+
+
+def x_seq(b: int = 2, n: int = 48) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(b, n, DIM, dtype=F64)
+
+
+def padding(b: int, n: int, real: tuple[int, ...]) -> torch.Tensor:
+    """`(b, n)` bool mask with the first `real[i]` tokens of sample i real."""
+    return torch.arange(n) < torch.tensor(real)[:, None]
+
+
+# ---------------------------------------------------------------- x-transformers
+
+def x_transformers_pair(perturb=False, *, float32_softmax=False, causal=False):
+    xt = need("x_transformers")
+    torch.manual_seed(0)
+    theirs = xt.x_transformers.Attention(DIM, dim_head=DIM_HEAD, heads=HEADS, causal=causal)
+    theirs = theirs.double().eval()
+    if not float32_softmax:  # the cause removed: their softmax in the input's dtype
+        theirs.attend.attn_fn = functools.partial(torch.softmax, dim=-1)
+    mine = ours("softmax-attention", dim=DIM, heads=HEADS, causal=causal)
+    set_(mine.to_qkv.weight, fused_qkv(theirs.to_q, theirs.to_k, theirs.to_v))
+    set_(mine.to_out.weight, theirs.to_out.weight)
+    set_(mine.to_out.bias, torch.zeros(DIM))  # theirs has no output bias
+    bump(mine.to_qkv.weight, perturb)
+    x = x_seq()
+    mask = padding(2, 48, (48, 31))
+    with torch.no_grad():
+        a, b = mine(x, mask=mask), theirs(x, mask=mask)
+    return a[mask], b[mask]
+
+
+def x_transformers_float32(perturb=False):
+    return x_transformers_pair(perturb, float32_softmax=True)
+
+
+# ---------------------------------------------------------------- performer-pytorch
+
+def performer_pair(perturb=False, *, causal=False, eps=0.0):
+    pp = need("performer_pytorch")
+    mod = pp.performer_pytorch
+    torch.manual_seed(0)
+    theirs = mod.SelfAttention(DIM, heads=HEADS, dim_head=DIM_HEAD, nb_features=64, causal=causal)
+    theirs = theirs.double().eval()
+    fast = theirs.fast_attention
+    kernel = functools.partial(mod.softmax_kernel, eps=eps)
+    if causal:
+        fast.causal_linear_fn = functools.partial(mod.causal_linear_attention_noncuda, eps=eps * 1e-2)
+    mine = ours("performer", dim=DIM, heads=HEADS, features=64, causal=causal)
+    set_(mine.projection, fast.projection_matrix.expand(HEADS, -1, -1))
+    set_(mine.to_qkv.weight, fused_qkv(theirs.to_q, theirs.to_k, theirs.to_v))
+    set_(mine.to_out.weight, theirs.to_out.weight)
+    set_(mine.to_out.bias, theirs.to_out.bias)
+    bump(mine.to_qkv.weight, perturb)
+    x = x_seq()
+    original = mod.softmax_kernel
+    mod.softmax_kernel = kernel  # FastAttention looks the kernel up at every call
+    try:
+        with torch.no_grad():
+            return mine(x), theirs(x)
+    finally:
+        mod.softmax_kernel = original
+
+
+def performer_causal_pair(perturb=False):
+    return performer_pair(perturb, causal=True)
+
+
+def performer_epsilon(causal: bool):
+    """Their 1e-4 added to every feature (and, causally, 1e-6 to the normaliser)."""
+    shipped = rel(*performer_pair(causal=causal, eps=1e-4))
+    removed = rel(*performer_pair(causal=causal, eps=0.0))
+    return shipped, removed
+
+
+# ---------------------------------------------------------------- linformer
+
+def linformer_pair(perturb=False):
+    lf = need("linformer")
+    torch.manual_seed(0)
+    n, r = 48, 16
+    theirs = lf.LinformerSelfAttention(DIM, seq_len=n, k=r, heads=HEADS).double().eval()
+    mine = ours("linformer", dim=DIM, heads=HEADS, max_len=n, r=r)
+    set_(mine.to_qkv.weight, fused_qkv(theirs.to_q, theirs.to_k, theirs.to_v))
+    set_(mine.to_out.weight, theirs.to_out.weight)
+    set_(mine.to_out.bias, theirs.to_out.bias)
+    # theirs: one (n, k) projection shared by all heads; ours: (h, r, n)
+    set_(mine.proj_k, theirs.proj_k.T.expand(HEADS, -1, -1))
+    set_(mine.proj_v, theirs.proj_v.T.expand(HEADS, -1, -1))
+    bump(mine.proj_k, perturb)
+    x = x_seq(n=n)
+    with torch.no_grad():
+        return mine(x), theirs(x)
+
+
+# ---------------------------------------------------------------- nystrom-attention
+
+def nystrom_pair(perturb=False, *, b=1, heads=1, per_matrix_pinv=False, mask=False):
+    na = need("nystrom_attention")
+    mod = na.nystrom_attention
+    torch.manual_seed(0)
+    n, m = 48, 8
+    theirs = mod.NystromAttention(DIM, dim_head=DIM_HEAD, heads=heads, num_landmarks=m,
+                                  pinv_iterations=6, residual=False).double().eval()
+    theirs.eps = 0.0  # their 1e-8 added to each landmark's token count
+    mine = ours("nystromformer", dim=DIM, heads=heads, dim_head=DIM_HEAD, landmarks=m)
+    set_(mine.to_qkv.weight, theirs.to_qkv.weight)
+    set_(mine.to_out.weight, theirs.to_out[0].weight)
+    set_(mine.to_out.bias, theirs.to_out[0].bias)
+    bump(mine.to_qkv.weight, perturb)
+    x = x_seq(b=b, n=n)
+    # every segment of 6 keeps a real token, so that no landmark is empty (theirs divides by 0)
+    keep = padding(b, n, (n, 44)[:b] if b > 1 else (44,)) if mask else None
+    original = mod.moore_penrose_iter_pinv
+    if per_matrix_pinv:
+        from zoo.entries.nystromformer import iterative_pinv
+        mod.moore_penrose_iter_pinv = iterative_pinv
+    try:
+        with torch.no_grad():
+            a, c = mine(x, mask=keep), theirs(x, mask=keep)
+    finally:
+        mod.moore_penrose_iter_pinv = original
+    return (a, c) if keep is None else (a[keep], c[keep])
+
+
+def nystrom_masked_pair(perturb=False):
+    return nystrom_pair(perturb, mask=True)
+
+
+def nystrom_batch_pinv():
+    """Their pseudo-inverse starts from one scale over the whole batch and all heads."""
+    shipped = rel(*nystrom_pair(b=2, heads=2))
+    removed = rel(*nystrom_pair(b=2, heads=2, per_matrix_pinv=True))
+    return shipped, removed
+
+
+# ---------------------------------------------------------------- kronecker-attention-pytorch
+
+def kronecker_pair(perturb=False, *, bias=False):
+    ka = need("kronecker_attention_pytorch")
+    torch.manual_seed(0)
+    theirs = ka.KroneckerSelfAttention(DIM, heads=HEADS, dim_heads=DIM_HEAD).double().eval()
+    if not bias:
+        with torch.no_grad():
+            theirs.to_out.bias.zero_()
+    mine = ours("kronecker-attention", dim=DIM, heads=HEADS, dim_head=DIM_HEAD)
+    w = theirs.to_qkv.weight[..., 0]  # (3 inner, dim)
+    inner = HEADS * DIM_HEAD
+    set_(mine.to_q.weight, w[:inner])
+    set_(mine.to_kv.weight, w[inner:])
+    set_(mine.to_out.weight, theirs.to_out.weight[..., None])
+    set_(mine.to_out.bias, theirs.to_out.bias)
+    bump(mine.to_q.weight, perturb)
+    torch.manual_seed(1)
+    x = torch.randn(2, DIM, 6, 7, dtype=F64)
+    with torch.no_grad():
+        return mine(x), theirs(x)
+
+
+def kronecker_double_bias():
+    """Their output bias is added to the row and to the column summaries, so twice."""
+    return rel(*kronecker_pair(bias=True)), rel(*kronecker_pair(bias=False))
