@@ -93,8 +93,9 @@ def x_transformers_pair(perturb=False, *, float32_softmax=False, causal=False):
     return a[mask], b[mask]
 
 
-def x_transformers_float32(perturb=False):
-    return x_transformers_pair(perturb, float32_softmax=True)
+def x_transformers_float32():
+    """Their softmax runs in float32 whatever the input's dtype."""
+    return rel(*x_transformers_pair(float32_softmax=True)), rel(*x_transformers_pair())
 
 
 # ---------------------------------------------------------------- performer-pytorch
@@ -129,11 +130,15 @@ def performer_causal_pair(perturb=False):
     return performer_pair(perturb, causal=True)
 
 
-def performer_epsilon(causal: bool):
+def performer_epsilon(causal: bool = False):
     """Their 1e-4 added to every feature (and, causally, 1e-6 to the normaliser)."""
     shipped = rel(*performer_pair(causal=causal, eps=1e-4))
     removed = rel(*performer_pair(causal=causal, eps=0.0))
     return shipped, removed
+
+
+def performer_causal_epsilon():
+    return performer_epsilon(causal=True)
 
 
 # ---------------------------------------------------------------- linformer

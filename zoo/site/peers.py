@@ -1,0 +1,147 @@
+"""Compared with other implementations: what the site says about each public implementation.
+
+Two tables, both checked by `tests/peers/test_peers.py` against the comparisons themselves
+(`tests/peers/pairs.py`, weights copied into ours, float64):
+
+- `PAIRS`: an entry and a public implementation set up to compute the same function, with the
+  tolerance the test holds them to (and fails when one weight is moved);
+- `DIFFERENCES`: a difference as the public package ships it, with its cause; the test measures it
+  as shipped (it must be there) and with the cause removed (then the two must agree).
+
+The sizes the pages print come from `benchmarks/peers.json`, written by `benchmarks/peers.py`
+(`make peers`); the tests check that the committed numbers are the ones measured now.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zoo.catalog import Entry
+
+TRANSFORMERS = "transformers==5.23.0"
+
+
+@dataclass(frozen=True)
+class Pair:
+    entry: str
+    peer: str           # the package, pinned as in the extra `peers` (or `hf`)
+    module: str         # the public class compared
+    function: str       # the comparison in tests/peers/pairs.py
+    configuration: str  # what both are set to
+    tolerance: float = 1e-12
+
+
+@dataclass(frozen=True)
+class Difference:
+    entry: str
+    peer: str
+    function: str       # returns (as shipped, cause removed) in tests/peers/pairs.py
+    cause: str
+    ours: bool = False  # the difference is in our behaviour (our docstring and notes name it)
+
+
+PAIRS: tuple[Pair, ...] = (
+    Pair("softmax-attention", "x-transformers==2.31.10", "x_transformers.Attention",
+         "x_transformers_pair",
+         "8 heads of 16 set to 2; a padding mask; their softmax in float64 (see the difference)"),
+    Pair("performer", "performer-pytorch==1.1.4", "performer_pytorch.SelfAttention",
+         "performer_pair", "64 features, their projection matrix copied into ours; their feature "
+                           "epsilon set to 0"),
+    Pair("performer", "performer-pytorch==1.1.4", "performer_pytorch.SelfAttention",
+         "performer_causal_pair", "causal, otherwise as above (their non-CUDA prefix sums)"),
+    Pair("linformer", "linformer==0.2.3", "linformer.LinformerSelfAttention", "linformer_pair",
+         "n = 48, k = 16; their one projection shared by the heads, copied into each of ours"),
+    Pair("nystromformer", "nystrom-attention==0.0.14", "nystrom_attention.NystromAttention",
+         "nystrom_pair", "one matrix (batch 1, 1 head), 8 landmarks, 6 pseudo-inverse iterations, "
+                         "no residual convolution, their landmark epsilon at 0"),
+    Pair("nystromformer", "nystrom-attention==0.0.14", "nystrom_attention.NystromAttention",
+         "nystrom_masked_pair", "as above with a padding mask (4 padded tokens, no landmark empty)"),
+    Pair("kronecker-attention", "kronecker-attention-pytorch==0.0.6",
+         "kronecker_attention_pytorch.KroneckerSelfAttention", "kronecker_pair",
+         "a 6 x 7 image, their output bias at 0 (see the difference)"),
+)
+
+DIFFERENCES: tuple[Difference, ...] = (
+    Difference("softmax-attention", "x-transformers==2.31.10", "x_transformers_float32",
+               "their attention softmax runs in float32 even for float64 input"),
+    Difference("performer", "performer-pytorch==1.1.4", "performer_epsilon",
+               "their feature map adds 1e-4 to every random feature, which dominates small "
+               "features"),
+    Difference("performer", "performer-pytorch==1.1.4", "performer_causal_epsilon",
+               "causal: the same 1e-4, and 1e-6 added to the normaliser"),
+    Difference("nystromformer", "nystrom-attention==0.0.14", "nystrom_batch_pinv",
+               "their pseudo-inverse iteration starts from one scale, a maximum over the whole "
+               "batch and all heads (ours: per matrix), so a sample's output depends on the "
+               "others; measured at batch 2, 2 heads"),
+    Difference("kronecker-attention", "kronecker-attention-pytorch==0.0.6", "kronecker_double_bias",
+               "their output convolution, bias included, is applied to the row and the column "
+               "summaries before they are added, so the bias counts twice"),
+)
+
+
+def _size(x: float) -> str:
+    return f"{x:.1e}"
+
+
+def _pair_row(p: Pair, measured: dict | None) -> str:
+    got = (measured or {}).get("pairs", {}).get(p.function)
+    result = (f"tested equal: {_size(got)} (tolerance {p.tolerance:g})" if got is not None
+              else f"tested equal (tolerance {p.tolerance:g})")
+    return f"| `{p.peer}` | `{p.module}` | {result} | {p.configuration} |"
+
+
+def _difference_row(d: Difference, measured: dict | None) -> str:
+    got = (measured or {}).get("differences", {}).get(d.function)
+    size = (f"{_size(got['shipped'])} as shipped; {_size(got['removed'])} with the cause removed"
+            if got else "not measured")
+    side = "ours" if d.ours else "theirs"
+    return f"| `{d.peer}` | {d.cause} ({side}) | {size} |"
+
+
+def _tables(pairs: list[Pair], diffs: list[Difference], measured: dict | None,
+            entry_column: bool) -> list[str]:
+    out: list[str] = []
+    if pairs:
+        head = "| entry " if entry_column else ""
+        out += [head + "| implementation | compared | result (largest difference, relative) "
+                "| configuration |", ("| --- " if entry_column else "") + "| --- | --- | --- | --- |"]
+        out += [(f"| [`{p.entry}`](entries/{p.entry}.md) " if entry_column else "") + _pair_row(p, measured)
+                for p in pairs]
+        out.append("")
+    if diffs:
+        head = "| entry " if entry_column else ""
+        out += ["Differences as shipped, each with its cause:", "",
+                head + "| implementation | cause | size (largest difference, relative) |",
+                ("| --- " if entry_column else "") + "| --- | --- | --- |"]
+        out += [(f"| [`{d.entry}`](entries/{d.entry}.md) " if entry_column else "")
+                + _difference_row(d, measured) for d in diffs]
+        out.append("")
+    return out
+
+
+HOW = ("Weights copied from the public module into ours, random parts shared (feature matrices, "
+       "projections), float64, the same input; the size is the largest absolute difference of "
+       "the outputs over the largest absolute output. Each equality is also run with one of our "
+       "weights moved by 1e-3, and must then fail (`tests/peers/`, the extra `peers`).")
+
+
+def entry_peers(e: Entry, measured: dict | None) -> str:
+    """The entry page's "Compared with other implementations" section ('' without pairs)."""
+    pairs = [p for p in PAIRS if p.entry == e.id]
+    diffs = [d for d in DIFFERENCES if d.entry == e.id]
+    if not pairs and not diffs:
+        return ""
+    out = ["## Compared with other implementations", "", HOW, ""]
+    return "\n".join(out + _tables(pairs, diffs, measured, entry_column=False))
+
+
+def peers_page(measured: dict | None) -> str:
+    """The gathered page: every pair and every difference."""
+    out = ["# Compared with other implementations", "",
+           "Does the zoo give the same numbers as the implementation you use? " + HOW, ""]
+    if measured:
+        out += [f"Measured with torch {measured['torch']} on {measured['date'][:10]} "
+                "(`make peers` writes `benchmarks/peers.json`; the tests check it).", ""]
+    else:
+        out += ["No measurements are committed yet (`benchmarks/peers.json`).", ""]
+    return "\n".join(out + _tables(list(PAIRS), list(DIFFERENCES), measured, entry_column=True))
