@@ -18,6 +18,7 @@ import functools
 import importlib
 
 import torch
+from einops import rearrange
 from torch import nn
 
 import zoo
@@ -228,3 +229,86 @@ def kronecker_pair(perturb=False, *, bias=False):
 def kronecker_double_bias():
     """Their output bias is added to the row and to the column summaries, so twice."""
     return rel(*kronecker_pair(bias=True)), rel(*kronecker_pair(bias=False))
+
+
+# ---------------------------------------------------------------- aft-pytorch
+
+def _aft_pair(perturb, variant):
+    aft = need("aft_pytorch")
+    torch.manual_seed(0)
+    n = 24
+    cls = {"full": aft.AFTFull, "simple": aft.AFTSimple}[variant]
+    theirs = cls(max_seqlen=n, dim=DIM, hidden_dim=DIM).double().eval()
+    with torch.no_grad():  # ours has no q/k/v bias; theirs at 0
+        for lin in (theirs.to_q, theirs.to_k, theirs.to_v):
+            lin.bias.zero_()
+    mine = ours("attention-free-transformer", dim=DIM, heads=1, variant=variant, max_len=n)
+    set_(mine.to_qkv.weight, fused_qkv(theirs.to_q, theirs.to_k, theirs.to_v))
+    set_(mine.to_out.weight, theirs.project.weight)
+    set_(mine.to_out.bias, theirs.project.bias)
+    if variant == "full":
+        set_(mine.w, theirs.wbias[None])
+    bump(mine.to_qkv.weight, perturb)
+    x = x_seq(n=n)
+    with torch.no_grad():
+        return mine(x), theirs(x)
+
+
+def aft_full_pair(perturb=False):
+    return _aft_pair(perturb, "full")
+
+
+def aft_simple_pair(perturb=False):
+    return _aft_pair(perturb, "simple")
+
+
+# ---------------------------------------------------------------- lambda-networks
+
+def lambda_pair(perturb=False):
+    """Their 2-d layer on a one-row image is our 1-d one: the position convolution's middle row is
+    our scope embedding; their batch norms (eval, fresh statistics, eps 0) are the identity."""
+    ln = need("lambda_networks")
+    torch.manual_seed(0)
+    n, heads, dim_key, scope = 40, 4, 8, 5
+    theirs = ln.LambdaLayer(DIM, dim_k=dim_key, r=scope, heads=heads).double().eval()
+    with torch.no_grad():
+        theirs.pos_conv.bias.zero_()  # a bias on the position lambdas, which ours has not
+    for norm in (theirs.norm_q, theirs.norm_v):
+        norm.eps = 0.0
+    mine = ours("lambda-networks", dim=DIM, heads=heads, dim_key=dim_key, scope=scope)
+    convs = (theirs.to_q, theirs.to_k, theirs.to_v)
+    set_(mine.to_qkv.weight, torch.cat([c.weight[:, :, 0, 0] for c in convs]))
+    set_(mine.to_out.weight, torch.eye(DIM))  # theirs has no output projection
+    set_(mine.to_out.bias, torch.zeros(DIM))
+    set_(mine.emb, theirs.pos_conv.weight[:, 0, 0, scope // 2].T)  # (k, r) -> (r, k)
+    bump(mine.to_qkv.weight, perturb)
+    x = x_seq(n=n)
+    with torch.no_grad():
+        image = rearrange(x, "b n c -> b c 1 n")
+        return mine(x), rearrange(theirs(image), "b c 1 n -> b n c")
+
+
+# ---------------------------------------------------------------- product-key-memory
+
+def pkm_pair(perturb=False, *, query_norm=False):
+    pk = need("product_key_memory")
+    torch.manual_seed(0)
+    heads, num_keys, topk, half = 2, 16, 4, 8
+    theirs = pk.PKM(DIM, heads=heads, num_keys=num_keys, topk=topk, dim_head=half).double().eval()
+    if not query_norm:  # the cause removed: their LayerNorm of each query half
+        theirs.norm = nn.Identity()
+    mine = ours("product-key-memory", dim=DIM, heads=heads, num_keys=num_keys, topk=topk,
+                dim_key=2 * half)
+    w = rearrange(theirs.to_queries.weight, "(p h d) c -> (h p d) c", p=2, h=heads)
+    set_(mine.to_queries.weight, w)
+    set_(mine.keys, rearrange(theirs.keys, "h n p d -> p h n d"))
+    set_(mine.values, theirs.values.weight)
+    bump(mine.values, perturb)
+    x = x_seq(n=32)
+    with torch.no_grad():
+        return mine(x), theirs(x)
+
+
+def pkm_query_norm():
+    """Their queries go through a LayerNorm (per half and head) before the key search."""
+    return rel(*pkm_pair(query_norm=True)), rel(*pkm_pair())

@@ -59,6 +59,18 @@ PAIRS: tuple[Pair, ...] = (
     Pair("kronecker-attention", "kronecker-attention-pytorch==0.0.6",
          "kronecker_attention_pytorch.KroneckerSelfAttention", "kronecker_pair",
          "a 6 x 7 image, their output bias at 0 (see the difference)"),
+    Pair("attention-free-transformer", "aft-pytorch==0.2.2", "aft_pytorch.AFTFull", "aft_full_pair",
+         "AFT-full, n = 24, their position biases copied, their q/k/v biases at 0 (ours has none)"),
+    Pair("attention-free-transformer", "aft-pytorch==0.2.2", "aft_pytorch.AFTSimple",
+         "aft_simple_pair", "AFT-simple, otherwise as above"),
+    Pair("lambda-networks", "lambda-networks==0.4.0", "lambda_networks.LambdaLayer", "lambda_pair",
+         "4 queries, |k| = 8, scope 5: their 2-d layer on a one-row image, the middle row of its "
+         "position convolution as our scope embedding, its bias at 0; their batch norms in eval "
+         "mode with fresh statistics and eps 0 (the identity); ours' output projection the "
+         "identity (theirs has none)"),
+    Pair("product-key-memory", "product-key-memory==0.3.0", "product_key_memory.PKM", "pkm_pair",
+         "2 heads, 16 sub-keys per half, top 4, query halves of 8; their query LayerNorm "
+         "removed (see the difference)"),
 )
 
 DIFFERENCES: tuple[Difference, ...] = (
@@ -76,6 +88,10 @@ DIFFERENCES: tuple[Difference, ...] = (
     Difference("kronecker-attention", "kronecker-attention-pytorch==0.0.6", "kronecker_double_bias",
                "their output convolution, bias included, is applied to the row and the column "
                "summaries before they are added, so the bias counts twice"),
+    Difference("product-key-memory", "product-key-memory==0.3.0", "pkm_query_norm",
+               "their queries pass through a LayerNorm (each half of each head) before the key "
+               "search, where the paper has a BatchNorm and ours neither (see our notes), so "
+               "other values are read"),
 )
 
 
