@@ -4,7 +4,8 @@ A *pair* builds both with the weights copied from the public module into ours (a
 parts shared), runs both on the same input and returns `(ours, theirs)` outputs; `perturb=True`
 adds 1e-3 to one of our weights after the copy, so that a test can show the comparison bites.
 A *measure* returns the relative size of a difference as shipped, and of what is left of it once
-its cause is removed: `(as_shipped, cause_removed)`.
+its cause is removed: `(as_shipped, cause_removed)`; with `perturb=True` the second is run with
+one of our weights moved, so that a test can show the "cause removed" comparison bites too.
 
 The public packages are the optional extra `peers` (and transformers, the extra `hf`); each
 function imports its package itself, so that a missing one skips only its own tests.
@@ -94,9 +95,9 @@ def x_transformers_pair(perturb=False, *, float32_softmax=False, causal=False):
     return a[mask], b[mask]
 
 
-def x_transformers_float32():
+def x_transformers_float32(perturb=False):
     """Their softmax runs in float32 whatever the input's dtype."""
-    return rel(*x_transformers_pair(float32_softmax=True)), rel(*x_transformers_pair())
+    return rel(*x_transformers_pair(float32_softmax=True)), rel(*x_transformers_pair(perturb))
 
 
 # ---------------------------------------------------------------- performer-pytorch
@@ -131,15 +132,15 @@ def performer_causal_pair(perturb=False):
     return performer_pair(perturb, causal=True)
 
 
-def performer_epsilon(causal: bool = False):
+def performer_epsilon(perturb=False, *, causal=False):
     """Their 1e-4 added to every feature (and, causally, 1e-6 to the normaliser)."""
     shipped = rel(*performer_pair(causal=causal, eps=1e-4))
-    removed = rel(*performer_pair(causal=causal, eps=0.0))
+    removed = rel(*performer_pair(perturb, causal=causal, eps=0.0))
     return shipped, removed
 
 
-def performer_causal_epsilon():
-    return performer_epsilon(causal=True)
+def performer_causal_epsilon(perturb=False):
+    return performer_epsilon(perturb, causal=True)
 
 
 # ---------------------------------------------------------------- linformer
@@ -196,10 +197,10 @@ def nystrom_masked_pair(perturb=False):
     return nystrom_pair(perturb, mask=True)
 
 
-def nystrom_batch_pinv():
+def nystrom_batch_pinv(perturb=False):
     """Their pseudo-inverse starts from one scale over the whole batch and all heads."""
     shipped = rel(*nystrom_pair(b=2, heads=2))
-    removed = rel(*nystrom_pair(b=2, heads=2, per_matrix_pinv=True))
+    removed = rel(*nystrom_pair(perturb, b=2, heads=2, per_matrix_pinv=True))
     return shipped, removed
 
 
@@ -226,9 +227,9 @@ def kronecker_pair(perturb=False, *, bias=False):
         return mine(x), theirs(x)
 
 
-def kronecker_double_bias():
+def kronecker_double_bias(perturb=False):
     """Their output bias is added to the row and to the column summaries, so twice."""
-    return rel(*kronecker_pair(bias=True)), rel(*kronecker_pair(bias=False))
+    return rel(*kronecker_pair(bias=True)), rel(*kronecker_pair(perturb, bias=False))
 
 
 # ---------------------------------------------------------------- aft-pytorch
@@ -309,6 +310,54 @@ def pkm_pair(perturb=False, *, query_norm=False):
         return mine(x), theirs(x)
 
 
-def pkm_query_norm():
+def pkm_query_norm(perturb=False):
     """Their queries go through a LayerNorm (per half and head) before the key search."""
-    return rel(*pkm_pair(query_norm=True)), rel(*pkm_pair())
+    return rel(*pkm_pair(query_norm=True)), rel(*pkm_pair(perturb))
+
+
+# ---------------------------------------------------------------- fast-transformer-pytorch
+
+def _pool_raw_keys(q, k, v, w_q, w_k, mask=None):
+    """Their second pool: weights from the query-weighted keys, as ours, but summing the raw keys."""
+    from zoo.entries.fastformer import additive_pool
+
+    global_q = additive_pool(q, w_q, mask)
+    scores = torch.einsum("bhnd,hd->bhn", global_q * k, w_k) * k.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None], torch.finfo(k.dtype).min)
+    global_k = torch.einsum("bhn,bhnd->bhd", scores.softmax(dim=-1), k)[:, :, None]
+    return global_k * v
+
+
+def _fastformer(perturb=False, *, raw_keys=True):
+    ft = need("fast_transformer_pytorch")
+    torch.manual_seed(0)
+    theirs = ft.fast_transformer_pytorch.FastAttention(DIM, heads=HEADS, dim_head=DIM_HEAD)
+    theirs = theirs.double().eval()
+    mine = ours("fastformer", dim=DIM, heads=HEADS, dim_head=DIM_HEAD)
+    set_(mine.to_qkv.weight, theirs.to_qkv.weight)
+    set_(mine.w_q, theirs.to_q_attn_logits.weight.expand(HEADS, -1))  # theirs: shared by heads
+    set_(mine.w_k, theirs.to_k_attn_logits.weight.expand(HEADS, -1))
+    set_(mine.to_r.weight, torch.block_diag(*[theirs.to_r.weight] * HEADS))  # theirs: per head
+    set_(mine.to_r.bias, theirs.to_r.bias.repeat(HEADS))
+    set_(mine.to_out.weight, theirs.to_out.weight)
+    set_(mine.to_out.bias, theirs.to_out.bias)
+    bump(mine.to_qkv.weight, perturb)
+    x = x_seq()
+    mask = padding(2, 48, (48, 37))
+    from zoo.entries import fastformer
+
+    original = fastformer.fastformer_attention
+    if raw_keys:  # the cause removed: ours summing their raw keys
+        fastformer.fastformer_attention = _pool_raw_keys
+    try:
+        with torch.no_grad():
+            a, b = mine(x, mask=mask), theirs(x, mask=mask)
+    finally:
+        fastformer.fastformer_attention = original
+    return a[mask], b[mask]
+
+
+def fastformer_raw_keys(perturb=False):
+    """Their global key pools the raw keys where the paper pools the query-weighted ones."""
+    return rel(*_fastformer(raw_keys=False)), rel(*_fastformer(perturb))

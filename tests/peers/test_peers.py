@@ -53,6 +53,13 @@ def test_difference(diff):
     assert size["removed"] <= 1e-12
 
 
+@pytest.mark.parametrize("diff", DIFFERENCES, ids=lambda d: d.function)
+def test_difference_bites(diff):
+    """The comparison with the cause removed fails when one of our weights is moved."""
+    _, removed = getattr(pairs, diff.function)(perturb=True)
+    assert removed > 1e-9, f"{diff.function}: a moved weight went unnoticed ({removed:.2e})"
+
+
 def test_tables_cover_the_comparisons():
     """Every comparison in pairs.py is on the site, every one on the site exists, and the
     committed file holds exactly the site's."""

@@ -92,6 +92,11 @@ DIFFERENCES: tuple[Difference, ...] = (
                "their queries pass through a LayerNorm (each half of each head) before the key "
                "search, where the paper has a BatchNorm and ours neither (see our notes), so "
                "other values are read"),
+    Difference("fastformer", "fast-transformer-pytorch==0.0.4", "fastformer_raw_keys",
+               "their global key sums the raw keys, weighted by the scores of the query-weighted "
+               "ones; the paper (and ours) sums the query-weighted keys. Equal to ours once ours "
+               "sums the raw keys (their query pooling shared by heads and their per-head W_r "
+               "copied into ours; a padding mask)"),
 )
 
 
