@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from unittest import mock
 
 import torch
 from einops import rearrange
@@ -119,13 +120,9 @@ def performer_pair(perturb=False, *, causal=False, eps=0.0):
     set_(mine.to_out.bias, theirs.to_out.bias)
     bump(mine.to_qkv.weight, perturb)
     x = x_seq()
-    original = mod.softmax_kernel
-    mod.softmax_kernel = kernel  # FastAttention looks the kernel up at every call
-    try:
-        with torch.no_grad():
-            return mine(x), theirs(x)
-    finally:
-        mod.softmax_kernel = original
+    # FastAttention looks the kernel up at every call
+    with mock.patch.object(mod, "softmax_kernel", kernel), torch.no_grad():
+        return mine(x), theirs(x)
 
 
 def performer_causal_pair(perturb=False):
@@ -181,15 +178,11 @@ def nystrom_pair(perturb=False, *, b=1, heads=1, per_matrix_pinv=False, mask=Fal
     x = x_seq(b=b, n=n)
     # every segment of 6 keeps a real token, so that no landmark is empty (theirs divides by 0)
     keep = padding(b, n, (n, 44)[:b] if b > 1 else (44,)) if mask else None
-    original = mod.moore_penrose_iter_pinv
-    if per_matrix_pinv:
-        from zoo.entries.nystromformer import iterative_pinv
-        mod.moore_penrose_iter_pinv = iterative_pinv
-    try:
-        with torch.no_grad():
-            a, c = mine(x, mask=keep), theirs(x, mask=keep)
-    finally:
-        mod.moore_penrose_iter_pinv = original
+    from zoo.entries.nystromformer import iterative_pinv
+
+    pinv = iterative_pinv if per_matrix_pinv else mod.moore_penrose_iter_pinv
+    with mock.patch.object(mod, "moore_penrose_iter_pinv", pinv), torch.no_grad():
+        a, c = mine(x, mask=keep), theirs(x, mask=keep)
     return (a, c) if keep is None else (a[keep], c[keep])
 
 
@@ -347,14 +340,10 @@ def _fastformer(perturb=False, *, raw_keys=True):
     mask = padding(2, 48, (48, 37))
     from zoo.entries import fastformer
 
-    original = fastformer.fastformer_attention
-    if raw_keys:  # the cause removed: ours summing their raw keys
-        fastformer.fastformer_attention = _pool_raw_keys
-    try:
-        with torch.no_grad():
-            a, b = mine(x, mask=mask), theirs(x, mask=mask)
-    finally:
-        fastformer.fastformer_attention = original
+    # the cause removed: ours summing their raw keys
+    attend = _pool_raw_keys if raw_keys else fastformer.fastformer_attention
+    with mock.patch.object(fastformer, "fastformer_attention", attend), torch.no_grad():
+        a, b = mine(x, mask=mask), theirs(x, mask=mask)
     return a[mask], b[mask]
 
 
