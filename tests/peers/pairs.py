@@ -19,6 +19,7 @@ import functools
 import importlib
 from unittest import mock
 
+import numpy as np
 import torch
 from einops import rearrange
 from torch import nn
@@ -350,3 +351,54 @@ def _fastformer(perturb=False, *, raw_keys=True):
 def fastformer_raw_keys(perturb=False):
     """Their global key pools the raw keys where the paper pools the query-weighted ones."""
     return rel(*_fastformer(raw_keys=False)), rel(*_fastformer(perturb))
+
+
+# ---------------------------------------------------------------- transformers: BigBird
+
+def bigbird_pair(perturb=False, *, training=True):
+    """transformers' block-sparse attention (ITC: first and last block global) in training mode,
+    its random blocks (numpy, seeded) recorded and handed to ours as `global_at="ends"` sees them:
+    the blocks rolled by one, so that block c of theirs is block (c + 1) % nb of ours."""
+    bb = need("transformers.models.big_bird.modeling_big_bird")
+    n, block, r = 64, 4, 2  # theirs needs n > (5 + 2 r) block (else their models run full)
+    nb = n // block
+    config = bb.BigBirdConfig(hidden_size=DIM, num_attention_heads=HEADS, block_size=block,
+                              num_random_blocks=r, use_bias=False, max_position_embeddings=n,
+                              attention_type="block_sparse")
+    torch.manual_seed(0)
+    theirs = bb.BigBirdBlockSparseAttention(config, seed=3).double().train(training)
+    mine = ours("bigbird", dim=DIM, heads=HEADS, block=block, global_blocks=2, random_blocks=r,
+                max_len=n, global_at="ends")
+    set_(mine.to_qkv.weight, fused_qkv(theirs.query, theirs.key, theirs.value))
+    set_(mine.to_out.weight, torch.eye(DIM))  # theirs stops before the output projection
+    set_(mine.to_out.bias, torch.zeros(DIM))
+    bump(mine.to_qkv.weight, perturb)
+    drawn = []
+    record = theirs._bigbird_block_rand_mask_with_head
+
+    def recorded(*args, **kw):
+        drawn.append(record(*args, **kw))
+        return drawn[-1]
+
+    x = x_seq(n=n)
+    keep = padding(2, n, (n, 53))
+    masks = bb.BigBirdModel.create_masks_for_block_sparse_attn(keep.double(), block)
+    blocked, band, from_mask, to_mask = masks
+    with mock.patch.object(theirs, "_bigbird_block_rand_mask_with_head", recorded), torch.no_grad():
+        c = theirs(x, band_mask=band, from_mask=from_mask, to_mask=to_mask,
+                   from_blocked_mask=blocked, to_blocked_mask=blocked)[0]
+        rand = torch.as_tensor(np.stack(drawn[0]), dtype=torch.long)  # (h, nb-2, r)
+        table = torch.full((HEADS, nb, r), -1, dtype=torch.long)
+        if training:  # their query blocks 1 .. nb-2 are ours 2 .. nb-1
+            table[:, 2:] = (rand + 1) % nb
+        # in eval mode their indices are all 0: the global block 0, already in every S(B), so
+        # ours reads no random block (a set has each key once)
+        with mock.patch.object(mine, "random", lambda length: table):
+            a = mine(x, mask=keep)
+    return a[keep], c[keep]
+
+
+def bigbird_eval_zero_blocks(perturb=False):
+    """In eval mode theirs takes block 0 as every random block (all-zero indices), so block 0
+    enters each middle row's softmax r + 1 times; in training mode the two agree."""
+    return rel(*bigbird_pair(training=False)), rel(*bigbird_pair(perturb))

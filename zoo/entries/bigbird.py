@@ -14,7 +14,9 @@ Deviations from the paper:
 - the global blocks are the first `global_blocks` blocks by default; `global_at="ends"` puts
   the last `global_blocks // 2` of them at the end instead: with 2 global blocks, the first and
   the last block, as the authors' code and transformers' `BigBirdBlockSparseAttention` (ITC) lay
-  them out (tested equal to it in training mode, with its random blocks);
+  them out (tested equal to it in training mode, with its random blocks; in eval mode
+  transformers takes every random block to be block 0, so that block enters each middle row's
+  softmax r + 1 times, where ours keeps its random blocks);
 - $R(B)$ is drawn once, at construction, from a generator seeded with `seed`: the buffer `draw`,
   `(h, nb, r)` random integers, picks without replacement from the blocks that are neither window
   nor global at the length at hand, so the pattern is fixed in eval and training mode alike.

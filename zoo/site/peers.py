@@ -68,6 +68,10 @@ PAIRS: tuple[Pair, ...] = (
          "position convolution as our scope embedding, its bias at 0; their batch norms in eval "
          "mode with fresh statistics and eps 0 (the identity); ours' output projection the "
          "identity (theirs has none)"),
+    Pair("bigbird", TRANSFORMERS, "BigBirdBlockSparseAttention", "bigbird_pair",
+         "ours with global_at=\"ends\" (first and last block global); theirs in training mode, "
+         "its random blocks (numpy, seeded) handed to ours; n = 64, blocks of 4, 2 random blocks, "
+         "a padding mask; ours' output projection the identity (theirs stops before it)"),
     Pair("product-key-memory", "product-key-memory==0.3.0", "product_key_memory.PKM", "pkm_pair",
          "2 heads, 16 sub-keys per half, top 4, query halves of 8; their query LayerNorm "
          "removed (see the difference)"),
@@ -92,6 +96,11 @@ DIFFERENCES: tuple[Difference, ...] = (
                "their queries pass through a LayerNorm (each half of each head) before the key "
                "search, where the paper has a BatchNorm and ours neither (see our notes), so "
                "other values are read"),
+    Difference("bigbird", TRANSFORMERS, "bigbird_eval_zero_blocks",
+               "in eval mode their random block indices are all 0, so block 0 enters each middle "
+               "row's softmax r + 1 times (ours reads each key once, with its random blocks in "
+               "both modes); measured against ours without random blocks, theirs in training "
+               "mode removes the cause"),
     Difference("fastformer", "fast-transformer-pytorch==0.0.4", "fastformer_raw_keys",
                "their global key sums the raw keys, weighted by the scores of the query-weighted "
                "ones; the paper (and ours) sums the query-weighted keys. Equal to ours once ours "
