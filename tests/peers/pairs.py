@@ -402,3 +402,46 @@ def bigbird_eval_zero_blocks(perturb=False):
     """In eval mode theirs takes block 0 as every random block (all-zero indices), so block 0
     enters each middle row's softmax r + 1 times; in training mode the two agree."""
     return rel(*bigbird_pair(training=False)), rel(*bigbird_pair(perturb))
+
+
+# ---------------------------------------------------------------- transformers: Longformer
+
+_SOFTMAX = torch.nn.functional.softmax
+
+
+def _softmax_in_input_dtype(x, dim=None, dtype=None, **kw):
+    """torch's softmax with the `dtype=float32` that theirs passes left out (the cause removed)."""
+    return _SOFTMAX(x, dim=dim, **kw)
+
+
+def longformer_pair(perturb=False, *, float32_softmax=False):
+    lf = need("transformers.models.longformer.modeling_longformer")
+    n, window, g = 64, 8, 2
+    config = lf.LongformerConfig(hidden_size=DIM, num_attention_heads=HEADS, attention_window=[window],
+                                 attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    theirs = lf.LongformerSelfAttention(config, layer_id=0).double().eval()
+    with torch.no_grad():  # ours has no q/k/v biases
+        for name in ("query", "key", "value", "query_global", "key_global", "value_global"):
+            getattr(theirs, name).bias.zero_()
+    mine = ours("longformer", dim=DIM, heads=HEADS, window=window, global_tokens=g)
+    set_(mine.to_qkv.weight, fused_qkv(theirs.query, theirs.key, theirs.value))
+    set_(mine.to_qkv_global.weight, fused_qkv(theirs.query_global, theirs.key_global, theirs.value_global))
+    set_(mine.to_out.weight, torch.eye(DIM))  # theirs stops before the output projection
+    set_(mine.to_out.bias, torch.zeros(DIM))
+    bump(mine.to_qkv_global.weight, perturb)
+    x = x_seq(n=n)
+    keep = padding(2, n, (n, 45))
+    marks = torch.where(keep, 0.0, -10000.0).double()
+    marks[:, :g] = 10000.0  # their mask: -10000 padded, 0 local, +10000 global
+    softmax = _SOFTMAX if float32_softmax else _softmax_in_input_dtype
+    with mock.patch.object(lf.nn.functional, "softmax", softmax), torch.no_grad():
+        c = theirs(x, attention_mask=marks, is_index_masked=marks < 0,
+                   is_index_global_attn=marks > 0, is_global_attn=True)[0]
+        a = mine(x, mask=keep)
+    return a[keep], c[keep]
+
+
+def longformer_float32(perturb=False):
+    """Their softmax runs in float32 whatever the input's dtype."""
+    return rel(*longformer_pair(float32_softmax=True)), rel(*longformer_pair(perturb))

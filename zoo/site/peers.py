@@ -68,6 +68,10 @@ PAIRS: tuple[Pair, ...] = (
          "position convolution as our scope embedding, its bias at 0; their batch norms in eval "
          "mode with fresh statistics and eps 0 (the identity); ours' output projection the "
          "identity (theirs has none)"),
+    Pair("longformer", TRANSFORMERS, "LongformerSelfAttention", "longformer_pair",
+         "window 8 (4 keys each side), the first 2 tokens global with their own projections, "
+         "n = 64, a padding mask; their q/k/v biases at 0 (ours has none), ours' output "
+         "projection the identity; their softmax in float64 (see the difference)"),
     Pair("bigbird", TRANSFORMERS, "BigBirdBlockSparseAttention", "bigbird_pair",
          "ours with global_at=\"ends\" (first and last block global); theirs in training mode, "
          "its random blocks (numpy, seeded) handed to ours; n = 64, blocks of 4, 2 random blocks, "
@@ -101,6 +105,8 @@ DIFFERENCES: tuple[Difference, ...] = (
                "row's softmax r + 1 times (ours reads each key once, with its random blocks in "
                "both modes); measured against ours without random blocks, theirs in training "
                "mode removes the cause"),
+    Difference("longformer", TRANSFORMERS, "longformer_float32",
+               "their softmax (local and global rows) runs in float32 even for float64 input"),
     Difference("fastformer", "fast-transformer-pytorch==0.0.4", "fastformer_raw_keys",
                "their global key sums the raw keys, weighted by the scores of the query-weighted "
                "ones; the paper (and ours) sums the query-weighted keys. Equal to ours once ours "
