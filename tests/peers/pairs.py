@@ -445,3 +445,35 @@ def longformer_pair(perturb=False, *, float32_softmax=False):
 def longformer_float32(perturb=False):
     """Their softmax runs in float32 whatever the input's dtype."""
     return rel(*longformer_pair(float32_softmax=True)), rel(*longformer_pair(perturb))
+
+
+# ---------------------------------------------------------------- transformers: Nystromformer
+
+def hf_nystrom_pair(perturb=False, *, b=1, heads=1, per_matrix_pinv=False):
+    ny = need("transformers.models.nystromformer.modeling_nystromformer")
+    n, m = 48, 8
+    config = ny.NystromformerConfig(hidden_size=DIM, num_attention_heads=heads, num_landmarks=m,
+                                    segment_means_seq_len=n, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    theirs = ny.NystromformerSelfAttention(config).double().eval()
+    theirs.conv_kernel_size = None  # no residual convolution (their config takes only an int)
+    with torch.no_grad():  # ours has no q/k/v biases
+        for lin in (theirs.query, theirs.key, theirs.value):
+            lin.bias.zero_()
+    mine = ours("nystromformer", dim=DIM, heads=heads, landmarks=m)
+    set_(mine.to_qkv.weight, fused_qkv(theirs.query, theirs.key, theirs.value))
+    set_(mine.to_out.weight, torch.eye(DIM))  # theirs stops before the output projection
+    set_(mine.to_out.bias, torch.zeros(DIM))
+    bump(mine.to_qkv.weight, perturb)
+    x = x_seq(b=b, n=n)
+    from zoo.entries.nystromformer import iterative_pinv
+
+    pinv = (lambda mat, n_iter=6: iterative_pinv(mat, n_iter)) if per_matrix_pinv else theirs.iterative_inv
+    with mock.patch.object(theirs, "iterative_inv", pinv), torch.no_grad():
+        return mine(x), theirs(x)[0]
+
+
+def hf_nystrom_batch_pinv(perturb=False):
+    """Their pseudo-inverse starts from one scale over the whole batch and all heads."""
+    return (rel(*hf_nystrom_pair(b=2, heads=2)),
+            rel(*hf_nystrom_pair(perturb, b=2, heads=2, per_matrix_pinv=True)))

@@ -56,6 +56,10 @@ PAIRS: tuple[Pair, ...] = (
                          "no residual convolution, their landmark epsilon at 0"),
     Pair("nystromformer", "nystrom-attention==0.0.14", "nystrom_attention.NystromAttention",
          "nystrom_masked_pair", "as above with a padding mask (4 padded tokens, no landmark empty)"),
+    Pair("nystromformer", TRANSFORMERS, "NystromformerSelfAttention", "hf_nystrom_pair",
+         "one matrix (batch 1, 1 head), n = 48, 8 landmarks, no residual convolution, no mask "
+         "(theirs masks only the third kernel and averages padded tokens into its landmarks); "
+         "their q/k/v biases at 0, ours' output projection the identity"),
     Pair("kronecker-attention", "kronecker-attention-pytorch==0.0.6",
          "kronecker_attention_pytorch.KroneckerSelfAttention", "kronecker_pair",
          "a 6 x 7 image, their output bias at 0 (see the difference)"),
@@ -93,6 +97,9 @@ DIFFERENCES: tuple[Difference, ...] = (
                "their pseudo-inverse iteration starts from one scale, a maximum over the whole "
                "batch and all heads (ours: per matrix), so a sample's output depends on the "
                "others; measured at batch 2, 2 heads"),
+    Difference("nystromformer", TRANSFORMERS, "hf_nystrom_batch_pinv",
+               "as nystrom-attention: the pseudo-inverse iteration starts from one scale over the "
+               "whole batch and all heads; measured at batch 2, 2 heads"),
     Difference("kronecker-attention", "kronecker-attention-pytorch==0.0.6", "kronecker_double_bias",
                "their output convolution, bias included, is applied to the row and the column "
                "summaries before they are added, so the bias counts twice"),
