@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 from unittest import mock
 
 import numpy as np
@@ -477,3 +478,46 @@ def hf_nystrom_batch_pinv(perturb=False):
     """Their pseudo-inverse starts from one scale over the whole batch and all heads."""
     return (rel(*hf_nystrom_pair(b=2, heads=2)),
             rel(*hf_nystrom_pair(perturb, b=2, heads=2, per_matrix_pinv=True)))
+
+
+# ---------------------------------------------------------------- transformers: Informer
+
+def informer_pair(perturb=False, *, n=48, log1p=False):
+    """Their one key sample, n keys drawn with replacement for all queries, handed to ours as one
+    block of n queries (ours draws c ceil(ln n) keys per block of 64). `log1p`: ours counting its
+    active queries as theirs do, c ceil(ln(1 + n))."""
+    inf = need("transformers.models.informer.modeling_informer")
+    factor = 5
+    torch.manual_seed(0)
+    theirs = inf.InformerProbSparseAttention(DIM, HEADS, sampling_factor=factor, bias=False)
+    theirs = theirs.double().eval()
+    mine = ours("informer", dim=DIM, heads=HEADS, factor=factor, block=n)
+    set_(mine.to_qkv.weight, fused_qkv(theirs.q_proj, theirs.k_proj, theirs.v_proj))
+    set_(mine.to_out.weight, theirs.out_proj.weight)
+    set_(mine.to_out.bias, torch.zeros(DIM))
+    bump(mine.to_qkv.weight, perturb)
+    x = x_seq(n=n)
+    torch.manual_seed(5)
+    sample = torch.randint(0, n, (n,))  # their draw: the first random call of their forward
+    from zoo.entries import informer
+
+    def with_their_sample(q, k, v, _sample, mask=None, **kw):
+        return attend(q, k, v, sample[None], mask, **kw)
+
+    def their_count(length, c):
+        return min(length, c * math.ceil(math.log1p(length)))
+
+    attend = informer.probsparse_attention
+    count = their_count if log1p else informer.sample_size
+    with mock.patch.object(informer, "probsparse_attention", with_their_sample), \
+            mock.patch.object(informer, "sample_size", count), torch.no_grad():
+        a = mine(x)
+        torch.manual_seed(5)
+        c = theirs(x)[0]
+    return a, c
+
+
+def informer_log1p(perturb=False):
+    """Their number of active queries is c ceil(ln(1 + n)), the paper's c ceil(ln n): at n = 20,
+    20 active queries (all) where ours has 15."""
+    return rel(*informer_pair(n=20)), rel(*informer_pair(perturb, n=20, log1p=True))

@@ -57,8 +57,7 @@ PAIRS: tuple[Pair, ...] = (
     Pair("nystromformer", "nystrom-attention==0.0.14", "nystrom_attention.NystromAttention",
          "nystrom_masked_pair", "as above with a padding mask (4 padded tokens, no landmark empty)"),
     Pair("nystromformer", TRANSFORMERS, "NystromformerSelfAttention", "hf_nystrom_pair",
-         "one matrix (batch 1, 1 head), n = 48, 8 landmarks, no residual convolution, no mask "
-         "(theirs masks only the third kernel and averages padded tokens into its landmarks); "
+         "one matrix (batch 1, 1 head), n = 48, 8 landmarks, no residual convolution, no mask; "
          "their q/k/v biases at 0, ours' output projection the identity"),
     Pair("kronecker-attention", "kronecker-attention-pytorch==0.0.6",
          "kronecker_attention_pytorch.KroneckerSelfAttention", "kronecker_pair",
@@ -76,6 +75,10 @@ PAIRS: tuple[Pair, ...] = (
          "window 8 (4 keys each side), the first 2 tokens global with their own projections, "
          "n = 64, a padding mask; their q/k/v biases at 0 (ours has none), ours' output "
          "projection the identity; their softmax in float64 (see the difference)"),
+    Pair("informer", TRANSFORMERS, "InformerProbSparseAttention", "informer_pair",
+         "n = 48, c = 5 (20 active queries on both sides); their one key sample (n keys drawn "
+         "with replacement, shared by all queries, so their measurement is quadratic) handed to "
+         "ours as one block of n queries; no mask; no q/k/v/output biases on either side"),
     Pair("bigbird", TRANSFORMERS, "BigBirdBlockSparseAttention", "bigbird_pair",
          "ours with global_at=\"ends\" (first and last block global); theirs in training mode, "
          "its random blocks (numpy, seeded) handed to ours; n = 64, blocks of 4, 2 random blocks, "
@@ -114,6 +117,9 @@ DIFFERENCES: tuple[Difference, ...] = (
                "mode removes the cause"),
     Difference("longformer", TRANSFORMERS, "longformer_float32",
                "their softmax (local and global rows) runs in float32 even for float64 input"),
+    Difference("informer", TRANSFORMERS, "informer_log1p",
+               "their number of active queries is c ceil(ln(1 + n)) where the paper's is "
+               "c ceil(ln n); at n = 20 every query is active in theirs, 15 of 20 in ours"),
     Difference("fastformer", "fast-transformer-pytorch==0.0.4", "fastformer_raw_keys",
                "their global key sums the raw keys, weighted by the scores of the query-weighted "
                "ones; the paper (and ours) sums the query-weighted keys. Equal to ours once ours "
