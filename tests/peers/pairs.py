@@ -521,3 +521,46 @@ def informer_log1p(perturb=False):
     """Their number of active queries is c ceil(ln(1 + n)), the paper's c ceil(ln n): at n = 20,
     20 active queries (all) where ours has 15."""
     return rel(*informer_pair(n=20)), rel(*informer_pair(perturb, n=20, log1p=True))
+
+
+# ---------------------------------------------------------------- transformers: Reformer
+
+def reformer_pair(perturb=False, *, causal=False, scale=1.0, norm_eps=0.0):
+    """Their LSH layer with one chunk holding the whole sequence (their standard self-attention
+    path: every key, own position excluded) beside ours with one bucket and one chunk: the
+    projections, key normalisation, temperature and self-exclusion, not the hashing."""
+    rf = need("transformers.models.reformer.modeling_reformer")
+    n = 40
+    config = rf.ReformerConfig(hidden_size=DIM, num_attention_heads=HEADS, attention_head_size=DIM_HEAD,
+                               num_buckets=2, num_hashes=1, lsh_attn_chunk_length=n,
+                               lsh_num_chunks_before=0, lsh_num_chunks_after=0, is_decoder=causal,
+                               lsh_attention_probs_dropout_prob=0.0, max_position_embeddings=n)
+    torch.manual_seed(0)
+    theirs = rf.LSHSelfAttention(config).double().eval()
+    mine = ours("reformer", dim=DIM, heads=HEADS, dim_head=DIM_HEAD, n_hashes=1, n_buckets=1,
+                chunk_size=n, causal=causal, scale=scale)
+    set_(mine.to_qv.weight, torch.cat([theirs.query_key.weight, theirs.value.weight]))
+    set_(mine.to_out.weight, torch.eye(DIM))  # theirs stops before the output projection
+    set_(mine.to_out.bias, torch.zeros(DIM))
+    bump(mine.to_qv.weight, perturb)
+    x = x_seq(n=n)
+    keep = padding(2, n, (n, 29))
+    norm = functools.partial(type(theirs)._len_norm, theirs, epsilon=norm_eps)
+    with mock.patch.object(theirs, "_len_norm", norm), torch.no_grad():
+        c = theirs(x, attention_mask=keep.long()).hidden_states
+        a = mine(x, mask=keep)
+    return a[keep], c[keep]
+
+
+def reformer_causal_pair(perturb=False):
+    return reformer_pair(perturb, causal=True)
+
+
+def reformer_temperature(perturb=False):
+    """Theirs does not divide the scores by sqrt(d) (ours, by default, as the paper writes)."""
+    return rel(*reformer_pair(scale=None)), rel(*reformer_pair(perturb))
+
+
+def reformer_norm_epsilon(perturb=False):
+    """Their key normalisation adds 1e-6 to the mean square of each key."""
+    return rel(*reformer_pair(norm_eps=1e-6)), rel(*reformer_pair(perturb))

@@ -79,6 +79,15 @@ PAIRS: tuple[Pair, ...] = (
          "n = 48, c = 5 (20 active queries on both sides); their one key sample (n keys drawn "
          "with replacement, shared by all queries, so their measurement is quadratic) handed to "
          "ours as one block of n queries; no mask; no q/k/v/output biases on either side"),
+    Pair("reformer", TRANSFORMERS, "LSHSelfAttention", "reformer_pair",
+         "ours with scale=1.0 (their temperature, see the difference), one round; one chunk "
+         "holding the whole sequence (n = 40) on both sides, so theirs runs its standard "
+         "self-attention path and ours has one bucket: this checks the projections, the key "
+         "normalisation, the temperature, self-exclusion and the padding mask, not the hashing "
+         "(their chunks read keys of other buckets, ours do not); their key-norm epsilon at 0; "
+         "ours' output projection the identity"),
+    Pair("reformer", TRANSFORMERS, "LSHSelfAttention", "reformer_causal_pair",
+         "as above, causal (theirs: is_decoder=True)"),
     Pair("bigbird", TRANSFORMERS, "BigBirdBlockSparseAttention", "bigbird_pair",
          "ours with global_at=\"ends\" (first and last block global); theirs in training mode, "
          "its random blocks (numpy, seeded) handed to ours; n = 64, blocks of 4, 2 random blocks, "
@@ -120,6 +129,12 @@ DIFFERENCES: tuple[Difference, ...] = (
     Difference("informer", TRANSFORMERS, "informer_log1p",
                "their number of active queries is c ceil(ln(1 + n)) where the paper's is "
                "c ceil(ln n); at n = 20 every query is active in theirs, 15 of 20 in ours"),
+    Difference("reformer", TRANSFORMERS, "reformer_temperature",
+               "their scores are q . k / |k| with no further 1/sqrt(d), a temperature sqrt(d) away "
+               "from ours, which follows the paper's formulas; ours with scale=1.0 is theirs",
+               ours=True),
+    Difference("reformer", TRANSFORMERS, "reformer_norm_epsilon",
+               "their key normalisation adds 1e-6 to each key's mean square"),
     Difference("fastformer", "fast-transformer-pytorch==0.0.4", "fastformer_raw_keys",
                "their global key sums the raw keys, weighted by the scores of the query-weighted "
                "ones; the paper (and ours) sums the query-weighted keys. Equal to ours once ours "
