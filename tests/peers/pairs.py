@@ -564,3 +564,40 @@ def reformer_temperature(perturb=False):
 def reformer_norm_epsilon(perturb=False):
     """Their key normalisation adds 1e-6 to the mean square of each key."""
     return rel(*reformer_pair(norm_eps=1e-6)), rel(*reformer_pair(perturb))
+
+
+# ---------------------------------------------------------------- local-attention
+
+def _local_pair(perturb, entry, their_kw, *, causal=False, **ours_kw):
+    """Attention on given q, k, v (no weights on their side): ours' `attend` beside their
+    `LocalAttention`; the planted defect moves one entry of one of our queries."""
+    la = need("local_attention")
+    theirs = la.LocalAttention(**their_kw, causal=causal, dropout=0.0, use_rotary_pos_emb=False)
+    mine = ours(entry, dim=DIM, heads=HEADS, causal=causal, **ours_kw)
+    torch.manual_seed(1)
+    n = 48
+    q, k, v = torch.randn(3, 2, HEADS, n, DIM_HEAD, dtype=F64)
+    keep = padding(2, n, (n, 37))
+    mine_q = q.clone()
+    bump(mine_q[0, 0, 10], perturb)  # a query that sees several keys, causal or not
+    with torch.no_grad():
+        a, c = mine.attend(mine_q, k, v, keep), theirs(q, k, v, mask=keep)
+    real = keep[:, None].expand(-1, HEADS, -1)
+    return a[real], c[real]
+
+
+def local_window_pair(perturb=False, *, causal=False):
+    """Their exact window of 4 blocks each way: our Longformer window 8 with no global tokens."""
+    return _local_pair(perturb, "longformer", dict(window_size=4, look_backward=1,
+                                                   look_forward=0 if causal else 1, exact_windowsize=True),
+                       causal=causal, window=8, global_tokens=0)
+
+
+def local_window_causal_pair(perturb=False):
+    return local_window_pair(perturb, causal=True)
+
+
+def local_block_pair(perturb=False):
+    """Their blocks with no look-around: our memory-compressed attention's local kind."""
+    return _local_pair(perturb, "memory-compressed-attention",
+                       dict(window_size=8, look_backward=0, look_forward=0), kind="local", block=8)

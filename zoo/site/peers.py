@@ -88,6 +88,15 @@ PAIRS: tuple[Pair, ...] = (
          "ours' output projection the identity"),
     Pair("reformer", TRANSFORMERS, "LSHSelfAttention", "reformer_causal_pair",
          "as above, causal (theirs: is_decoder=True)"),
+    Pair("longformer", "local-attention==1.11.2", "local_attention.LocalAttention",
+         "local_window_pair", "attention on the same q, k, v (theirs has no weights): their exact "
+         "window of 4 each way (window_size 4, one block back and forward) as our window 8 with "
+         "no global tokens; n = 48, a padding mask; no rotary embedding"),
+    Pair("longformer", "local-attention==1.11.2", "local_attention.LocalAttention",
+         "local_window_causal_pair", "as above, causal (4 keys back)"),
+    Pair("memory-compressed-attention", "local-attention==1.11.2", "local_attention.LocalAttention",
+         "local_block_pair", "the local kind, blocks of 8, beside their blocks with no look-around; "
+                             "the same q, k, v, a padding mask"),
     Pair("bigbird", TRANSFORMERS, "BigBirdBlockSparseAttention", "bigbird_pair",
          "ours with global_at=\"ends\" (first and last block global); theirs in training mode, "
          "its random blocks (numpy, seeded) handed to ours; n = 64, blocks of 4, 2 random blocks, "
@@ -186,7 +195,8 @@ def _tables(pairs: list[Pair], diffs: list[Difference], measured: dict | None,
 HOW = ("Weights copied from the public module into ours, random parts shared (feature matrices, "
        "projections), float64, the same input; the size is the largest absolute difference of "
        "the outputs over the largest absolute output. Each equality is also run with one of our "
-       "weights moved by 1e-3, and must then fail (`tests/peers/`, the extra `peers`).")
+       "weights (where theirs has none, one entry of a query) moved by 1e-3, and must then fail "
+       "(`tests/peers/`, the extra `peers`).")
 
 
 def entry_peers(e: Entry, measured: dict | None) -> str:
