@@ -601,3 +601,29 @@ def local_block_pair(perturb=False):
     """Their blocks with no look-around: our memory-compressed attention's local kind."""
     return _local_pair(perturb, "memory-compressed-attention",
                        dict(window_size=8, look_backward=0, look_forward=0), kind="local", block=8)
+
+
+# ---------------------------------------------------------------- linear-attention-transformer
+
+def lat_pair(perturb=False, *, folded=True):
+    """Their global heads are efficient attention with the queries, after their softmax, times
+    d^-1/2: the factor folded into our output projection (`folded`)."""
+    lt = need("linear_attention_transformer")
+    torch.manual_seed(0)
+    theirs = lt.linear_attention_transformer.SelfAttention(DIM, HEADS, dim_head=DIM_HEAD)
+    theirs = theirs.double().eval()
+    mine = ours("efficient-attention", dim=DIM, heads=HEADS, dim_head=DIM_HEAD)
+    set_(mine.to_qkv.weight, fused_qkv(theirs.to_q, theirs.to_k, theirs.to_v))
+    set_(mine.to_out.weight, theirs.to_out.weight * (DIM_HEAD ** -0.5 if folded else 1.0))
+    set_(mine.to_out.bias, theirs.to_out.bias)
+    bump(mine.to_qkv.weight, perturb)
+    x = x_seq()
+    keep = padding(2, 48, (48, 33))
+    with torch.no_grad():
+        a, c = mine(x, mask=keep), theirs(x, input_mask=keep.clone())
+    return a[keep], c[keep]
+
+
+def lat_query_scale(perturb=False):
+    """Their queries are multiplied by d^-1/2 after the feature softmax (the paper has no factor)."""
+    return rel(*lat_pair(folded=False)), rel(*lat_pair(perturb))

@@ -97,6 +97,10 @@ PAIRS: tuple[Pair, ...] = (
     Pair("memory-compressed-attention", "local-attention==1.11.2", "local_attention.LocalAttention",
          "local_block_pair", "the local kind, blocks of 8, beside their blocks with no look-around; "
                              "the same q, k, v, a padding mask"),
+    Pair("efficient-attention", "linear-attention-transformer==0.19.1",
+         "linear_attention_transformer.SelfAttention", "lat_pair",
+         "their global (linear) heads, non-causal, a padding mask; their factor d^-1/2 on the "
+         "queries (see the difference) folded into the copy of their output projection"),
     Pair("bigbird", TRANSFORMERS, "BigBirdBlockSparseAttention", "bigbird_pair",
          "ours with global_at=\"ends\" (first and last block global); theirs in training mode, "
          "its random blocks (numpy, seeded) handed to ours; n = 64, blocks of 4, 2 random blocks, "
@@ -144,6 +148,9 @@ DIFFERENCES: tuple[Difference, ...] = (
                ours=True),
     Difference("reformer", TRANSFORMERS, "reformer_norm_epsilon",
                "their key normalisation adds 1e-6 to each key's mean square"),
+    Difference("efficient-attention", "linear-attention-transformer==0.19.1", "lat_query_scale",
+               "their queries are multiplied by d^-1/2 after the feature softmax, which the paper "
+               "does not have: the output shrinks by sqrt(d)"),
     Difference("fastformer", "fast-transformer-pytorch==0.0.4", "fastformer_raw_keys",
                "their global key sums the raw keys, weighted by the scores of the query-weighted "
                "ones; the paper (and ours) sums the query-weighted keys. Equal to ours once ours "
