@@ -78,19 +78,34 @@ def test_pages_show_every_comparison():
     """The gathered page lists every pair and difference with the committed size; each entry page
     with one has the section; entries without one have none."""
     import zoo
-    from zoo.site.peers import entry_peers, peers_page
+    from zoo.site.peers import cell, entry_peers, peers_page
 
     data = committed()
     page = peers_page(data)
     for p in PAIRS:
         assert p.entry in zoo.names(), p.entry
-        assert f"{data['pairs'][p.function]:.1e}" in page and p.configuration in page
+        assert f"{data['pairs'][p.function]:.1e}" in page and cell(p.configuration) in page
     for d in DIFFERENCES:
         assert f"{data['differences'][d.function]['shipped']:.1e} as shipped" in page
-        assert d.cause in page
+        assert cell(d.cause) in page
     with_pairs = {p.entry for p in PAIRS} | {d.entry for d in DIFFERENCES}
     for name in zoo.names():
         section = entry_peers(zoo.entry(name), data)
         assert bool(section) == (name in with_pairs), name
         if section:
             assert section.startswith("## Compared with other implementations")
+
+
+def test_our_conventions_are_named_in_docstring_and_notes():
+    """A difference marked as our convention names the peer's package in the entry's notes and
+    in its module docstring."""
+    import importlib
+
+    import zoo
+
+    for d in DIFFERENCES:
+        if d.ours:
+            package = d.peer.split("==")[0]
+            e = zoo.entry(d.entry)
+            assert package in e.notes, (d.entry, package)
+            assert package in (importlib.import_module(e.module).__doc__ or ""), d.entry

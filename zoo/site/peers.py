@@ -37,7 +37,7 @@ class Difference:
     peer: str
     function: str       # returns (as shipped, cause removed) in tests/peers/pairs.py
     cause: str
-    ours: bool = False  # the difference is in our behaviour (our docstring and notes name it)
+    ours: bool = False  # a convention of ours (the entry's docstring and notes name the peer)
 
 
 PAIRS: tuple[Pair, ...] = (
@@ -115,7 +115,7 @@ DIFFERENCES: tuple[Difference, ...] = (
                "their attention softmax runs in float32 even for float64 input"),
     Difference("performer", "performer-pytorch==1.1.4", "performer_epsilon",
                "their feature map adds 1e-4 to every random feature, which dominates small "
-               "features"),
+               "features", ours=True),
     Difference("performer", "performer-pytorch==1.1.4", "performer_causal_epsilon",
                "causal: the same 1e-4, and 1e-6 added to the normaliser"),
     Difference("nystromformer", "nystrom-attention==0.0.14", "nystrom_batch_pinv",
@@ -149,14 +149,19 @@ DIFFERENCES: tuple[Difference, ...] = (
     Difference("reformer", TRANSFORMERS, "reformer_norm_epsilon",
                "their key normalisation adds 1e-6 to each key's mean square"),
     Difference("efficient-attention", "linear-attention-transformer==0.19.1", "lat_query_scale",
-               "their queries are multiplied by d^-1/2 after the feature softmax, which the paper "
-               "does not have: the output shrinks by sqrt(d)"),
+               "their queries are multiplied by d^-1/2 after the feature softmax, a factor our "
+               "formula (the paper's) does not have: the output shrinks by sqrt(d)"),
     Difference("fastformer", "fast-transformer-pytorch==0.0.4", "fastformer_raw_keys",
                "their global key sums the raw keys, weighted by the scores of the query-weighted "
                "ones; the paper (and ours) sums the query-weighted keys. Equal to ours once ours "
                "sums the raw keys (their query pooling shared by heads and their per-head W_r "
                "copied into ours; a padding mask)"),
 )
+
+
+def cell(text: str) -> str:
+    """`text` safe inside a markdown table cell (a `|` would end the cell)."""
+    return text.replace("|", "\\|")
 
 
 def _size(x: float) -> str:
@@ -167,15 +172,15 @@ def _pair_row(p: Pair, measured: dict | None) -> str:
     got = (measured or {}).get("pairs", {}).get(p.function)
     result = (f"tested equal: {_size(got)} (tolerance {p.tolerance:g})" if got is not None
               else f"tested equal (tolerance {p.tolerance:g})")
-    return f"| `{p.peer}` | `{p.module}` | {result} | {p.configuration} |"
+    return f"| `{p.peer}` | `{p.module}` | {result} | {cell(p.configuration)} |"
 
 
 def _difference_row(d: Difference, measured: dict | None) -> str:
     got = (measured or {}).get("differences", {}).get(d.function)
     size = (f"{_size(got['shipped'])} as shipped; {_size(got['removed'])} with the cause removed"
             if got else "not measured")
-    side = "ours" if d.ours else "theirs"
-    return f"| `{d.peer}` | {d.cause} ({side}) | {size} |"
+    ours = " Our convention, named in our docstring and notes." if d.ours else ""
+    return f"| `{d.peer}` | {cell(d.cause)}{ours} | {size} |"
 
 
 def _tables(pairs: list[Pair], diffs: list[Difference], measured: dict | None,
