@@ -627,3 +627,26 @@ def lat_pair(perturb=False, *, folded=True):
 def lat_query_scale(perturb=False):
     """Their queries are multiplied by d^-1/2 after the feature softmax (the paper has no factor)."""
     return rel(*lat_pair(folded=False)), rel(*lat_pair(perturb))
+
+
+# ---------------------------------------------------------------- axial-attention
+
+def axial_pair(perturb=False):
+    """Their layer run sequentially (sum_axial_out=False) attends along the first grid axis, then
+    the second: on the transposed grid that is our rows, then our columns."""
+    ax = need("axial_attention")
+    torch.manual_seed(0)
+    rows, width = 5, 7
+    theirs = ax.AxialAttention(DIM, num_dimensions=2, heads=HEADS, dim_index=-1, sum_axial_out=False)
+    theirs = theirs.double().eval()
+    first, second = (p.fn for p in theirs.axial_attentions)
+    mine = ours("axial-attention", dim=DIM, heads=HEADS, width=width)
+    for qkv, out, fn in ((mine.to_qkv, mine.to_out, first), (mine.to_qkv_column, mine.to_out_column, second)):
+        set_(qkv.weight, torch.cat([fn.to_q.weight, fn.to_kv.weight]))
+        set_(out.weight, fn.to_out.weight)
+        set_(out.bias, fn.to_out.bias)
+    bump(mine.to_qkv_column.weight, perturb)
+    x = x_seq(n=rows * width)
+    grid = rearrange(x, "b (r c) d -> b c r d", c=width)  # transposed: their first axis is our row
+    with torch.no_grad():
+        return mine(x), rearrange(theirs(grid), "b c r d -> b (r c) d")

@@ -101,6 +101,9 @@ PAIRS: tuple[Pair, ...] = (
          "linear_attention_transformer.SelfAttention", "lat_pair",
          "their global (linear) heads, non-causal, a padding mask; their factor d^-1/2 on the "
          "queries (see the difference) folded into the copy of their output projection"),
+    Pair("axial-attention", "axial-attention==0.6.1", "axial_attention.AxialAttention", "axial_pair",
+         "a 5 x 7 grid; theirs run one axis after the other (sum_axial_out=False, not their "
+         "default sum of the two) on the transposed grid, so that their first axis is our rows"),
     Pair("bigbird", TRANSFORMERS, "BigBirdBlockSparseAttention", "bigbird_pair",
          "ours with global_at=\"ends\" (first and last block global); theirs in training mode, "
          "its random blocks (numpy, seeded) handed to ours; n = 64, blocks of 4, 2 random blocks, "
@@ -217,7 +220,8 @@ def entry_peers(e: Entry, measured: dict | None) -> str:
     diffs = [d for d in DIFFERENCES if d.entry == e.id]
     if not pairs and not diffs:
         return ""
-    out = ["## Compared with other implementations", "", HOW, ""]
+    out = ["## Compared with other implementations", "", HOW,
+           "Every pair, all entries: [Compared with other implementations](../peers.md).", ""]
     return "\n".join(out + _tables(pairs, diffs, measured, entry_column=False))
 
 
