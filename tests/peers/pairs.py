@@ -650,3 +650,43 @@ def axial_pair(perturb=False):
     grid = rearrange(x, "b (r c) d -> b c r d", c=width)  # transposed: their first axis is our row
     with torch.no_grad():
         return mine(x), rearrange(theirs(grid), "b c r d -> b (r c) d")
+
+
+# ---------------------------------------------------------------- memory-compressed-attention
+
+def _mca(perturb=False, *, null_slot=True):
+    """One head (their scale d^-1/2 takes the model width: one head makes it the head width),
+    n a multiple of c (theirs pads at the front); their one convolution for keys and values copied
+    into both of ours. `null_slot`: ours given their empty key/value slot (the cause removed)."""
+    need("memory_compressed_attention")
+    from memory_compressed_attention import MemoryCompressedAttention as Theirs
+
+    from zoo.entries import memory_compressed_attention as mca
+
+    torch.manual_seed(0)
+    c = 3
+    theirs = Theirs(DIM, heads=1, compression_factor=c).double().eval()
+    mine = ours("memory-compressed-attention", dim=DIM, heads=1, compression=c)
+    set_(mine.to_qkv.weight, theirs.to_qkv.weight)
+    set_(mine.to_out.weight, theirs.to_out.weight)
+    set_(mine.to_out.bias, theirs.to_out.bias)
+    for conv in (mine.compress_k, mine.compress_v):
+        set_(conv.weight, theirs.compress_fn.conv.weight)
+        set_(conv.bias, theirs.compress_fn.conv.bias)
+    bump(mine.to_qkv.weight, perturb)
+    attend = mca.compressed_attention
+
+    def with_null_slot(q, k, v, mask=None, **kw):
+        k, v = (torch.cat([t.new_zeros(*t.shape[:2], 1, t.shape[3]), t], dim=2) for t in (k, v))
+        mask = None if mask is None else torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
+        return attend(q, k, v, mask, **kw)
+
+    x = x_seq(n=48)
+    with mock.patch.object(mca, "compressed_attention", with_null_slot if null_slot else attend), \
+            torch.no_grad():
+        return mine(x), theirs(x)
+
+
+def mca_null_slot(perturb=False):
+    """Theirs always adds an empty key/value slot (a zero key: score 0, weight e^0, value 0)."""
+    return rel(*_mca(null_slot=False)), rel(*_mca(perturb))

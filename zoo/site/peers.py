@@ -154,6 +154,11 @@ DIFFERENCES: tuple[Difference, ...] = (
     Difference("efficient-attention", "linear-attention-transformer==0.19.1", "lat_query_scale",
                "their queries are multiplied by d^-1/2 after the feature softmax, a factor our "
                "formula (the paper's) does not have: the output shrinks by sqrt(d)"),
+    Difference("memory-compressed-attention", "memory-compressed-attention==0.0.7", "mca_null_slot",
+               "theirs always adds an empty key/value slot (zero key and value: weight e^0 in "
+               "every softmax, nothing added to the output); equal once ours is given that slot. "
+               "Measured with one head, n a multiple of c, their one convolution for keys and "
+               "values copied into both of ours"),
     Difference("fastformer", "fast-transformer-pytorch==0.0.4", "fastformer_raw_keys",
                "their global key sums the raw keys, weighted by the scores of the query-weighted "
                "ones; the paper (and ours) sums the query-weighted keys. Equal to ours once ours "
