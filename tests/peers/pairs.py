@@ -690,3 +690,44 @@ def _mca(perturb=False, *, null_slot=True):
 def mca_null_slot(perturb=False):
     """Theirs always adds an empty key/value slot (a zero key: score 0, weight e^0, value 0)."""
     return rel(*_mca(null_slot=False)), rel(*_mca(perturb))
+
+
+# ---------------------------------------------------------------- isab-pytorch
+
+def _attention_only(self, x, y, mask=None):
+    """Our MAB without its residual, LayerNorms and feed-forward: the attention and its output
+    projection only, as their `Attention`."""
+    from zoo.core.softmax import softmax_attention
+
+    q = rearrange(self.to_q(x), "b i (h d) -> b h i d", h=self.heads)
+    k, v = rearrange(self.to_kv(y), "b j (two h d) -> two b h j d", two=2, h=self.heads)
+    return self.to_out(rearrange(softmax_attention(q, k, v, mask), "b h i e -> b i (h e)"))
+
+
+def _isab(perturb=False, *, attention_only=True):
+    ip = need("isab_pytorch")
+    from zoo.entries import set_transformer
+
+    torch.manual_seed(0)
+    m = 6
+    theirs = ip.ISAB(dim=DIM, heads=HEADS, num_latents=m).double().eval()
+    mine = ours("set-transformer", dim=DIM, heads=HEADS, dim_head=64, inducing=m)  # their width
+    set_(mine.inducing_points, theirs.latents)
+    for mab, attn in ((mine.summarise, theirs.attn1), (mine.broadcast, theirs.attn2)):
+        set_(mab.to_q.weight, attn.to_q.weight)
+        set_(mab.to_kv.weight, attn.to_kv.weight)
+        set_(mab.to_out.weight, attn.to_out.weight)
+        set_(mab.to_out.bias, torch.zeros(DIM))  # theirs has no output bias
+    bump(mine.inducing_points, perturb)
+    x = x_seq(n=40)
+    keep = padding(2, 40, (40, 27))
+    forward = _attention_only if attention_only else set_transformer.MAB.forward
+    with mock.patch.object(set_transformer.MAB, "forward", forward), torch.no_grad():
+        a, c = mine(x, mask=keep), theirs(x, mask=keep)[0]
+    return a[keep], c[keep]
+
+
+def isab_attention_only(perturb=False):
+    """Their blocks are the attention alone: no residual, LayerNorm or feed-forward (the paper's
+    MAB, eq. 6-7, has them, and so has ours)."""
+    return rel(*_isab(attention_only=False)), rel(*_isab(perturb))

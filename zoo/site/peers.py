@@ -159,6 +159,11 @@ DIFFERENCES: tuple[Difference, ...] = (
                "every softmax, nothing added to the output); equal once ours is given that slot. "
                "Measured with one head, n a multiple of c, their one convolution for keys and "
                "values copied into both of ours"),
+    Difference("set-transformer", "isab-pytorch==0.3.0", "isab_attention_only",
+               "their ISAB's blocks are the attention alone, with no residual, LayerNorm or "
+               "feed-forward (the paper's MAB, eq. 6-7, has them, and so has ours); equal once "
+               "ours' MAB is cut down to its attention (their head width 64, their inducing "
+               "points copied, a padding mask)"),
     Difference("fastformer", "fast-transformer-pytorch==0.0.4", "fastformer_raw_keys",
                "their global key sums the raw keys, weighted by the scores of the query-weighted "
                "ones; the paper (and ours) sums the query-weighted keys. Equal to ours once ours "
