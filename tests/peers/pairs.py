@@ -43,7 +43,8 @@ def need(module: str):
     except ImportError as err:  # pragma: no cover - the extra is installed by `make test`
         import pytest
 
-        pytest.skip(f"{module} cannot be imported ({err}); it comes with the extra `peers`")
+        pytest.skip(f"{module} cannot be imported ({err}); it comes with the extra `peers` "
+                    "(transformers with the extra `hf`)")
 
 
 def ours(entry: str, **kw) -> nn.Module:

@@ -44,12 +44,16 @@ def test_equal_bites(pair):
 @pytest.mark.parametrize("diff", DIFFERENCES, ids=lambda d: d.function)
 def test_difference(diff):
     """As shipped the two differ; with the stated cause removed they agree; the committed size is
-    the one measured now (to 1%: float32 parts may round differently on another CPU)."""
+    the one measured now: to 1%, or within a factor of 4 where the difference is float32 rounding
+    (under 1e-5), which another CPU's vector code may round differently."""
     shipped, removed = getattr(pairs, diff.function)()
     assert shipped > 1e-9, f"{diff.function}: no difference as shipped ({shipped:.2e})"
     assert removed <= 1e-12, f"{diff.function}: the cause removed, still {removed:.2e}"
     size = committed()["differences"][diff.function]
-    assert math.isclose(size["shipped"], shipped, rel_tol=1e-2), (size, shipped)
+    if shipped > 1e-5:
+        assert math.isclose(size["shipped"], shipped, rel_tol=1e-2), (size, shipped)
+    else:
+        assert 0.25 < size["shipped"] / shipped < 4, (size, shipped)
     assert size["removed"] <= 1e-12
 
 
@@ -109,3 +113,8 @@ def test_our_conventions_are_named_in_docstring_and_notes():
             e = zoo.entry(d.entry)
             assert package in e.notes, (d.entry, package)
             assert package in (importlib.import_module(e.module).__doc__ or ""), d.entry
+
+
+def test_a_missing_package_skips_its_pairs_naming_the_extra():
+    with pytest.raises(pytest.skip.Exception, match="extra `peers`"):
+        pairs.need("no_such_peer_package")
