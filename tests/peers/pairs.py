@@ -99,6 +99,10 @@ def x_transformers_pair(perturb=False, *, float32_softmax=False, causal=False):
     return a[mask], b[mask]
 
 
+def x_transformers_causal_pair(perturb=False):
+    return x_transformers_pair(perturb, causal=True)
+
+
 def x_transformers_float32(perturb=False):
     """Their softmax runs in float32 whatever the input's dtype."""
     return rel(*x_transformers_pair(float32_softmax=True)), rel(*x_transformers_pair(perturb))
