@@ -92,6 +92,9 @@ def test_pages_show_every_comparison():
     for d in DIFFERENCES:
         assert f"{data['differences'][d.function]['shipped']:.1e} as shipped" in page
         assert cell(d.cause) in page
+    root = MEASURED.parents[1]
+    assert "peers.md" in (root / "mkdocs.yml").read_text(), "the page is not in the nav"
+    assert "peers_page(" in (root / "docs" / "hooks" / "zoo_pages.py").read_text()
     with_pairs = {p.entry for p in PAIRS} | {d.entry for d in DIFFERENCES}
     for name in zoo.names():
         section = entry_peers(zoo.entry(name), data)
