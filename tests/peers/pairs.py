@@ -736,3 +736,50 @@ def isab_attention_only(perturb=False):
     """Their blocks are the attention alone: no residual, LayerNorm or feed-forward (the paper's
     MAB, eq. 6-7, has them, and so has ours)."""
     return rel(*_isab(attention_only=False)), rel(*_isab(perturb))
+
+
+def _reformer_lsh(perturb=False, *, as_ours=True):
+    """Their LSH path (one round, one head of 32, 4 buckets, chunks of 8, one chunk back) and
+    ours with scale=1.0 and their rotation. `as_ours`: their mask also refuses keys of another
+    bucket (their first chunk's look-back, which wraps to the last chunk, then reads nothing: the
+    sorted first and last chunks hold different buckets)."""
+    rf = need("transformers.models.reformer.modeling_reformer")
+    n, c, nb, d, seed = 48, 8, 4, 32, 7
+    config = rf.ReformerConfig(hidden_size=DIM, num_attention_heads=1, attention_head_size=d,
+                               num_buckets=nb, num_hashes=1, lsh_attn_chunk_length=c,
+                               lsh_num_chunks_before=1, lsh_num_chunks_after=0, hash_seed=seed,
+                               lsh_attention_probs_dropout_prob=0.0, max_position_embeddings=n)
+    torch.manual_seed(0)
+    theirs = rf.LSHSelfAttention(config).double().eval()
+    mine = ours("reformer", dim=DIM, heads=1, dim_head=d, n_hashes=1, n_buckets=nb, chunk_size=c,
+                scale=1.0)
+    torch.manual_seed(seed)  # their rotation: drawn after seeding, at every call
+    set_(mine.rotations, torch.randn(1, d, 1, nb // 2, dtype=F64)[0].permute(1, 0, 2))
+    set_(mine.to_qv.weight, torch.cat([theirs.query_key.weight, theirs.value.weight]))
+    set_(mine.to_out.weight, torch.eye(DIM))
+    set_(mine.to_out.bias, torch.zeros(DIM))
+    bump(mine.to_qv.weight, perturb)
+    hashed, compute_mask = [], theirs._compute_attn_mask
+
+    def record(*args, **kw):
+        hashed.append(rf.LSHSelfAttention._hash_vectors(theirs, *args, **kw))
+        return hashed[-1]
+
+    def also_buckets(query_idx, key_idx, attention_mask, shape, standard):
+        keep = compute_mask(query_idx, key_idx, attention_mask, shape, standard)
+        buckets = hashed[-1][:, :, None, :].expand(*query_idx.shape[:3], -1)
+        same = buckets.gather(-1, query_idx)[..., :, None] == buckets.gather(-1, key_idx)[..., None, :]
+        return same if keep is None else keep & same
+
+    x = x_seq(n=n)
+    mask_fn = also_buckets if as_ours else compute_mask
+    with mock.patch.object(theirs, "_hash_vectors", record), \
+            mock.patch.object(theirs, "_compute_attn_mask", mask_fn), \
+            mock.patch.object(theirs, "_len_norm", functools.partial(type(theirs)._len_norm, theirs,
+                                                                    epsilon=0.0)), torch.no_grad():
+        return mine(x), theirs(x).hidden_states
+
+
+def reformer_other_buckets(perturb=False):
+    """Their chunks read keys of other buckets; ours do not (equal once their mask refuses them)."""
+    return rel(*_reformer_lsh(as_ours=False)), rel(*_reformer_lsh(perturb))

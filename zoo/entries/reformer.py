@@ -31,8 +31,8 @@ Deviations from the paper:
 - The scores are $q_i^\top k_j / \sqrt{d}$ with $k_j = q_j / \|q_j\|$, as the paper's formulas
   write them. transformers' `ReformerModel` normalises the keys the same way and does not divide
   by $\sqrt d$, a temperature $\sqrt d$ away from ours: `scale=1.0` selects it (tested equal,
-  `tests/peers/`). Its chunks also look back from a round's first chunk to the previous round's
-  last, and it does not mask keys of other buckets inside a chunk; ours does neither.
+  `tests/peers/`). Its chunks also read the keys of other buckets that share them; ours read
+  only their own bucket's (equal to it once its mask refuses those keys, `tests/peers/`).
 - Self-exclusion uses the dtype's half-most-negative value instead of $10^5$, so it holds at any
   score scale. No reversible layers or chunked feed-forward (they are not attention).
 """

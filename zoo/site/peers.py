@@ -86,8 +86,8 @@ PAIRS: tuple[Pair, ...] = (
          "holding the whole sequence (n = 40) on both sides, so theirs runs its standard "
          "self-attention path and ours has one bucket: this checks the projections, the key "
          "normalisation, the temperature, self-exclusion and the padding mask, not the hashing "
-         "(their chunks read keys of other buckets, ours do not); their key-norm epsilon at 0; "
-         "ours' output projection the identity"),
+         "(see the differences for their chunks); their key-norm epsilon at 0; ours' output "
+         "projection the identity"),
     Pair("reformer", TRANSFORMERS, "LSHSelfAttention", "reformer_causal_pair",
          "as above, causal (theirs: is_decoder=True)"),
     Pair("longformer", "local-attention==1.11.2", "local_attention.LocalAttention",
@@ -153,6 +153,12 @@ DIFFERENCES: tuple[Difference, ...] = (
                ours=True),
     Difference("reformer", TRANSFORMERS, "reformer_norm_epsilon",
                "their key normalisation adds 1e-6 to each key's mean square"),
+    Difference("reformer", TRANSFORMERS, "reformer_other_buckets",
+               "their sorted chunks read every key in the chunk and the one before, of any bucket; "
+               "ours only keys of the query's own bucket. Equal once their mask refuses the other "
+               "buckets' keys: their LSH path (one round, 4 buckets, chunks of 8, n = 48, one head "
+               "of 32) with their rotation copied into ours, ours with scale=1.0, their key-norm "
+               "epsilon at 0"),
     Difference("efficient-attention", "linear-attention-transformer==0.19.1", "lat_query_scale",
                "their queries are multiplied by d^-1/2 after the feature softmax, a factor our "
                "formula (the paper's) does not have: the output shrinks by sqrt(d)"),
