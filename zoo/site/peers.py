@@ -43,7 +43,8 @@ class Difference:
 PAIRS: tuple[Pair, ...] = (
     Pair("softmax-attention", "x-transformers==2.31.10", "x_transformers.Attention",
          "x_transformers_pair",
-         "8 heads of 16 set to 2; a padding mask; their softmax in float64 (see the difference)"),
+         "2 heads of 16, no output bias (theirs has none); a padding mask; their softmax in "
+         "float64 (see the difference)"),
     Pair("softmax-attention", "x-transformers==2.31.10", "x_transformers.Attention",
          "x_transformers_causal_pair", "as above, causal"),
     Pair("performer", "performer-pytorch==1.1.4", "performer_pytorch.SelfAttention",
