@@ -8,13 +8,13 @@ PY := $(VENV)/bin/python
 export NO_MKDOCS_2_WARNING := 1
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test docs clean bench bench-decode bench-public quality
+.PHONY: install serve test docs clean bench bench-decode bench-public peers quality
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# The CPU build of torch first, so that nothing pulls a multi-GB CUDA build.
 	$(PY) -m pip install --disable-pip-version-check -q "torch==2.13.0"
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,docs,hf,ray]"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,docs,hf,ray,peers]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -57,6 +57,11 @@ PUBLIC := performer-pytorch nystrom-attention linformer local-attention reformer
 bench-public: $(STAMP)
 	$(PY) -m pip install -q --no-deps --target .cache/public $(PUBLIC)
 	PYTHONPATH=.cache/public $(PY) benchmarks/compare_public.py --n 4096 16384 --out benchmarks/public.json
+
+# Each entry beside the public implementation people use (the extra `peers`), weights copied, in
+# float64: writes the sizes the "Compared with other implementations" pages print (seconds).
+peers: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/peers.py --out benchmarks/peers.json
 
 # The recall grid (associative recall, every entry x cell x learning rate): hours on 2 cores.
 # Resumable: finished jobs are kept in the file, so stopping and re-running continues. JOBS=2 runs

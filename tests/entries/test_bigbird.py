@@ -99,10 +99,15 @@ def test_fast_path_equals_reference_with_gradients(c, g, r):
     assert_same_outputs_and_grads(out * real, ref * real, (q, k, v))
 
 
-def test_layer_is_unchanged_with_the_reference(monkeypatch):
-    layer = zoo.create("bigbird", dim=32, heads=2, block=4, global_blocks=1, random_blocks=2)
+@pytest.mark.parametrize("at", ["start", "ends"])
+def test_layer_is_unchanged_with_the_reference(monkeypatch, at):
+    layer = zoo.create("bigbird", dim=32, heads=2, block=4, global_blocks=2, random_blocks=2,
+                       global_at=at)
     assert_unchanged_with_references(monkeypatch, layer, [
         (bigbird, "bigbird_attention", bigbird_attention_reference)])
+    masked = zoo.create("bigbird", dim=32, heads=2, block=4, global_blocks=2, random_blocks=2,
+                        global_at=at)
+    assert_masked_garbage_changes_nothing(masked)
 
 
 def test_masked_garbage_and_empty_batch():
@@ -121,3 +126,34 @@ def test_longer_than_max_len_is_refused():
     layer = zoo.create("bigbird", dim=32, heads=2, block=4, max_len=32)
     with pytest.raises(ValueError, match="sequence length 37 exceeds max_len=32"):
         layer(torch.randn(1, 37, 32))
+
+
+@pytest.mark.parametrize("c, g, r", [(4, 2, 2), (5, 3, 1), (3, 2, 3)], ids=str)
+def test_global_at_ends_is_first_and_last_blocks_global(c, g, r):
+    """`global_at="ends"`: the support is the pattern with the first g - g // 2 and the last g // 2
+    blocks global (built here from block indices, not by rolling), its random blocks those of
+    `layer.random` read in the order that puts the last blocks first."""
+    n = 37
+    layer = zoo.create("bigbird", dim=32, heads=2, block=c, global_blocks=g, random_blocks=r,
+                       global_at="ends").double()
+    nb, s = -(-n // c), g // 2
+    blocks = torch.arange(n) // c
+    qb, kb = blocks[:, None], blocks[None, :]
+    is_global = (blocks < g - s) | (blocks >= nb - s)
+    want = ((qb - kb).abs() <= 1) | is_global[:, None] | is_global[None, :]
+    rand = layer.random(n)  # (h, nb, r) in the rolled order: block B of ours is (B + s) % nb
+    drawn = torch.zeros(2, nb, nb, dtype=torch.bool)
+    for head in range(2):
+        for row in range(nb):
+            for col in rand[head, row].tolist():
+                if col >= 0:
+                    drawn[head, (row - s) % nb, (col - s) % nb] = True
+    want = want | drawn[:, qb, kb]
+    got = probe.attention_matrix(layer, n=n) != 0
+    assert torch.equal(got, want)
+    assert not torch.equal(want, bigbird_pattern(n, c, g, rand)), "the layout did not change"
+
+
+def test_global_at_refuses_other_values():
+    with pytest.raises(ValueError, match="global_at"):
+        zoo.create("bigbird", dim=32, heads=2, global_at="end")

@@ -216,3 +216,25 @@ def test_windows_stay_in_their_row_even_for_non_finite_real_tokens(causal):
 
     for got, want in zip(run(float("inf")), run(1.0), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scale", [None, 1.0, 0.3])
+def test_scale_is_the_factor_of_the_scores(scale):
+    """`scale`: one bucket, one chunk, the layer is the oracle with scores q . k / |k| times
+    `scale` (None: 1 / sqrt(d), as without the keyword)."""
+    layer = zoo.create("reformer", dim=32, heads=2, n_buckets=1, chunk_size=64, scale=scale).double()
+    x = torch.randn(2, 21, 32, dtype=torch.float64)
+    q, v = layer.to_qv(x).chunk(2, dim=-1)
+    q, v = (t.unflatten(-1, (2, 16)).transpose(1, 2) for t in (q, v))
+    factor = 16 ** -0.5 if scale is None else scale
+    # the oracle divides by sqrt(d): the keys scaled to give `factor` in all
+    keys = F.normalize(q, dim=-1) * factor * 16 ** 0.5
+    ref = oracle(q, keys, v, torch.ones(2, 2, 21, 21, dtype=torch.bool))
+    ref = layer.to_out(ref.transpose(1, 2).flatten(2))
+    torch.testing.assert_close(layer(x), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "1", True])
+def test_scale_refuses_what_is_not_a_positive_number(bad):
+    with pytest.raises(ValueError, match="scale"):
+        zoo.create("reformer", dim=32, heads=2, scale=bad)

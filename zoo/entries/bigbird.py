@@ -11,8 +11,12 @@ $$ O_B = \operatorname{softmax}\!\big(Q_B K_{S(B)}^\top/\sqrt{d}\big) V_{S(B)},\
 (in blocks; a global block $B < g$ has $S(B)$ = every block).
 
 Deviations from the paper:
-- the global blocks are the first `global_blocks` blocks (BigBird-ITC; the authors' code makes
-  the first and last block global);
+- the global blocks are the first `global_blocks` blocks by default; `global_at="ends"` puts
+  the last `global_blocks // 2` of them at the end instead: with 2 global blocks, the first and
+  the last block, as the authors' code and transformers' `BigBirdBlockSparseAttention` (ITC) lay
+  them out (tested equal to it in training mode, with its random blocks; in eval mode
+  transformers takes every random block to be block 0, so that block enters each middle row's
+  softmax r + 1 times, where ours keeps its random blocks);
 - $R(B)$ is drawn once, at construction, from a generator seeded with `seed`: the buffer `draw`,
   `(h, nb, r)` random integers, picks without replacement from the blocks that are neither window
   nor global at the length at hand, so the pattern is fixed in eval and training mode alike.
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from zoo.core.checks import check_qkv, positive_int, refuse_causal
+from zoo.core.checks import check_qkv, one_of, positive_int, refuse_causal
 from zoo.core.masks import neg_fill, pad_mask, pad_to_multiple
 from zoo.core.shell import MultiHead
 from zoo.core.softmax import softmax_attention
@@ -172,17 +176,21 @@ class BigBird(MultiHead):
         random_blocks: random key blocks `r` per query block.
         max_len: longest sequence; the random draw covers `ceil(max_len / block)` query blocks.
         seed: seed of the random draw.
+        global_at: `"start"` (the first `g` blocks are global) or `"ends"` (the first
+            `g - g // 2` and the last `g // 2` blocks; with g = 2 transformers' layout).
     """
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None,
                  causal: bool = False, block: int = 64, global_blocks: int = 2,
-                 random_blocks: int = 3, max_len: int = 16384, seed: int = 0):
+                 random_blocks: int = 3, max_len: int = 16384, seed: int = 0,
+                 global_at: str = "start"):
         refuse_causal(type(self).__name__, causal)
         super().__init__(dim, heads=heads, dim_head=dim_head, causal=False)
         self.block = positive_int(block, "block")
         self.global_blocks = positive_int(global_blocks, "global_blocks")
         self.random_blocks = positive_int(random_blocks, "random_blocks")
         self.max_len = positive_int(max_len, "max_len")
+        self.global_at = one_of(global_at, ("start", "ends"), "global_at")
         g = torch.Generator().manual_seed(seed)
         # integers, so that casting the layer to another dtype leaves the draw alone
         self.register_buffer("draw", torch.randint(2 ** 62, (heads, math.ceil(max_len / block),
@@ -197,5 +205,17 @@ class BigBird(MultiHead):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
-        return bigbird_attention(q, k, v, mask, block=self.block, global_blocks=self.global_blocks,
-                                 random=self.random(q.shape[2]))
+        if self.global_at == "start":
+            return bigbird_attention(q, k, v, mask, block=self.block,
+                                     global_blocks=self.global_blocks, random=self.random(q.shape[2]))
+        # "ends": the pattern is the same up to the order of the blocks, so roll the last g // 2
+        # blocks (after padding to whole blocks) to the front, attend, and roll back
+        b, _, n, _ = q.shape
+        (q, pad), (k, _), (v, _) = (pad_to_multiple(t, self.block) for t in (q, k, v))
+        real = pad_mask(mask, b, n, pad, q.device)
+        shift = self.global_blocks // 2 * self.block
+        q, k, v = (t.roll(shift, dims=2) for t in (q, k, v))
+        real = None if real is None else real.roll(shift, dims=1)
+        out = bigbird_attention(q, k, v, real, block=self.block, global_blocks=self.global_blocks,
+                                random=self.random(q.shape[2]))
+        return out.roll(-shift, dims=2)[:, :, :n]

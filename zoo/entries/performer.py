@@ -24,6 +24,10 @@ Deviations from the paper:
   every call in training mode (the paper's feature redrawing); eval mode never redraws.
 - only the positive features of the softmax kernel (no hyperbolic variant, no generalised
   kernels).
+
+As in the paper, no constant is added to the features; performer-pytorch adds 1e-4 to each,
+which changes outputs where key features are small, and with it at 0 the two are equal
+(`tests/peers/`).
 """
 
 import torch

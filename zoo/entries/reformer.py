@@ -28,6 +28,11 @@ Deviations from the paper:
   norm (tests/entries/test_reformer.py checks it against `k = q / |q|` passed explicitly).
 - Causal: a query sees the same-bucket keys among the `chunk_size` sorted slots before it (not the
   whole previous chunk), so which keys it sees never depends on later tokens.
+- The scores are $q_i^\top k_j / \sqrt{d}$ with $k_j = q_j / \|q_j\|$, as the paper's formulas
+  write them. transformers' `ReformerModel` normalises the keys the same way and does not divide
+  by $\sqrt d$, a temperature $\sqrt d$ away from ours: `scale=1.0` selects it (tested equal,
+  `tests/peers/`). Its chunks also read the keys of other buckets that share them; ours read
+  only their own bucket's (equal to it once its mask refuses those keys, `tests/peers/`).
 - Self-exclusion uses the dtype's half-most-negative value instead of $10^5$, so it holds at any
   score scale. No reversible layers or chunked feed-forward (they are not attention).
 """
@@ -108,12 +113,19 @@ class Reformer(MultiHead):
         n_buckets: buckets per round (1, or even).
         chunk_size: length of the sorted chunks.
         seed: seeds the random rotations (a buffer).
+        scale: the factor of the scores `q . k / |k|`; None: `1 / sqrt(dim_head)`, the paper's
+            scaled dot product. `scale=1.0` is transformers' `LSHSelfAttention` convention (keys
+            normalised to unit length, no further scaling), tested equal to it.
     """
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None,
                  causal: bool = False, n_hashes: int = 2, n_buckets: int = 64,
-                 chunk_size: int = 64, seed: int = 0):
+                 chunk_size: int = 64, seed: int = 0, scale: float | None = None):
         super().__init__(dim, heads=heads, dim_head=dim_head, causal=causal)
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not scale > 0):
+            raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+        self.scale = None if scale is None else float(scale)
         positive_int(n_hashes, "n_hashes")
         self.chunk_size = positive_int(chunk_size, "chunk_size")
         if positive_int(n_buckets, "n_buckets") > 1 and n_buckets % 2:
@@ -133,4 +145,4 @@ class Reformer(MultiHead):
     def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         return reformer_attention(q, k, v, self.rotations.to(q.dtype), mask,
-                                  chunk_size=self.chunk_size, causal=self.causal)
+                                  chunk_size=self.chunk_size, causal=self.causal, scale=self.scale)
