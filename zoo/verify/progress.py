@@ -4,8 +4,8 @@ CI) one line per finished step, with the count and the time so far."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
