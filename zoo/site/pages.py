@@ -475,6 +475,8 @@ def benchmarks_page(entries: list[Entry], data: dict | None, public: dict | None
                          + _bench_families(entries, data))
     envs = s["environments"]
     mm = m.get("matmul") or {}
+    if s.get("note"):  # what the person who ran it saw go wrong, kept with the data
+        out += ["!!! warning \"About this run\"", "", f"    {s['note']}", ""]
     out += ["## The run", "",
             f"- Machine: {m['processor']}, {m['cpus']} CPUs, {m['platform']}; torch {m['torch']}, "
             f"Python {m['python']}; {m['threads']} torch thread{'s' * (m['threads'] != 1)}; "
