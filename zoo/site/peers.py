@@ -246,7 +246,9 @@ def entry_peers(e: Entry, measured: dict | None) -> str:
 
 def peers_page(measured: dict | None) -> str:
     """The gathered page: every pair and every difference."""
-    out = ["# Compared with other implementations", "",
+    # ranked below the entry pages in search: it names every mechanism, but a search for one
+    # ("Nystrom") should land on its entry first
+    out = ["---", "search:", "  boost: 0.5", "---", "", "# Compared with other implementations", "",
            "Does the zoo give the same numbers as the implementation you use? " + HOW, ""]
     if measured:
         out += [f"Measured with torch {measured['torch']} on {measured['date'][:10]} "
