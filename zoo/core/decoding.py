@@ -186,7 +186,8 @@ def pattern_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Any,
 
 
 class Cached:
-    """Mixin of a layer with `decode(x, cache, mask, start) -> (y, cache)`: gives it `step`."""
+    """Mixin of a layer with `decode(x, cache, mask, start) -> (y, cache)`: gives it `step`, which
+    checks the inputs and zeros the padded tokens before `decode` sees them."""
 
     def step(self, x: torch.Tensor, state: DecodeState | None = None, *,
              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeState]:

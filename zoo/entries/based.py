@@ -133,7 +133,7 @@ class Based(Cached, MultiHead):
         (the last column the normaliser) and the window's last `w - 1` keys and values."""
         state = cache or {}
         real = real_tokens(x, mask)
-        q, k, v, q_f, k_f, v_f = self.project(zero_padded_tokens(x, mask))
+        q, k, v, q_f, k_f, v_f = self.project(x)
         phi_q = taylor_feature_map(q_f)
         phi_k = torch.where(rearrange(real, "b t -> b 1 t 1"), taylor_feature_map(k_f), q.new_zeros(()))
         v_f = torch.cat([v_f, torch.ones_like(v_f[..., :1])], dim=-1)

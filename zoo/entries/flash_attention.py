@@ -109,7 +109,7 @@ class FlashAttention(Cached, MultiHead):
                start: int) -> tuple[torch.Tensor, dict]:
         """One chunk; the cache `{k, v, real}` holds every key and value so far."""
         state = cache or {}
-        q, k, v = map(self.split_heads, self.to_qkv(zero_padded_tokens(x, mask)).chunk(3, dim=-1))
+        q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         k, v = append(state.get("k"), k, 2), append(state.get("v"), v, 2)
         real = append(state.get("real"), real_tokens(x, mask), 1)
         out = flash_attention(q, k, v, real, causal=True, block_q=self.block_q, block_k=self.block_k)

@@ -95,7 +95,6 @@ class ForgettingTransformer(Cached, MultiHead):
         """One chunk. The cache is `{k, v, real}` and `c` `(b, h, n)`, the cumulative log gate of every
         cached token: `D` for a new query needs no earlier gate."""
         state = cache or {}
-        x = zero_padded_tokens(x, mask)
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         past = state.get("c")
         c = append(past, cumulative_log_forget(self.log_forget(x), mask,

@@ -101,7 +101,7 @@ class GroupedQueryAttention(Cached, MultiHead):
                start: int) -> tuple[torch.Tensor, dict]:
         """One chunk; the cache `{k, v, real}` holds keys and values of `kv_heads` heads only."""
         state = cache or {}
-        q, k, v = self.project(zero_padded_tokens(x, mask))
+        q, k, v = self.project(x)
         k, v = append(state.get("k"), k, 2), append(state.get("v"), v, 2)
         real = append(state.get("real"), real_tokens(x, mask), 1)
         out = grouped_query_attention(q, k, v, real, causal=True)

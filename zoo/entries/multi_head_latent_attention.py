@@ -158,7 +158,6 @@ class MultiHeadLatentAttention(Cached, nn.Module):
         """One chunk, in the absorbed form. The cache `{c_kv, k_rope, real}` is the latent cache:
         `d_c + d_h^R` numbers per token, against `2 h d_h` for multi-head attention."""
         state = cache or {}
-        x = zero_padded_tokens(x, mask)
         c_q, q_r = self.queries(x, start)
         c_kv, k_r = self.cache_entries(x, start)
         c_kv, k_r = append(state.get("c_kv"), c_kv, 1), append(state.get("k_rope"), k_r, 1)

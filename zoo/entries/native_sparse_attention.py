@@ -190,7 +190,6 @@ class NativeSparseAttention(Cached, MultiHead):
         """One chunk. The cache holds every token's keys and values of the three branches and the
         compressed blocks completed so far; a chunk compresses only the blocks it completes."""
         state = dict(cache or {})
-        x = zero_padded_tokens(x, mask)
         q, keys, values, gates = self.project(x)
         for name in ("cmp", "slc", "win"):
             state[f"k_{name}"] = keys[name] = append(state.get(f"k_{name}"), keys[name], 2)
