@@ -8,6 +8,7 @@ import pytest
 
 from zoo.cli import main
 from zoo.site.pages import benchmarks_page
+from zoo.verify import bench
 from zoo.verify.bench import (
     MEMORY_VARS,
     TUNED_VARS,
@@ -73,6 +74,36 @@ def test_over_budget_is_recorded_and_the_run_goes_on(tmp_path):
         assert second["status"].startswith("over memory budget"), second
         assert second["status_fb"].startswith("over memory budget"), second
         assert second["time_s"] is None and second["time_fb_s"] is None
+
+
+def test_memory_budget_uses_the_growth_measured_in_the_same_pass():
+    # flash-attention as measured: forward + backward peaks 112 MB at n = 1024 and 1.68 GB at 4096
+    # (autograd keeps every tile); the catalogue's memory exponent, 1, is the forward pass's. From
+    # the declared exponent alone 16384 was predicted at 6.7 GB, under 8 GiB, and the worker was
+    # killed for memory; with the measured growth (1.96) it is predicted over and skipped.
+    spec = {"time_exp": 2, "mem_exp": 1, "repeats": 0, "dim": 256, "max_time": 60, "max_mem": 8 * 2**30}
+    before = {"n": 1024, "status": "ok", "time_s": 0.4, "peak_bytes": 111935488}
+    prev = {"n": 4096, "status": "ok", "time_s": 2.0, "peak_bytes": 1684860928}
+    assert bench._budget(prev, 16384, spec) is None  # the declared exponent alone
+    assert bench._budget(prev, 16384, spec, before).startswith("over memory budget")
+    # growth slower than declared never lowers the prediction below the declared exponent's
+    spec_quad = {**spec, "mem_exp": 2, "max_mem": 2**30}
+    flat = {**before, "peak_bytes": prev["peak_bytes"]}
+    assert bench._budget({**prev, "peak_bytes": 2**27}, 16384, spec_quad, flat).startswith("over")
+    assert bench._budget({**prev, "peak_bytes": 2**25}, 16384, spec_quad, flat) is None
+
+
+def test_a_worker_killed_in_one_pass_keeps_the_passes_it_reported(monkeypatch):
+    # each pass is its own line: a worker killed in forward + backward at n = 128 keeps that
+    # length's forward point and the flops line, and the killed pass says why
+    ok = {"n": 128, "status": "ok", "time_s": 0.1, "peak_bytes": 10}
+    lines = [{"seen": {}}, {"n": 64, "forward": {**ok, "n": 64}}, {"n": 64, "fb": {**ok, "n": 64}},
+             {"n": 64, "flops": 7}, {"n": 128, "forward": ok}, {"n": 128, "flops": 9}]
+    monkeypatch.setattr(bench, "_worker_lines", lambda *a: (lines, "worker exited with -9"))
+    out, _ = bench._run_worker("x", {"ns": [64, 128], "modes": ["forward", "fb"]}, 1, {})
+    assert [p["forward"]["status"] for p in out] == ["ok", "ok"]
+    assert [p["fb"]["status"] for p in out] == ["ok", "worker exited with -9"]
+    assert [p["flops"] for p in out] == [7, 9]
 
 
 def test_fitted_exponent_uses_the_two_longest_measured_lengths():

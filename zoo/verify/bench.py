@@ -43,7 +43,12 @@ How it measures:
   state's size in bytes (`state_bytes`), whose exponent is the fitted memory exponent.
 - Budgets: a length whose predicted time or memory (from the previous length and the declared
   exponent) exceeds `--max-time` / `--max-mem` is recorded as over budget and skipped, as are the
-  longer ones; a worker that dies or overruns is recorded as such, and the run goes on.
+  longer ones; a worker that dies or overruns is recorded as such, and the run goes on. Memory is
+  predicted per pass with the larger of the declared exponent and the growth measured over the
+  pass's two previous lengths: the declared exponent is the forward pass's, and a backward pass
+  can grow faster (flash-attention's autograd keeps every tile, so its forward + backward is
+  quadratic where its forward is linear; predicted from the declared 1, it was killed for memory).
+  Each pass is reported as it finishes, so a worker killed in one pass keeps the others.
 """
 
 from __future__ import annotations
@@ -314,8 +319,15 @@ def measure(name: str, n: int, *, dim: int, heads: int, backward: bool, repeats:
             **extra}
 
 
-def _budget(prev: dict | None, n: int, spec: dict) -> str | None:
-    """Why `n` is not measured, from the previous length's result of the same pass, or None."""
+def _peak_floor(point: dict, dim: int) -> float:
+    """A pass's peak, at least its output (the size of its input): the floor of a peak too small
+    for the resident-set counter to see."""
+    return max(point.get("peak_bytes") or 0, 4 * point["n"] * dim)
+
+
+def _budget(prev: dict | None, n: int, spec: dict, before: dict | None = None) -> str | None:
+    """Why `n` is not measured, from the previous length's result of the same pass (and the one
+    before it, `before`, for the measured growth), or None."""
     if prev is None:
         return None
     if prev["status"] != "ok":
@@ -323,9 +335,11 @@ def _budget(prev: dict | None, n: int, spec: dict) -> str | None:
     grow = n / prev["n"]
     # The memory worker (repeats 0) times only a cold first pass: it judges memory only.
     t_pred = prev["time_s"] * grow ** max(spec["time_exp"], 1) if spec["repeats"] else 0.0
-    # a pass holds at least its output, the size of its input: the floor of a peak too small for
-    # the resident-set counter to see
-    m_pred = max(prev["peak_bytes"] or 0, 4 * prev["n"] * spec["dim"]) * grow ** spec["mem_exp"]
+    mem_exp = spec["mem_exp"]
+    if before is not None and before.get("status") == "ok" and before["n"] < prev["n"]:
+        measured = math.log(_peak_floor(prev, spec["dim"]) / _peak_floor(before, spec["dim"]))
+        mem_exp = max(mem_exp, measured / math.log(prev["n"] / before["n"]))
+    m_pred = _peak_floor(prev, spec["dim"]) * grow ** mem_exp
     if t_pred > spec["max_time"]:
         return f"over time budget (predicted {t_pred:.0f} s)"
     if m_pred > spec["max_mem"]:
@@ -335,7 +349,8 @@ def _budget(prev: dict | None, n: int, spec: dict) -> str | None:
 
 def worker(spec: dict) -> None:
     """Measure one entry at each n in order: a first JSON line with what the process saw, then
-    one per n: {"n", "forward": {...}, "fb": {...}, "flops"} (the passes in `spec["modes"]`)."""
+    for each n one line per pass in `spec["modes"]`, {"n", <mode>: {...}}, printed as the pass
+    finishes, and {"n", "flops"} where counted (the reader merges the lines of one n)."""
     default_threads = torch.get_num_threads()
     torch.set_num_threads(spec["threads"])
     print(json.dumps({"seen": _seen(default_threads)}), flush=True)
@@ -345,10 +360,13 @@ def worker(spec: dict) -> None:
     except Exception:  # noqa: BLE001 - a layer that fails here fails, and is recorded, below
         pass
     prev: dict[str, dict | None] = {m: None for m in spec["modes"]}
+    before: dict[str, dict | None] = {m: None for m in spec["modes"]}
     for n in spec["ns"]:
         line: dict = {"n": n}
         for mode in spec["modes"]:
-            skip = spec.get("skip", {}).get(mode, {}).get(str(n)) or _budget(prev[mode], n, spec)
+            skip = (spec.get("skip", {}).get(mode, {}).get(str(n))
+                    or _budget(prev[mode], n, spec, before[mode]))
+            before[mode] = prev[mode]
             if skip:
                 prev[mode] = {"n": n, "status": skip}
             else:
@@ -360,13 +378,14 @@ def worker(spec: dict) -> None:
                     prev[mode] = {"n": n, "status": f"error: {type(err).__name__}: {str(err)[:200]}"}
             line[mode] = prev[mode]
             line["n"] = prev[mode].get("n", n)  # type: ignore[union-attr]
+            print(json.dumps({"n": line["n"], mode: prev[mode]}), flush=True)
         if spec.get("flops") and (line.get("forward") or {}).get("status") == "ok":
             try:
-                line["flops"] = count_flops(spec["name"], n, dim=spec["dim"], heads=spec["heads"],
-                                            device=spec["device"])
+                flops = count_flops(spec["name"], n, dim=spec["dim"], heads=spec["heads"],
+                                    device=spec["device"])
             except Exception:  # noqa: BLE001 - a count that fails is left out, not fatal
-                line["flops"] = None
-        print(json.dumps(line), flush=True)
+                flops = None
+            print(json.dumps({"n": line["n"], "flops": flops}), flush=True)
 
 
 def matmul_worker(spec: dict) -> None:
@@ -423,7 +442,10 @@ def _run_worker(name: str, spec: dict, timeout: float, env: dict) -> tuple[list[
     recorded with the reason; and what the process saw (None if it never started)."""
     lines, reason = _worker_lines(["worker", json.dumps({**spec, "name": name})], timeout, env)
     seen = next((ln["seen"] for ln in lines if "seen" in ln), None)
-    by_n = {ln["n"]: ln for ln in lines if "n" in ln}
+    by_n: dict[int, dict] = {}
+    for ln in lines:
+        if "n" in ln:
+            by_n.setdefault(ln["n"], {}).update(ln)
     out = []
     for n in spec["ns"]:
         got = by_n.get(n) or by_n.get(round(math.sqrt(n)) ** 2) or {"n": n}
