@@ -2,6 +2,7 @@
 rather than fatal, exponents, fraction of peak, the projection bound, and the targets missed."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -104,6 +105,41 @@ def test_a_worker_killed_in_one_pass_keeps_the_passes_it_reported(monkeypatch):
     assert [p["forward"]["status"] for p in out] == ["ok", "ok"]
     assert [p["fb"]["status"] for p in out] == ["ok", "worker exited with -9"]
     assert [p["flops"] for p in out] == [7, 9]
+
+
+def test_update_replaces_the_named_entries_and_records_the_rerun(tmp_path, capsys):
+    settings = {"ns": [64], "dim": 32, "heads": 2, "backward": True, "repeats": 1, "device": "cpu",
+                "threads": 2, "decode": False, "allocators": []}
+    sdpa_old, sdpa_new = {"points": [{"n": 64, "time_s": 1.0}]}, {"points": [{"n": 64, "time_s": 2.0}]}
+    old = {"machine": {"date": "2026-12-01T00:00:00+00:00"}, "settings": dict(settings),
+           "results": {"sdpa": sdpa_old, "a": {"points": ["old a"]}, "b": {"points": ["old b"]}}}
+    new = {"machine": {"date": "2026-12-03T00:00:00+00:00", "matmul": {"flops_per_s": 2e11}},
+           "settings": dict(settings), "results": {"sdpa": sdpa_new, "a": {"points": ["new a"]}}}
+    got = bench.update(old, new, ["a"], "killed for memory before the budget fix")
+    assert got["results"]["a"] == {"points": ["new a"]} and got["results"]["b"] == {"points": ["old b"]}
+    assert got["results"]["sdpa"] == sdpa_old  # one baseline for the table
+    (rerun,) = got["settings"]["reruns"]
+    assert rerun["ids"] == ["a"] and rerun["date"].startswith("2026-12-03")
+    assert rerun["baseline"] == sdpa_new and "budget fix" in rerun["reason"]
+    assert old["results"]["a"] == {"points": ["old a"]}  # the input is not changed
+    with pytest.raises(ValueError, match=r"dim \(64 against 32\)"):
+        bench.update(old, {**new, "settings": {**settings, "dim": 64}}, ["a"], "why")
+    with pytest.raises(ValueError, match="--reason"):
+        bench.update(old, new, ["a"], " ")
+    # the CLI refuses before measuring anything: no file, no ids, no reason
+    assert main(["bench", "a", "--update", "--out", str(tmp_path / "none.json")]) == 1
+    (tmp_path / "r.json").write_text(json.dumps(old))
+    assert main(["bench", "--update", "--out", str(tmp_path / "r.json")]) == 1
+    assert main(["bench", "linear-transformer", "--update", "--out", str(tmp_path / "r.json")]) == 1
+    err = capsys.readouterr().err
+    assert "existing --out file" in err and "needs --reason" in err
+    # on the page, with the committed results: which entries, when, why
+    committed = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results.json").read_text())
+    again = json.loads(json.dumps(committed))
+    again["machine"]["date"] = "2031-01-02T03:04:05+00:00"
+    page = benchmarks_page([], bench.update(committed, again, ["performer"], "a planted reason"))
+    assert "Measured again on 2031-01-02: performer" in page and "a planted reason" in page
+    assert "Measured again" not in benchmarks_page([], committed) or committed["settings"].get("reruns")
 
 
 def test_fitted_exponent_uses_the_two_longest_measured_lengths():

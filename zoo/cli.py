@@ -210,6 +210,17 @@ def cmd_bench(args) -> int:
             print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
             return 1
     names = bench.resolve_names(args.ids)
+    previous = None
+    if args.update:
+        if not args.out or not args.out.is_file() or not args.ids:
+            print("error: --update re-measures the named entries into an existing --out file; "
+                  f"got ids {args.ids or 'none'} and --out {args.out}", file=sys.stderr)
+            return 1
+        previous = json.loads(args.out.read_text())
+        if not args.reason.strip():
+            print("error: --update needs --reason: why these entries are measured again",
+                  file=sys.stderr)
+            return 1
     if args.decode:  # inference steps: no backward pass, plain process only
         refused = [i for i in names if not catalog()[i].autoregressive]
         if args.ids and refused:
@@ -235,10 +246,16 @@ def cmd_bench(args) -> int:
         header, rows = bench.table_rows(data, pass_)
         print(f"\n{ {'forward': 'forward', 'fb': 'forward + backward', 'decode': 'decoding'}[pass_] }")
         print(_table(rows, header))
+    if previous is not None:
+        try:
+            data = bench.update(previous, data, [n for n in names if n != bench.BASELINE], args.reason)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1) + "\n")
-        print(f"\nwrote {args.out}")
+        print(f"\n{'updated' if previous is not None else 'wrote'} {args.out}")
     return 0
 
 
@@ -319,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-mem", type=float, default=8192, metavar="MIB",
                        help="skip a length whose peak would exceed this (default 8192)")
     bench.add_argument("--out", type=Path, help="write the results as JSON")
+    bench.add_argument("--update", action="store_true",
+                       help="re-measure the named entries into the existing --out file (same "
+                       "settings), recorded in it with the date and --reason")
+    bench.add_argument("--reason", default="", help="with --update: why the entries are measured again")
     bench.set_defaults(run=cmd_bench)
 
     qual = sub.add_parser("quality", help="train every entry on associative recall (MQAR)")

@@ -586,6 +586,31 @@ def run(names: list[str], *, ns: list[int], dim: int = 256, heads: int = 4, back
             "settings": settings, "results": results}
 
 
+SAME_SETTINGS = ("ns", "dim", "heads", "backward", "repeats", "device", "threads", "decode",
+                 "allocators")
+
+
+def update(old: dict, new: dict, names: list[str], reason: str) -> dict:
+    """`old` results with `names` replaced by their points in `new` (a run with the same
+    settings), the rerun recorded under `settings.reruns`: which entries, when, why, the machine's
+    matmul rate and the baseline's points in that run (the table keeps `old`'s baseline, so every
+    speed-up is against one SDPA run; the rerun's own is kept beside it to compare)."""
+    differ = [k for k in SAME_SETTINGS if old["settings"].get(k) != new["settings"].get(k)]
+    if differ:
+        raise ValueError("--update: the new run's settings differ from the file's in "
+                         + ", ".join(f"{k} ({new['settings'].get(k)!r} against {old['settings'].get(k)!r})"
+                                     for k in differ) + "; rerun with the file's settings")
+    if not reason.strip():
+        raise ValueError("--update needs --reason: why these entries were measured again")
+    out = json.loads(json.dumps(old))
+    for name in names:
+        out["results"][name] = new["results"][name]
+    out["settings"].setdefault("reruns", []).append({
+        "ids": list(names), "date": new["machine"]["date"], "reason": reason.strip(),
+        "matmul": new["machine"]["matmul"], "baseline": new["results"][BASELINE]})
+    return out
+
+
 # --- reading the results ---------------------------------------------------------------------
 
 def _point(data: dict, name: str, n: int) -> dict:
