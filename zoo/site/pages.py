@@ -588,8 +588,8 @@ def _decoding_summary(data: dict) -> list[str]:
     top = max(data["settings"]["ns"])
 
     def step_ms(name: str) -> float | None:
-        p = next((p for p in res[name]["points"] if p["n"] == top), {})
-        return None if p.get("time_decode_s") is None else p["time_decode_s"] * 1e3
+        point: dict = next((p for p in res[name]["points"] if p["n"] == top), {})
+        return None if point.get("time_decode_s") is None else point["time_decode_s"] * 1e3
 
     entries = [n for n in res if n != "sdpa"]
     flat = [n for n in entries if (res[n]["fitted"].get("memory") or 0) < 0.1]
