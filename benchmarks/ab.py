@@ -120,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     base = args.base.resolve()
     if not (base / "zoo").is_dir():
         raise SystemExit(f"--base: expected a checkout with a zoo/ package, got {base}")
-    have = set(_names(base))
-    unknown = sorted(set(args.ids) - set(_names(HERE)))
+    have, ours = set(_names(base)), _names(HERE)
+    unknown = sorted(set(args.ids) - set(ours))
     if unknown:
         raise SystemExit(f"unknown entries: {', '.join(unknown)} (see `zoo list`)")
-    names = args.ids or [n for n in _names(HERE) if n in have]
+    names = args.ids or [n for n in ours if n in have]
     missing = [n for n in names if n not in have]
     if missing:
         print(f"not in the base, skipped: {', '.join(missing)}", file=sys.stderr)

@@ -362,7 +362,6 @@ def worker(spec: dict) -> None:
     prev: dict[str, dict | None] = {m: None for m in spec["modes"]}
     before: dict[str, dict | None] = {m: None for m in spec["modes"]}
     for n in spec["ns"]:
-        line: dict = {"n": n}
         for mode in spec["modes"]:
             skip = (spec.get("skip", {}).get(mode, {}).get(str(n))
                     or _budget(prev[mode], n, spec, before[mode]))
@@ -376,16 +375,16 @@ def worker(spec: dict) -> None:
                                          device=spec["device"], decode=mode == "decode")
                 except Exception as err:  # noqa: BLE001 - recorded, and the run goes on
                     prev[mode] = {"n": n, "status": f"error: {type(err).__name__}: {str(err)[:200]}"}
-            line[mode] = prev[mode]
-            line["n"] = prev[mode].get("n", n)  # type: ignore[union-attr]
-            print(json.dumps({"n": line["n"], mode: prev[mode]}), flush=True)
-        if spec.get("flops") and (line.get("forward") or {}).get("status") == "ok":
+            print(json.dumps({"n": prev[mode].get("n", n), mode: prev[mode]}),  # type: ignore[union-attr]
+                  flush=True)
+        forward = prev.get("forward")
+        if spec.get("flops") and forward is not None and forward["status"] == "ok":
             try:
                 flops = count_flops(spec["name"], n, dim=spec["dim"], heads=spec["heads"],
                                     device=spec["device"])
             except Exception:  # noqa: BLE001 - a count that fails is left out, not fatal
                 flops = None
-            print(json.dumps({"n": line["n"], "flops": flops}), flush=True)
+            print(json.dumps({"n": forward["n"], "flops": flops}), flush=True)
 
 
 def matmul_worker(spec: dict) -> None:
