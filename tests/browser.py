@@ -124,3 +124,186 @@ def first_search_result(page, query: str) -> str:
     page.wait_for_selector(".md-search-result__item a", timeout=30_000)
     page.wait_for_timeout(300)
     return page.locator(".md-search-result__item a").first.get_attribute("href") or ""
+
+
+# Layout checks (issue 19): each measures, in the browser, one thing a reader would see as broken.
+
+SCROLLS_SIDEWAYS = """(selector) => Array.from(document.querySelectorAll(selector)).flatMap(el => {
+  const out = [], column = document.querySelector('.md-content__inner').getBoundingClientRect();
+  if (el.getBoundingClientRect().right > column.right + 1)
+    out.push(`${el.tagName.toLowerCase()} runs past the text column`);
+  // el and the scroll boxes around it inside the page's content
+  for (let e = el; e && !e.matches('.md-content__inner'); e = e.parentElement)
+    if ((e === el || getComputedStyle(e).overflowX !== 'visible') && e.scrollWidth > e.clientWidth + 1)
+      out.push(`${e.tagName.toLowerCase()}.${e.className}: ${e.scrollWidth} px wide in ${e.clientWidth}`);
+  return out;
+})"""
+
+
+def check_no_sideways_scroll(page, selector: str) -> None:
+    """Nothing matching `selector`, nor any box around it inside the page's content, is wider than
+    itself: every column and every line is visible without scrolling sideways."""
+    found = page.locator(selector).count()
+    assert found, f"nothing matches {selector!r}"
+    wide = page.evaluate(SCROLLS_SIDEWAYS, selector)
+    assert not wide, f"{selector} scrolls sideways: {sorted(set(wide))[:4]}"
+
+
+BROKEN_WORDS = """(selector) => {
+  const broken = [];
+  for (const cell of document.querySelectorAll(selector)) {
+    const walk = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+    for (let node = walk.nextNode(); node; node = walk.nextNode()) {
+      // a word may end a line after a hyphen, never elsewhere
+      for (const m of node.data.matchAll(/[^\\s-]+-*/g)) {
+        const range = document.createRange();
+        range.setStart(node, m.index);
+        range.setEnd(node, m.index + m[0].length);
+        const tops = new Set(Array.from(range.getClientRects()).filter(r => r.width > 0)
+                                  .map(r => Math.round(r.top)));
+        if (tops.size > 1) broken.push(m[0]);
+      }
+    }
+  }
+  return broken;
+}"""
+
+
+def check_no_word_broken(page, selector: str = ".md-content td, .md-content th") -> None:
+    """No word in the cells matching `selector` is split over two lines (an id in a code span
+    broken as "longforme / r"); a line may break after a hyphen."""
+    broken = page.evaluate(BROKEN_WORDS, selector)
+    assert not broken, f"words broken mid-word in {selector}: {broken[:5]}"
+
+
+CELL_BOXES = """(table) => {
+  const row = Array.from(table.tBodies[0].rows).find(r => !r.hidden);
+  const content = (cell) => { const r = document.createRange(); r.selectNodeContents(cell);
+                              return r.getBoundingClientRect(); };
+  return Array.from(table.tHead.rows[0].cells).map((th, i) => {
+    const td = row.cells[i], s = getComputedStyle(th), t = getComputedStyle(td);
+    const a = content(th), b = content(td);
+    return {header: th.textContent, left: [a.left, b.left], right: [a.right, b.right],
+            padding: Math.min(...[s, t].flatMap(x => [x.paddingLeft, x.paddingRight].map(parseFloat)))};
+  });
+}"""
+
+
+def check_cells_padded_and_aligned(page, table: str) -> None:
+    """Each column of `table` has horizontal padding, its headers stand apart (no "FamilyTime
+    (ms)"), and each header is aligned as its column's cells are (both left or both right)."""
+    cols = page.eval_on_selector(table, CELL_BOXES)
+    tight = [c["header"] for c in cols if c["padding"] < 4]
+    assert not tight, f"{table}: cells with under 4 px of horizontal padding: {tight}"
+    close = [(a["header"], b["header"]) for a, b in zip(cols, cols[1:], strict=False)
+             if b["left"][0] - a["right"][0] < 12]
+    assert not close, f"{table}: headers run together: {close}"
+    off = [c["header"] for c in cols
+           if abs(c["left"][0] - c["left"][1]) > 2 and abs(c["right"][0] - c["right"][1]) > 2]
+    assert not off, f"{table}: headers not aligned with their cells: {off}"
+
+
+HANGS = """() => {
+  const out = {wrapped: 0, bad: [], copies: []};
+  const first = (span, after) => {  // the first non-space character's box, after a given top
+    const walk = document.createTreeWalker(span, NodeFilter.SHOW_TEXT), r = document.createRange();
+    for (let n = walk.nextNode(); n; n = walk.nextNode())
+      for (let i = 0; i < n.data.length; i++) {
+        if (/\\s/.test(n.data[i])) continue;
+        r.setStart(n, i); r.setEnd(n, i + 1);
+        const box = r.getBoundingClientRect();
+        if (box.top > after) return box;
+      }
+    return null;
+  };
+  for (const code of document.querySelectorAll('.md-content pre > code')) {
+    code.setAttribute('data-md-copying', '');  // what the copy button puts on the clipboard
+    if (code.innerText.trimEnd() !== code.textContent.trimEnd())
+      out.copies.push(code.textContent.slice(0, 40));
+    code.removeAttribute('data-md-copying');
+    for (const span of code.querySelectorAll(':scope > span')) {
+      const line = parseFloat(getComputedStyle(span).lineHeight);
+      if (span.getBoundingClientRect().height < 1.5 * line) continue;
+      out.wrapped += 1;
+      const start = first(span, -Infinity), next = first(span, start.top + line / 2);
+      if (next && next.left < start.left + 2) out.bad.push(span.textContent.slice(0, 60));
+    }
+  }
+  return out;
+}"""
+
+
+def check_code_wraps(page) -> None:
+    """No code block on the page scrolls sideways: long lines wrap, and a wrapped line continues
+    right of where its own text starts, so the indentation still reads; copying a block gives its
+    lines as they are (no line doubled, none joined)."""
+    check_no_sideways_scroll(page, ".md-content pre, .md-content pre > code")
+    hangs = page.evaluate(HANGS)
+    assert hangs["wrapped"], "no code line wraps: nothing to check the hanging indent on"
+    assert not hangs["bad"], f"wrapped lines that continue left of their own start: {hangs['bad'][:3]}"
+    assert not hangs["copies"], f"copying changes these blocks' text: {hangs['copies'][:3]}"
+
+
+TABLE_BOXES = """() => {
+  const article = document.querySelector('.md-content__inner').getBoundingClientRect();
+  return Array.from(document.querySelectorAll('.md-content table')).map(t => {
+    const r = t.getBoundingClientRect();
+    return {head: t.rows[0].textContent.trim().slice(0, 40), left: r.left, right: r.right,
+            column: [article.left, article.right], viewport: window.innerWidth,
+            scrolls: t.scrollWidth > t.clientWidth + 1, overflow: getComputedStyle(t).overflowX};
+  });
+}"""
+
+
+def check_tables_in_their_box(page) -> None:
+    """Every table's bordered box lies inside the text column (and the screen); one wider than the
+    column scrolls inside that box, instead of running off the screen's edge."""
+    tables = page.evaluate(TABLE_BOXES)
+    assert tables, "no table on the page"
+    out = [(t["head"], round(t["left"]), round(t["right"]), t["column"]) for t in tables
+           if t["left"] < t["column"][0] - 1 or t["right"] > min(t["column"][1], t["viewport"]) + 1]
+    assert not out, f"tables cut off by the edge of the column or screen: {out[:3]}"
+    stuck = [t["head"] for t in tables if t["scrolls"] and t["overflow"] not in ("auto", "scroll")]
+    assert not stuck, f"tables wider than their box that do not scroll: {stuck}"
+
+
+def _background(page) -> tuple[int, int, int]:
+    rgb = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+    return tuple(int(float(x)) for x in rgb[rgb.index("(") + 1:rgb.index(")")].split(",")[:3])
+
+
+def check_scroll_shows(page, selector: str) -> int:
+    """Each element matching `selector` whose content is wider than itself scrolls (overflow auto)
+    and shows it: its right edge, scrolled to the start, is shaded over its whole height, not cut
+    through the content as if clipped (scroll bars are hidden on phones and in screenshots).
+    Returns how many overflowed (the caller may need some)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    bg = _background(page)
+    shown = 0
+    for el in page.locator(selector).all():
+        if not el.evaluate("e => e.scrollWidth > e.clientWidth + 1"):
+            continue
+        overflow = el.evaluate("e => { e.scrollLeft = 0; return getComputedStyle(e).overflowX; }")
+        assert overflow in ("auto", "scroll"), f"{selector}: wider than its box and clipped ({overflow})"
+        shot = Image.open(BytesIO(el.screenshot())).convert("RGB")
+        edge = [shot.getpixel((shot.width - 3, y)) for y in range(shot.height)]
+        plain = sum(all(abs(a - b) <= 6 for a, b in zip(px, bg, strict=True)) for px in edge) / len(edge)
+        text = el.evaluate("e => e.textContent.trim().slice(0, 40)")
+        assert plain < 0.2, (f"{selector} {text!r}: cut at its right edge with no sign that it "
+                             f"scrolls ({plain:.0%} of the edge is plain background)")
+        shown += 1
+    return shown
+
+
+def check_figures_open_full_size(page) -> None:
+    """Every figure drawn smaller than its pixels is a link to the image itself, so tapping it
+    opens the picture at full size (a three-panel plot on a phone is otherwise unreadable)."""
+    figures = page.evaluate("""() => Array.from(document.querySelectorAll('img.zoo-figure')).map(img =>
+        [img.getAttribute('src'), img.getBoundingClientRect().width, img.naturalWidth,
+         img.closest('a') ? img.closest('a').href === img.src : false])""")
+    assert figures, "no figure on the page"
+    shrunk = [src for src, width, natural, linked in figures if width < 0.9 * natural and not linked]
+    assert not shrunk, f"shrunk figures that do not open at full size: {shrunk}"

@@ -1,11 +1,15 @@
 """The built site in headless Chromium, served on loopback: the catalogue filter, rendered math,
-loaded pictures, the source, search, no console errors and no request leaving loopback.
+loaded pictures, the source, search, no console errors and no request leaving loopback; and the
+layout, measured (tests/browser.py): the claims table fits beside the navigation, no word in a table
+is split mid-word, code blocks wrap instead of scrolling sideways, tables scroll inside their own
+box on a phone, whatever scrolls shows it, the comparison table's cells are padded and aligned, and
+shrunk figures open at full size.
 
 Screenshots of the home, catalogue, "Which one?", comparison and one entry page (desktop and
 phone) are saved under pytest's temporary folder (the path is printed), never in the tree; with
 ZOO_SHOTS=<folder> they are copied there too, for a person to look at. The same page checks are
-shown to fail on a copy of the site with MathJax removed, a picture deleted, and without the CSS
-that keeps formulas at their size.
+shown to fail on a copy of the site with MathJax removed, a picture deleted, without the CSS
+that keeps formulas at their size, and with issue 19's layout planted back.
 """
 
 import json
@@ -18,10 +22,17 @@ import zoo
 from tests.browser import (
     CHROMIUM_ARGS,
     Watch,
+    check_cells_padded_and_aligned,
+    check_code_wraps,
+    check_figures_open_full_size,
     check_formula_rendered,
     check_formula_sizes,
+    check_no_sideways_scroll,
+    check_no_word_broken,
     check_pictures_loaded,
+    check_scroll_shows,
     check_source_shown,
+    check_tables_in_their_box,
     chromium_path,
     first_search_result,
     serve,
@@ -56,7 +67,14 @@ def test_site_in_a_browser(site, page, tmp_path_factory):
     with serve(site) as base:
         page.goto(base)
         page.wait_for_load_state("networkidle")
+        # the claims table: every column beside the navigation, no id split mid-word
+        check_no_sideways_scroll(page, ".md-content table")
+        check_no_word_broken(page)
         page.screenshot(path=str(shots / "home.png"), full_page=True)
+        page.set_viewport_size({"width": 400, "height": 800})
+        check_tables_in_their_box(page)
+        page.screenshot(path=str(shots / "home-phone.png"), full_page=True)
+        page.set_viewport_size({"width": 1280, "height": 900})
 
         page.goto(base + "catalogue/")
         page.wait_for_load_state("networkidle")
@@ -83,9 +101,21 @@ def test_site_in_a_browser(site, page, tmp_path_factory):
         check_formula_rendered(page)
         check_pictures_loaded(page)
         check_source_shown(page, "def linear_attention(")
+        check_code_wraps(page)  # the source has 110-column lines
+        check_no_word_broken(page)
         page.screenshot(path=str(shots / "entry.png"), full_page=True)
         page.set_viewport_size({"width": 400, "height": 800})
+        check_tables_in_their_box(page)
+        check_figures_open_full_size(page)
         page.screenshot(path=str(shots / "entry-phone.png"), full_page=True)
+        page.click(f"img[src$='bench-{ENTRY}.png']")  # tapped, the three-panel plot opens alone
+        page.wait_for_load_state("load")
+        assert page.url.endswith(f"/assets/figures/bench-{ENTRY}.png"), page.url
+        page.goto(base + "entries/performer/")  # a long formula, a complexity table wider than a phone
+        page.wait_for_load_state("networkidle")
+        check_formula_rendered(page)
+        check_tables_in_their_box(page)
+        assert check_scroll_shows(page, ".md-content table, .md-content div.arithmatex") >= 2
         page.set_viewport_size({"width": 1280, "height": 900})
 
         page.goto(base + "choose/")
@@ -104,6 +134,9 @@ def test_site_in_a_browser(site, page, tmp_path_factory):
         assert "family=kernel" in page.url and "pick=performer%2Clinformer" in page.url, page.url
         page.click("#zoo-compare th[data-sort=memory]")
         assert "sort=memory" in page.url
+        check_cells_padded_and_aligned(page, "#zoo-compare")
+        # Performer's formula is wider than its card: it scrolls there, and shows that it does
+        assert check_scroll_shows(page, "#zoo-side .zoo-card div.arithmatex") >= 1
         page.screenshot(path=str(shots / "compare.png"), full_page=True)
 
         page.goto(base)
@@ -171,6 +204,48 @@ def test_size_check_fails_without_the_css_fix(site, page, tmp_path):
         check_formula_rendered(page)
         with pytest.raises(AssertionError, match="shorter than the body text"):
             check_formula_sizes(page)
+
+
+def test_layout_checks_fail_on_the_old_layout(site, page, tmp_path):
+    """The layout checks catch what issue 19 saw, planted back into a copy of the site: no zoo.css
+    (code blocks scroll sideways, the claims table does not fit, tables run off a phone's screen),
+    figures without their link, and a comparison page whose table has its old class (Material's
+    table style off: no padding) and whose formulas scroll with no shadow at the edge."""
+    import re
+
+    broken = tmp_path / "broken"
+    shutil.copytree(site, broken)
+    assets = broken / "assets"
+    (assets / "zoo.css").rename(assets / "zoo-kept.css")
+    (assets / "zoo.css").write_text("/* planted: no zoo.css */")
+    entry = broken / "entries" / ENTRY / "index.html"
+    entry.write_text(re.sub(r'<a href="[^"]*\.png">(<img [^>]*>)</a>', r"\1", entry.read_text()))
+    compare = broken / "compare" / "index.html"
+    no_shadow = "<style>.md-typeset div.arithmatex { background: none !important; }</style></head>"
+    compare.write_text(compare.read_text()
+                       .replace('<table id="zoo-compare">', '<table id="zoo-compare" class="zoo-table">')
+                       .replace("assets/zoo.css", "assets/zoo-kept.css").replace("</head>", no_shadow))
+    with serve(broken) as base:
+        page.goto(base)
+        page.wait_for_load_state("networkidle")
+        with pytest.raises(AssertionError, match="scrolls sideways"):
+            check_no_sideways_scroll(page, ".md-content table")
+        page.goto(base + f"entries/{ENTRY}/")
+        page.wait_for_load_state("networkidle")
+        with pytest.raises(AssertionError, match="scrolls sideways"):
+            check_code_wraps(page)
+        page.set_viewport_size({"width": 400, "height": 800})
+        with pytest.raises(AssertionError, match="cut off by the edge"):
+            check_tables_in_their_box(page)
+        with pytest.raises(AssertionError, match="do not open at full size"):
+            check_figures_open_full_size(page)
+        page.set_viewport_size({"width": 1280, "height": 900})
+        page.goto(base + "compare/?pick=performer,linformer")  # two cards: the formula overflows
+        page.wait_for_load_state("networkidle")
+        with pytest.raises(AssertionError, match="no sign that it scrolls"):
+            check_scroll_shows(page, "#zoo-side .zoo-card div.arithmatex")
+        with pytest.raises(AssertionError, match="padding"):
+            check_cells_padded_and_aligned(page, "#zoo-compare")
 
 
 def test_search_index_has_names_not_source_or_bibtex(site):

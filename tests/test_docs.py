@@ -82,10 +82,13 @@ def test_home_claims_table_agrees_with_zoo_claims(site, capsys):
     printed = capsys.readouterr().out
     home = (site / "index.html").read_text()
     for i in zoo.names():
-        assert f'href="entries/{i}/"' in home, f"{i} missing from the home page's claims table"
+        # each row leads with the entry's name, linked to its page (the id as the link's title)
+        name = html_text.escape(zoo.entry(i).display_name, quote=False)
+        link = f'<td><a href="entries/{i}/" title="{i}">{name}</a></td>'
+        assert link in home, f"{i} missing from the home page's claims table, or not led by its name"
         line = next(li for li in printed.splitlines() if li.startswith(i + " "))
         cells = re.findall(r"\[(held|NOT HELD)\]", line)
-        row = home[home.index(f'href="entries/{i}/"><code>'):]
+        row = home[home.index(link):]
         row = row[: row.index("</tr>")]
         assert re.findall(r"\[(held|NOT HELD)\]", row) == cells, i
 

@@ -1,7 +1,8 @@
 """mkdocs hook: generate the catalogue, taxonomy, chooser and entry pages, their pictures and the
 home page's claims table from catalog.yaml and the probes at build time, and serve MathJax from
-the site itself (no CDN). Nothing generated is written to the source tree; measurements and
-pictures are cached under .cache/ so a rebuild with nothing changed is fast."""
+the site itself (no CDN); every page's code lines get their indentation for zoo.css's hanging
+indent. Nothing generated is written to the source tree; measurements and pictures are cached
+under .cache/ so a rebuild with nothing changed is fast."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from zoo.site.pages import (
     choose_page,
     claims_markdown,
     entry_page,
+    hanging_indents,
     page_path,
     taxonomy_page,
 )
@@ -152,5 +154,10 @@ def with_section(page: str, section: str, *, before: str) -> str:
 
 def on_page_markdown(markdown, page, config, files):
     if CLAIMS_MARKER in markdown:
-        markdown = markdown.replace(CLAIMS_MARKER, claims_markdown(_rows))
+        names = {e.id: e.display_name for e in catalog().values()}
+        markdown = markdown.replace(CLAIMS_MARKER, claims_markdown(_rows, names))
     return markdown
+
+
+def on_page_content(html, page, config, files):
+    return hanging_indents(html)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from zoo.catalog import Entry
+from zoo.site.pages import figure
 from zoo.site.quality import cell_names, recall_score, speedups
 from zoo.verify.claims import report_cells
 
@@ -164,7 +165,7 @@ def choose_page(entries: list[Entry], rows: dict[str, dict], quality: dict | Non
                 "top three side by side</a>", ""]
     if quality:
         out += ["## Recall against speed", "",
-                "![recall against speed](assets/figures/quality-pareto.png){ .zoo-figure }", ""]
+                figure("recall against speed", "assets/figures/quality-pareto.png"), ""]
     return "\n".join(out)
 
 
@@ -194,7 +195,7 @@ def compare_page(entries: list[Entry], rows: dict[str, dict], bench: dict | None
            '<option value="sequence">sequence</option><option value="image">image</option>'
            "</select></label>",
            '<span class="zoo-count"></span>', "</div>", "",
-           '<table id="zoo-compare" class="zoo-table">', "<thead><tr><th>pick</th>"
+           '<table id="zoo-compare">', "<thead><tr><th>pick</th>"
            '<th data-sort="name">Entry</th><th data-sort="family">Family</th>'
            '<th data-sort="time" data-type="number">Time (ms)</th>'
            '<th data-sort="memory" data-type="number">Peak (MiB)</th>'
@@ -229,8 +230,8 @@ def compare_page(entries: list[Entry], rows: dict[str, dict], bench: dict | None
             f'<h3><a href="../entries/{e.id}/">{html.escape(e.display_name)}</a></h3>'
             f'<p class="zoo-paper">{html.escape(e.title)} ({e.year})</p>'
             f'<div class="arithmatex">\\[{html.escape(e.formula)}\\]</div>'
-            f'<img class="zoo-figure" loading="lazy" src="../assets/figures/pattern-{e.id}.png" '
-            f'alt="attention pattern of {e.id}">'
+            f'<a href="../assets/figures/pattern-{e.id}.png"><img class="zoo-figure" loading="lazy" '
+            f'src="../assets/figures/pattern-{e.id}.png" alt="attention pattern of {e.id}"></a>'
             f"<ul><li>time {_math(e.complexity['time'])}, memory {_math(e.complexity['memory'])}</li>"
             f"<li>at n = {AT_N}: {_f(x.time_ms, '{:.0f}')} ms, {_f(x.peak_mib, '{:.0f}')} MiB, "
             f"{_f(x.speedup, '{:.1f}x')} SDPA's speed</li><li>recall {_f(x.recall)}</li>"

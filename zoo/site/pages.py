@@ -35,6 +35,27 @@ def page_path(e: Entry) -> str:
     return f"entries/{e.id}.md"
 
 
+def figure(alt: str, src: str) -> str:
+    """A picture that opens at full size when clicked or tapped: a multi-panel figure shrunk to a
+    phone's width is too small to read."""
+    return f"[![{alt}]({src}){{ .zoo-figure }}]({src})"
+
+
+_CODE_LINE = re.compile(r'<span id="(__span-[0-9-]+)">([^\n]*)\n</span>')
+
+
+def hanging_indents(page_html: str) -> str:
+    """`page_html` with each indented line of a highlighted code block (pymdownx.highlight's
+    `line_spans`) carrying its indentation in `--indent`: zoo.css wraps long lines, and continues a
+    wrapped line further right than the line's own indentation."""
+    def one(m: re.Match) -> str:
+        text = html.unescape(re.sub(r"<[^>]*>", "", m[2]))
+        indent = len(text) - len(text.lstrip(" "))
+        return f'<span id="{m[1]}" style="--indent: {indent}ch">{m[2]}\n</span>' if indent else m[0]
+
+    return _CODE_LINE.sub(one, page_html)
+
+
 def layer_defaults(e: Entry) -> dict:
     """The layer's own defaults for the keywords the catalogue's test-sized `hparams` set."""
     import inspect
@@ -233,8 +254,7 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
             f"{' (pixels in row-major order)' if e.input == 'image' else ''}; each row scaled to "
             "its maximum.",
             "",
-            f'![Attention pattern of {e.id}](../assets/figures/pattern-{e.id}.png)'
-            '{ .zoo-figure }',
+            figure(f"Attention pattern of {e.id}", f"../assets/figures/pattern-{e.id}.png"),
             "",
         ]
         if e.budget is not None:
@@ -247,8 +267,7 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
                 "zeros (error 1); an error above them is worse than ignoring the scores.",
                 "",
                 *approximation_table(e, (row or {}).get("approximation")),
-                f'![Approximation error of {e.id}](../assets/figures/approx-{e.id}.png)'
-                '{ .zoo-figure }',
+                figure(f"Approximation error of {e.id}", f"../assets/figures/approx-{e.id}.png"),
                 "",
             ]
     if bench:
@@ -258,7 +277,7 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
             "Time (forward, and forward + backward) and peak memory against the SDPA baseline (see "
             "[Benchmarks](../benchmarks.md)).",
             "",
-            f'![Benchmark of {e.id}](../assets/figures/bench-{e.id}.png){{ .zoo-figure }}',
+            figure(f"Benchmark of {e.id}", f"../assets/figures/bench-{e.id}.png"),
             "",
         ]
     if e.notes.strip():
@@ -396,21 +415,55 @@ def catalogue_page(entries: list[Entry], rows: dict[str, dict] | None = None) ->
     return "\n".join(out)
 
 
-def claims_markdown(rows: list[dict]) -> str:
-    """The claims report as a markdown table (the same cells `zoo claims` prints)."""
-    from zoo.verify.claims import HEADERS, report_cells
+CLAIMS_LEGEND = [
+    "**Causal** and **Mask**: the autoregressive and padding-mask claims, checked on the influence "
+    "map (no output depends on a later position) and with padded tokens (they change nothing).",
+    "**Time** and **Memory**: the exponent of n, declared / measured, from FLOP counts and from the "
+    "largest intermediate tensor.",
+    "**Exact at**: the settings at which the entry equals softmax attention, and the error measured "
+    "there (it must be below 1e-10).",
+    "**Error**: the approximation error at the default budget (n = 64, random inputs); in brackets "
+    "the errors of two answers that know nothing, uniform averaging and zeros, on the same inputs.",
+    "**State** and **Step**: decoding token by token, the exponent of the context length of the "
+    "state's size and of one step's cost, declared / measured.",
+]
+CLAIMS_HEADERS = ("Entry", "Causal", "Mask", "Time", "Memory", "Exact at", "Error", "State", "Step")
 
-    out = ["| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
+
+def _claims_cell(column: str, value: dict | None, text: str) -> str:
+    """One cell of the home page's table: the report's text, tightened where it is long (an
+    exponent pair kept on one line, the approximation error with its baselines in brackets)."""
+    random = (value or {}).get("random")
+    if column == "approximation" and value and value["held"] and random:
+        text = (f"{random['error']:.3f} at {value['param']}={value['default']} "
+                f"({random['uniform']:.3f}, {random['zeros']:.3f})")
+    elif column in ("time", "memory", "state", "step"):
+        text = text.replace(" / ", "\u00a0/\u00a0")
+    return html.escape(text)
+
+
+def claims_markdown(rows: list[dict], names: dict[str, str] | None = None) -> str:
+    """The claims report on the home page: a legend of the columns, then a table with the same
+    values and held marks as `zoo claims` prints, led by each entry's name (`names`: id -> display
+    name) linked to its page, with short headers so that every column fits beside the navigation."""
+    from zoo.verify.claims import COLUMNS, report_cells
+
+    names = names or {}
+    out = ["Columns:", "", *(f"- {item}" for item in CLAIMS_LEGEND), "",
+           '<div class="zoo-claims" markdown>', "",
+           "| " + " | ".join(CLAIMS_HEADERS) + " |", "|" + " --- |" * len(CLAIMS_HEADERS)]
     for row in rows:
         cells = []
-        for text, held in report_cells(row):
+        for column, (text, held) in zip(COLUMNS, report_cells(row), strict=True):
+            shown = _claims_cell(column, row.get(column), text)
             if held is None:
-                cells.append(text)
+                cells.append(shown)
             else:
                 cls, mark = ("zoo-held", "held") if held else ("zoo-broken", "NOT HELD")
-                cells.append(f'{html.escape(text)} <span class="{cls}">[{mark}]</span>')
-        out.append(f"| [`{row['id']}`](entries/{row['id']}.md) | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+                cells.append(f'{shown} <span class="{cls}">[{mark}]</span>')
+        name = html.escape(names.get(row["id"], row["id"]), quote=False)
+        out.append(f'| [{name}](entries/{row["id"]}.md "{row["id"]}") | ' + " | ".join(cells) + " |")
+    return "\n".join([*out, "", "</div>"])
 
 
 def taxonomy_page(entries: list[Entry]) -> str:
@@ -643,6 +696,5 @@ def _bench_families(entries: list[Entry], data: dict) -> list[str]:
     for fam in FAMILIES:
         if any(e.family == fam and e.id in data["results"] for e in entries):
             out += [f"## {FAMILY_TITLES[fam]}", "",
-                    f"![{FAMILY_TITLES[fam]}](assets/figures/bench-family-{fam}.png)"
-                    "{ .zoo-figure }", ""]
+                    figure(FAMILY_TITLES[fam], f"assets/figures/bench-family-{fam}.png"), ""]
     return out

@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from zoo.catalog import Entry
+from zoo.site.pages import figure
 from zoo.verify.quality import STOP_AT, summary
 
 # Long Range Arena, Tay et al. (arXiv 2011.04006), Table 1: published test accuracies (%), copied as
@@ -192,13 +193,13 @@ def quality_page(entries: list[Entry], data: dict | None, bench: dict | None) ->
         "Cells (length n, key-value pairs, vocabulary): "
         + "; ".join(f"`{c}` ({v['n']}, {v['pairs']}, {v['vocab']})" for c, v in data["cells"].items())
         + ".", "",
-        "![recall heat map](assets/figures/quality-heatmap.png){ .zoo-figure }", "",
+        figure("recall heat map", "assets/figures/quality-heatmap.png"), "",
         "## Recall against speed", "",
         "The x axis is the forward speed-up over the SDPA layer at n = 16384 from the committed "
         "[benchmarks](benchmarks.md) (image entries at about as many pixels); the y axis the mean "
         "accuracy over the separation cells measured so far (the smoke cell where none is). The "
         "red line joins the Pareto front: no entry is both faster and better at recall.", "",
-        "![recall against speed](assets/figures/quality-pareto.png){ .zoo-figure }", "",
+        figure("recall against speed", "assets/figures/quality-pareto.png"), "",
     ]
     speed = speedups(bench)
     points = {n: (speed[n], recall_score(t, cells)) for n, t in table.items()
