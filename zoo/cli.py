@@ -339,6 +339,34 @@ def cmd_quality(args) -> int:
     return 0
 
 
+def cmd_compat(args) -> int:
+    import json
+
+    from zoo.verify import compat
+    from zoo.verify.progress import progress_bar
+
+    cat = catalog()
+    ids = _select(cat, args.ids)
+    columns = [c for c in compat.COLUMNS if c != "inductor" or not args.no_inductor]
+    previous = json.loads(args.out.read_text()) if args.out and args.out.is_file() else None
+
+    def save(data):
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(data, indent=1) + "\n")
+
+    passes = 1 + ("inductor" in columns)
+    with progress_bar(passes * len(ids), "compatibility") as step:
+        data = compat.table([cat[i] for i in ids], columns=columns, previous=previous,
+                            progress=step, save=save)
+    rows = [[i, *("-" if c not in r else "yes" if r[c]["ok"] else "NO" for c in columns)]
+            for i, r in data["rows"].items() if i in ids]
+    print(_table(rows, ["entry", *columns]))
+    if args.out:
+        print(f"\nwrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="The attention zoo's catalogue.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -412,6 +440,16 @@ def build_parser() -> argparse.ArgumentParser:
     pattern.add_argument("--n", type=int, default=24, help="sequence length (default 24)")
     pattern.add_argument("--out", type=Path, help="also write the picture the site shows (PNG)")
     pattern.set_defaults(run=cmd_pattern)
+
+    compat = sub.add_parser("compat", help="which PyTorch features each entry supports (compile, "
+                            "export, meta, autocast, torch.func, jit.trace, DDP)")
+    compat.add_argument("ids", nargs="*", help="only these entries (default: all)")
+    compat.add_argument("--no-inductor", action="store_true",
+                        help="skip the inductor column (minutes per entry); compile still runs "
+                        "with aot_eager")
+    compat.add_argument("--out", type=Path, help="write (or update) the results as JSON, e.g. "
+                        "benchmarks/compat.json")
+    compat.set_defaults(run=cmd_compat)
 
     claims = sub.add_parser("claims", help="measure every catalogue claim (cached: .cache/ in a "
                             "checkout, else the user's cache folder)")

@@ -241,11 +241,15 @@ def bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bucket
     # The heads are independent. Taken one at a time, the large temporaries of a head are freed
     # before the next head allocates its own: memory is reused, not fetched fresh from the system
     # (on CPU, first touching fresh memory costs about as much as a pass over it).
+    heads = range(q.shape[1])
+    q_heads = [q_buckets[:, i:i + 1] for i in heads]
+    # shared buckets stay shared per head: the same slice is passed twice
+    k_heads = q_heads if q_buckets is k_buckets else [k_buckets[:, i:i + 1] for i in heads]
     outs = [head_attention(q[:, i:i + 1], q[:, i:i + 1] if k is q else k[:, i:i + 1],
-                           v[:, i:i + 1], q_buckets[:, i:i + 1], k_buckets[:, i:i + 1], mask,
+                           v[:, i:i + 1], q_heads[i], k_heads[i], mask,
                            chunk_size=chunk_size, causal=causal, exclude_self=exclude_self,
                            scale=scale, key_scale=None if key_scale is None else key_scale[:, i:i + 1])
-            for i in range(q.shape[1])]
+            for i in heads]
     return rearrange(torch.stack([out[:, 0] for out in outs], dim=2), "b n h e -> b h n e")
 
 
@@ -258,6 +262,9 @@ def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets:
     scale = d ** -0.5 if scale is None else scale
     c = min(chunk_size, n)
     keys_are_queries = k is q
+    # Shared QK is told by structure (the caller passes one bucket tensor twice), not by comparing
+    # values: a value test (`torch.equal`) would break compiled and exported graphs.
+    shared = q_buckets is k_buckets
     (q, pad), (k, _), (v, _), (qb, _), (kb, _) = (pad_to_multiple(t, c, dim=2)
                                                   for t in (q, k, v, q_buckets, k_buckets))
     k = q if keys_are_queries else k
@@ -277,7 +284,7 @@ def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets:
         qb, kb = qb.masked_fill(behind, sentinel), kb.masked_fill(behind, sentinel)
     # The key slots carry their buckets, -1 (met by no query) for a padded key.
     k_codes = kb if mask is None else kb.masked_fill(behind, -1)  # (b h n r)
-    shared = torch.equal(qb, kb)  # shared QK: one order a round, the own key on a diagonal
+    # shared: one order a round, the own key on a diagonal
     one_gather = shared and keys_are_queries  # the sorted queries are the sorted keys
     positions = torch.arange(n + pad, device=q.device).expand(b, h, -1)
     outs, lses = [], []

@@ -91,7 +91,9 @@ def compressive_attention(q: torch.Tensor, k: torch.Tensor, kc: torch.Tensor, v:
     w = torch.arange(m + s, device=q.device)
     slot_ok = (seg * (s // c) - m // c - r + u) >= 0  # (nc 1 r)
     pos = seg * s - m + w  # (nc 1 w): input position of each raw key
-    raw_ok = (pos >= 0) & (pos < n) & ((w <= m + i) if causal else True)  # (nc i w)
+    raw_ok = (pos >= 0) & (pos < n)  # (nc i w)
+    if causal:  # a branch on the setting, not `tensor & True` (which jit.trace refuses)
+        raw_ok = raw_ok & (w <= m + i)
     allowed = torch.cat([slot_ok.expand(nc, s, r), raw_ok.expand(nc, s, m + s)], dim=-1)
     out = _attend(rearrange(q, "b h (nc i) d -> b h nc i d", i=s), keys, values, allowed, scale)
     return rearrange(out, "b h nc i e -> b h (nc i) e")
