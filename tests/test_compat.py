@@ -26,6 +26,7 @@ import zoo
 from tests.conftest import entry_params
 from zoo.core.softmax import softmax_attention
 from zoo.entries.softmax_attention import SoftmaxAttention
+from zoo.site.compat import compat_page, entry_compat
 from zoo.verify import compat
 from zoo.verify.contract import ContractError, factory
 
@@ -117,6 +118,35 @@ def test_committed_run_covers_every_entry_and_holds_to_unsupported():
                 wrong.append(f"{i} {column}: " + ("works, yet listed unsupported" if row[column]["ok"]
                                                   else row[column]["why"]))
     assert not wrong, "\n".join(wrong)
+
+
+# --- the pages -----------------------------------------------------------------------------------
+
+def test_compat_page_says_what_works_what_fails_and_why():
+    soft, lattice = zoo.entry("softmax-attention"), zoo.entry("permutohedral-attention")
+    ok = {"ok": True, "why": "", "seconds": 0.1}
+    data = {"machine": {"date": "2026-12-03T10:00:00+00:00", "torch": "2.13.0", "cpus": 2, "threads": 1},
+            "rows": {"softmax-attention": {"compile": ok, "export": {"ok": False, "why": "boom: a guard"},
+                                           "meta": ok},
+                     "permutohedral-attention": {"compile": ok, "export": {"ok": False, "why": "x"}}}}
+    page = compat_page([soft, lattice], data)
+    assert "2026-12-03" in page and "benchmarks/compat.json" in page
+    row = next(line for line in page.splitlines() if line.startswith("| [Softmax"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    heads = [c.strip() for c in page.splitlines()[page.splitlines().index(row) - 2].strip("|").split("|")]
+    by = dict(zip(heads, cells, strict=True))
+    assert by["compile"] == "yes" and by["export"] == "**fails**" and by["DDP"] == "-"
+    assert by["inductor"] == "not measured"
+    lat = dict(zip(heads, [c.strip() for c in next(
+        line for line in page.splitlines() if "permutohedral-attention.md" in line and line.startswith("|")
+    ).strip("|").split("|")], strict=True))
+    assert lat["export"] == "no (by nature)"  # listed under `unsupported` in the catalogue
+    assert "boom: a guard" in page and "a defect, to fix" in page
+    assert compat.unsupported(lattice)["export"] in page
+    section = entry_compat(soft, data)
+    assert "Works: compile, meta" in section and "export, fails (a defect): boom: a guard" in section
+    assert "inductor: not measured yet" in section
+    assert "No run is committed" in compat_page([soft], None) and entry_compat(soft, None) == ""
 
 
 # --- DDP -----------------------------------------------------------------------------------------

@@ -378,7 +378,10 @@ def check_ddp(entry_id: str, **kw) -> None:
 
 
 def machine() -> dict:
-    return {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    import datetime as _dt
+
+    return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads()}
 
