@@ -39,23 +39,10 @@ TABLE = ROOT / "benchmarks" / "compat.json"
 # is covered by the export test (which compares on a second input) and the jit.trace test below.
 COMPILE_IN_SUITE = ("sparse-transformer", "product-key-memory")
 
-# Failures known and owned elsewhere, to be fixed there (strict: a fix makes these tests fail
-# until the line is removed). Not `unsupported`: nothing in these mechanisms needs them.
-PENDING = {
-    ("bp-transformer", "export"): "bp_transformer._window reads the window width back from a tensor "
-                                  "(int(...max())); compute it from the sizes (helper forms-b)",
-    ("bp-transformer", "meta"): "same cause as export: _window's int(tensor) and bool(tensor)",
-    ("multiscale-transformer", "export"): "uses bp_transformer's _window (same cause)",
-    ("multiscale-transformer", "meta"): "uses bp_transformer's _window (same cause)",
-}
-
-
 def expect(e, feature, make=None):
     """Run the check; an entry that lists the feature as unsupported must still fail it."""
     run = compat.CHECKS[feature][0]
     make = make or factory(e)
-    if (e.id, feature) in PENDING:
-        pytest.xfail(PENDING[e.id, feature])
     if feature in compat.unsupported(e):
         with pytest.raises(ContractError):
             run(e, make)
@@ -110,7 +97,7 @@ def test_committed_run_covers_every_entry_and_holds_to_unsupported():
         # every entry has the aot_eager compile, export and meta columns; inductor where measured
         for column in ("compile", "export", "meta", "inductor"):
             feature = "compile" if column == "inductor" else column
-            if (i, feature) in PENDING or (column == "inductor" and column not in row):
+            if column == "inductor" and column not in row:
                 continue
             if column not in row:
                 wrong.append(f"{i}: no {column} column ({rerun})")
