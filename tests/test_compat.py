@@ -136,6 +136,38 @@ def test_compat_page_says_what_works_what_fails_and_why():
     assert "No run is committed" in compat_page([soft], None) and entry_compat(soft, None) == ""
 
 
+def test_speed_section_lists_every_slower_entry_with_what_was_measured():
+    soft, lattice, linear = (zoo.entry(i) for i in ("softmax-attention", "permutohedral-attention",
+                                                    "linear-transformer"))
+    fast = {"ok": True, "why": "", "n": 2048, "eager_s": 0.02, "compiled_s": 0.01, "graph_breaks": 0}
+    data = {"machine": {"date": "2026-12-03T10:00:00+00:00"},
+            "rows": {"softmax-attention": {"speed": fast},
+                     "permutohedral-attention": {"speed": {**fast, "compiled_s": 0.05, "graph_breaks": 3}},
+                     "linear-transformer": {"speed": {**fast, "compiled_s": 0.03}}}}
+    page = compat_page([soft, lattice, linear], data)
+    section = page[page.index("## Compiled against eager"):]
+    assert "n = 2048" in section and "faster for 1 of 3" in section and "slower for 2" in section
+    slower = section[section.index("Slower compiled"):]
+    assert "3 graph break(s)" in slower and "one graph, no break" in slower
+    assert "Softmax" not in slower
+    rows = [line for line in section.splitlines() if line.startswith("| [")]
+    assert [r.split("]")[0] for r in rows] == ["| [Softmax attention", "| [Linear Transformer",
+                                                "| [Permutohedral attention"], rows  # by ratio
+    assert "| 20.0 | 50.0 | 2.50 | 3 |" in rows[2]
+    assert "slower, 3 graph break(s)" in entry_compat(lattice, data)
+    assert "0.50x the time)." in entry_compat(soft, data)
+
+
+def test_committed_speed_covers_every_entry_the_inductor_pass_reached():
+    data = json.loads(TABLE.read_text())
+    missing = [i for i, row in data["rows"].items() if "inductor" in row and "speed" not in row]
+    assert not missing, f"no speed cell for {missing}: python -m zoo compat --out benchmarks/compat.json"
+    for i, row in data["rows"].items():
+        cell = row.get("speed")
+        if cell and cell["ok"]:
+            assert cell["eager_s"] > 0 and cell["compiled_s"] > 0 and cell["n"] >= 1024, (i, cell)
+
+
 # --- DDP -----------------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -347,7 +347,7 @@ def cmd_compat(args) -> int:
 
     cat = catalog()
     ids = _select(cat, args.ids)
-    columns = [c for c in compat.COLUMNS if c != "inductor" or not args.no_inductor]
+    columns = [c for c in compat.COLUMNS if c not in compat.SLOW_COLUMNS or not args.no_inductor]
     previous = json.loads(args.out.read_text()) if args.out and args.out.is_file() else None
 
     def save(data):
@@ -355,12 +355,18 @@ def cmd_compat(args) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(data, indent=1) + "\n")
 
-    passes = 1 + ("inductor" in columns)
+    passes = 1 + sum(c in columns for c in compat.SLOW_COLUMNS)
     with progress_bar(passes * len(ids), "compatibility") as step:
         data = compat.table([cat[i] for i in ids], columns=columns, previous=previous,
                             progress=step, save=save)
-    rows = [[i, *("-" if c not in r else "yes" if r[c]["ok"] else "NO" for c in columns)]
-            for i, r in data["rows"].items() if i in ids]
+    def mark(cell: dict | None, column: str) -> str:
+        if cell is None:
+            return "-"
+        if column == "speed" and cell["ok"]:  # compiled time over eager time
+            return f"{cell['compiled_s'] / cell['eager_s']:.2f}x"
+        return "yes" if cell["ok"] else "NO"
+
+    rows = [[i, *(mark(r.get(c), c) for c in columns)] for i, r in data["rows"].items() if i in ids]
     print(_table(rows, ["entry", *columns]))
     if args.out:
         print(f"\nwrote {args.out}")
@@ -445,8 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "export, meta, autocast, torch.func, jit.trace, DDP)")
     compat.add_argument("ids", nargs="*", help="only these entries (default: all)")
     compat.add_argument("--no-inductor", action="store_true",
-                        help="skip the inductor column (minutes per entry); compile still runs "
-                        "with aot_eager")
+                        help="skip the inductor and speed columns (minutes per entry); compile "
+                        "still runs with aot_eager")
     compat.add_argument("--out", type=Path, help="write (or update) the results as JSON, e.g. "
                         "benchmarks/compat.json")
     compat.set_defaults(run=cmd_compat)

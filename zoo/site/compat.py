@@ -10,6 +10,7 @@ run has not reached, such as inductor for an entry added since). Nothing is left
 from __future__ import annotations
 
 from zoo.catalog import Entry
+from zoo.verify.compat import SPEED as SPEED_SETTINGS
 
 # Column -> (heading, what the check does); the order of the table.
 COLUMNS = {
@@ -66,6 +67,49 @@ def _measured_line(data: dict) -> str:
             "test suite checks it against the catalogue.")
 
 
+def _speed(row: dict | None) -> dict | None:
+    cell = (row or {}).get("speed")
+    return cell if cell and cell.get("ok") else None
+
+
+def _speed_reason(cell: dict) -> str:
+    """What was measured to cost the compiled layer its time."""
+    breaks = cell.get("graph_breaks", 0)
+    if breaks:
+        return (f"{breaks} graph break(s): dynamo splits the forward where Python decides from "
+                "values or calls what it cannot trace, and runs eager code with guards between the "
+                "graphs")
+    return ("one graph, no break: inductor's generated code for this layer is slower than eager's "
+            "library kernels at this size")
+
+
+def speed_section(entries: list[Entry], data: dict) -> list[str]:
+    """Compiled against eager, from the `speed` cells: the table, then every slower entry and why."""
+    rows = data.get("rows", {})
+    s = SPEED_SETTINGS
+    out = ["## Compiled against eager", "",
+           f"The forward pass without gradients at n = {s['n']} (image entries on a 45 x 45 grid), "
+           f"dim {s['dim']}, {s['heads']} heads, batch 1: median of {s['repeats']} passes after "
+           "warm-up, eager and `torch.compile` (inductor, after it has compiled), in one process with "
+           "torch's default threads. A measurement, not a test.", ""]
+    measured = [(e, c) for e in entries if (c := _speed(rows.get(e.id)))]
+    if not measured:
+        return out + ["Not measured yet (`python -m zoo compat --out benchmarks/compat.json`).", ""]
+    slower = [(e, c) for e, c in measured if c["compiled_s"] > c["eager_s"]]
+    out += [f"Compiled is faster for {len(measured) - len(slower)} of {len(measured)} measured "
+            f"entries and slower for {len(slower)}.", "",
+            "| entry | eager (ms) | compiled (ms) | compiled / eager | graph breaks |",
+            "| --- | --- | --- | --- | --- |"]
+    for e, c in sorted(measured, key=lambda ec: ec[1]["compiled_s"] / ec[1]["eager_s"]):
+        out.append(f"| [{e.display_name}](entries/{e.id}.md) | {c['eager_s'] * 1e3:.1f} | "
+                   f"{c['compiled_s'] * 1e3:.1f} | {c['compiled_s'] / c['eager_s']:.2f} | "
+                   f"{c.get('graph_breaks', 0)} |")
+    if slower:
+        out += ["", "Slower compiled, and what was measured to cost the time:", ""]
+        out += [f"- [{e.display_name}](entries/{e.id}.md): {_speed_reason(c)}." for e, c in slower]
+    return out + [""]
+
+
 def compat_page(entries: list[Entry], data: dict | None) -> str:
     """The gathered page: every entry by every feature, then every failure with its reason."""
     out = ["---", "hide: [navigation]", "---", "", "# Compatibility with PyTorch's features", "",
@@ -95,7 +139,7 @@ def compat_page(entries: list[Entry], data: dict | None) -> str:
     for e, c, state, why in failures:
         kind = "not supported by the mechanism" if state == "unsupported" else "a defect, to fix"
         out.append(f"- [{e.display_name}](entries/{e.id}.md), {COLUMNS[c][0]} ({kind}): {why}")
-    return "\n".join(out + [""])
+    return "\n".join(out + [""] + speed_section(entries, data))
 
 
 def entry_compat(e: Entry, data: dict | None) -> str:
@@ -114,4 +158,11 @@ def entry_compat(e: Entry, data: dict | None) -> str:
             out.append(f"- {COLUMNS[c][0]}, {kind}: {why}")
         elif state == "not measured":
             out.append(f"- {COLUMNS[c][0]}: not measured yet")
+    speed = _speed(row)
+    if speed:
+        ratio = speed["compiled_s"] / speed["eager_s"]
+        line = (f"- Compiled (inductor) against eager, forward at n = {speed['n']}: "
+                f"{speed['compiled_s'] * 1e3:.1f} ms against {speed['eager_s'] * 1e3:.1f} ms "
+                f"({ratio:.2f}x the time)")
+        out.append(line + (f"; slower, {_speed_reason(speed)}." if ratio > 1 else "."))
     return "\n".join(out + [""])

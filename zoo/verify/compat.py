@@ -383,7 +383,8 @@ def machine() -> dict:
     return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(),
+            "load": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
 
 
 # --- the table ----------------------------------------------------------------------------
@@ -403,7 +404,46 @@ def graph_breaks() -> int:
 # AOT autograd, forward and backward) runs for every entry first; "inductor" (the default backend,
 # which generates and builds C++ kernels: a minute or more per entry on a busy machine) in a
 # second pass, so a run cut short still has every other column.
-COLUMNS = (*(f for f in COMPAT_FEATURES), "inductor")
+COLUMNS = (*(f for f in COMPAT_FEATURES), "inductor", "speed")
+# Columns measured in later passes and kept from a previous run (delete a cell to re-measure it).
+SLOW_COLUMNS = ("inductor", "speed")
+
+# The speed column: compiled (inductor) against eager, forward without gradients, at the benchmark's
+# width and a length where the mechanism's structure is in play (image entries on a 45 x 45 grid).
+SPEED = {"n": 2048, "dim": 256, "heads": 4, "repeats": 5}
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def compiled_speed(e: Entry, *, n: int = SPEED["n"], dim: int = SPEED["dim"], heads: int = SPEED["heads"],
+                   repeats: int = SPEED["repeats"]) -> dict:
+    """Median forward time, eager and `torch.compile` (inductor), in this process with its threads:
+    `{"n", "eager_s", "compiled_s", "graph_breaks"}` (a measurement for the committed table, never
+    asserted in a test). Both after warm-up passes; the compiled one after it has compiled."""
+    from torch._dynamo.utils import counters
+
+    from zoo.verify.bench import _inputs
+
+    layer, x, n_real = _inputs(e.id, n, dim=dim, heads=heads, backward=False, device="cpu")
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+        eager = _median_seconds(lambda: layer(x), repeats)
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(layer)
+        compiled(x)  # compiles
+        compiled(x)
+        fast = _median_seconds(lambda: compiled(x), repeats)
+    return {"n": n_real, "eager_s": round(eager, 5), "compiled_s": round(fast, 5),
+            "graph_breaks": graph_breaks()}
 
 
 def table_cell(e: Entry, column: str) -> dict | None:
@@ -411,6 +451,13 @@ def table_cell(e: Entry, column: str) -> dict | None:
     None where the column does not apply (DDP outside `DDP_ENTRIES`)."""
     from torch._dynamo.utils import counters
 
+    if column == "speed":
+        start = time.perf_counter()
+        try:
+            cell = {"ok": True, "why": "", **compiled_speed(e)}
+        except Exception as err:  # noqa: BLE001 - recorded, not raised
+            cell = {"ok": False, "why": " ".join(f"{type(err).__name__}: {err}".split())[:400]}
+        return {**cell, "seconds": round(time.perf_counter() - start, 2)}
     if column == "ddp":
         if e.id not in DDP_ENTRIES:
             return None
@@ -435,19 +482,19 @@ def table_cell(e: Entry, column: str) -> dict | None:
 def table(entries: list[Entry], *, columns=COLUMNS, previous=None, progress=None,
           save=None) -> dict:
     """Every column for every entry: `{"machine", "columns", "rows": {id: {column: cell}}}`, in
-    two passes (inductor last). Cells of `previous` are kept, and its inductor cells are not
-    re-measured (delete them to); `save(data)` runs after each entry, so an interrupted run keeps
-    what it measured."""
+    passes (inductor, then the compiled-against-eager speed, last). Cells of `previous` are kept,
+    and its inductor and speed cells are not re-measured (delete them to); `save(data)` runs after
+    each entry, so an interrupted run keeps what it measured."""
     data = {"machine": machine(), "columns": list(columns),
             "rows": {i: dict(r) for i, r in (previous or {}).get("rows", {}).items()}}
-    passes = [[c for c in columns if c != "inductor"], [c for c in columns if c == "inductor"]]
+    passes = [[c for c in columns if c not in SLOW_COLUMNS], *([c] for c in SLOW_COLUMNS if c in columns)]
     for cols in passes:
         for e in entries:
             if not cols:
                 continue
             row = data["rows"].setdefault(e.id, {})
             for c in cols:
-                if c == "inductor" and c in row:
+                if c in SLOW_COLUMNS and c in row:
                     continue
                 cell = table_cell(e, c)
                 if cell is not None:
