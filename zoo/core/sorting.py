@@ -106,6 +106,13 @@ def storage_rows(t: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, to
     an expanded mask."""
     b, h, n = t.shape[:3]
     f = math.prod(t.shape[3:])
+    if torch.compiler.is_compiling():
+        # Compiled graphs get a plain reshape (a copy when needed): inductor does not keep the
+        # eager strides of intermediates, and an `as_strided` over them read the wrong memory
+        # (NaN and wrong outputs in reformer and routing-transformer, found by zoo compat).
+        start = (torch.arange(b, device=t.device).reshape(b, 1, 1) * (h * n)
+                 + torch.arange(h, device=t.device).reshape(1, h, 1) * n)
+        return t.reshape(b * h * n, f), start + order
     empty = t.numel() == 0  # an empty batch: no rows
     if empty or not (t[0, 0, 0].is_contiguous() and all(s % f == 0 for s in t.stride()[:3])):
         t = t.contiguous()
@@ -163,6 +170,9 @@ def look_back(rows: torch.Tensor, chunk: int) -> torch.Tensor:
     a placeholder to be dropped."""
     if rows.shape[0] < 2 * chunk:  # an empty batch: no windows
         return rows.new_empty(0, 2 * chunk, *rows.shape[1:])
+    if torch.compiler.is_compiling():  # the same windows as a copy: no overlapping view
+        blocks = rows.reshape(-1, chunk, *rows.shape[1:])  # (m / c + 1, c, ...)
+        return torch.cat([blocks[:-1], blocks[1:]], dim=1)
     return rows.unfold(0, 2 * chunk, chunk).movedim(-1, 1)
 
 
