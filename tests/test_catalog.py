@@ -120,3 +120,46 @@ def test_repository_catalogue_matches_entry_files():
     assert {e.id.replace("-", "_") for e in cat.values()} == files
     for i in cat:
         assert zoo.load(i).__module__ == cat[i].module
+
+
+# --- one-line errors, with the file and line, for files that are not a catalogue (issue 18) -----
+
+@pytest.mark.parametrize("data, line, words", [
+    (GOOD.encode().replace(b"title: A Toy", b"title: A \xff\xfeToy"), 2, "not UTF-8 text: byte 0xff"),
+    (GOOD.encode().replace(b"title: A Toy", b"title: A\x00Toy"), 2, "a NUL byte"),
+    (GOOD.encode() + b"  extra: " + b"[" * 3000 + b"]" * 3000 + b"\n", 21, "nested too deeply"),
+    (GOOD.encode() + b"  {a: 1}: 2\n", 21, "a mapping used as a key"),
+    (GOOD.encode() + b"  ? [a, b]\n  : 2\n", 21, "a list used as a key"),
+], ids=["non-utf8", "nul-byte", "deep-nesting", "mapping-key", "list-key"])
+def test_unreadable_catalogue_gives_one_line_with_the_line(tmp_path, data, line, words):
+    path, entries = write(tmp_path, "")
+    path.write_bytes(data)
+    with pytest.raises(CatalogError) as err:
+        load_catalog(path, entries_dir=entries)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}:{line}: ") and words in message
+
+
+def test_missing_catalogue_and_a_folder_are_catalogue_errors(tmp_path):
+    with pytest.raises(CatalogError, match="no such file"):
+        load_catalog(tmp_path / "catalog.yaml")
+    with pytest.raises(CatalogError, match="is a directory"):
+        load_catalog(tmp_path)
+
+
+def test_check_reports_them_as_one_line(tmp_path, capsys):
+    from zoo.cli import main
+
+    (tmp_path / "bad.yaml").write_bytes(b"- id: x\n  title: \xff\n")
+    for target in (tmp_path / "bad.yaml", tmp_path / "missing.yaml", tmp_path):
+        assert main(["check", "--catalog", str(target)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {target}"), err
+
+
+def test_ids_with_a_trailing_newline_or_too_long_are_refused(tmp_path):
+    with pytest.raises(CatalogError, match="kebab-case"):
+        load(tmp_path, GOOD.replace("id: toy-attention", 'id: "toy-attention\\n"'))
+    long_id = "toy-" + "a" * 70
+    with pytest.raises(CatalogError, match="at most 64 characters"):
+        load(tmp_path, GOOD.replace("id: toy-attention", f"id: {long_id}"), files=[long_id.replace("-", "_")])

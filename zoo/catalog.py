@@ -27,7 +27,13 @@ FAMILIES = (
 # inbox, the exact baselines, or the mechanisms that came after the list stopped.
 PROVENANCES = ("awesome-fast-attention", "awesome-fast-attention-inbox", "baseline", "since-2021")
 INPUTS = ("sequence", "image")
-ID_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+# The PyTorch features `zoo.verify.compat` checks; an entry's `unsupported` names those it cannot
+# support and why (the compatibility tests hold it to that list).
+COMPAT_FEATURES = ("train-backward", "compile", "export", "meta", "autocast-bf16", "functional-call",
+                   "vmap", "jit-trace", "state-dict", "ddp")
+# \Z, not $: `$` also matches before a trailing newline, which would let "x\n" through.
+ID_PATTERN = re.compile(r"\A[a-z0-9]+(-[a-z0-9]+)*\Z")
+ID_MAX_LENGTH = 64  # ids become file names (test_<id>.py) and page paths
 PLACEHOLDER = "TODO"
 
 PACKAGE = Path(__file__).parent
@@ -49,13 +55,41 @@ def catalog_path() -> Path:
     for candidate in (here.parent / "catalog.yaml", here / "catalog.yaml"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"catalog.yaml not found next to {here}")
+    raise CatalogError(here / "catalog.yaml", None, f"catalog.yaml not found (looked in {here.parent} "
+                       f"and {here})")
+
+
+def running_from_checkout() -> bool:
+    """True in a clone of the repository (catalog.yaml beside the package), False when installed
+    from a wheel (catalog.yaml inside the package)."""
+    return catalog_path().parent != Path(__file__).resolve().parent
+
+
+def user_cache_dir() -> Path:
+    """The platform's per-user cache folder for the zoo: `$XDG_CACHE_HOME/attention-zoo` (else
+    `~/.cache/attention-zoo`) on Linux and other Unixes, `~/Library/Caches/attention-zoo` on macOS,
+    `%LOCALAPPDATA%\\attention-zoo\\Cache` on Windows."""
+    import sys
+
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "attention-zoo" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "attention-zoo"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    # The XDG spec: a relative $XDG_CACHE_HOME is invalid and must be ignored.
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "attention-zoo"
 
 
 def cache_root() -> Path:
-    """Where measurements and pictures are cached: $ZOO_CACHE, else `.cache/` beside the catalogue.
-    Entries are keyed by a fingerprint of their content, so a cache may be shared between copies."""
-    return Path(os.environ.get("ZOO_CACHE") or catalog_path().parent / ".cache")
+    """Where measurements and pictures are cached: $ZOO_CACHE; else, in a checkout, `.cache/`
+    beside the catalogue; else (installed from a wheel) the user's cache folder, never the
+    installed package. Entries are keyed by a fingerprint of their content, so a cache may be
+    shared between copies."""
+    if os.environ.get("ZOO_CACHE"):
+        return Path(os.environ["ZOO_CACHE"])
+    return catalog_path().parent / ".cache" if running_from_checkout() else user_cache_dir()
 
 
 def module_file(name: str, root: Path | None = None) -> Path | None:
@@ -152,6 +186,7 @@ class Entry:
     decoding: Mapping[str, Any] | None = None
     name: str | None = None
     aliases: tuple[str, ...] = ()
+    unsupported: Mapping[str, str] | None = None
     line: int = dataclasses.field(default=0, compare=False)
     key_lines: Mapping[str, int] = dataclasses.field(default_factory=dict, compare=False,
                                                      repr=False)
@@ -208,7 +243,8 @@ def _dict(v):
 
 # key: (check, what the check wants, required)
 SCHEMA: dict[str, tuple[Any, str, bool]] = {
-    "id": (lambda v: isinstance(v, str) and bool(ID_PATTERN.match(v)), "a kebab-case string", True),
+    "id": (lambda v: isinstance(v, str) and bool(ID_PATTERN.match(v)) and len(v) <= ID_MAX_LENGTH,
+           f"a kebab-case string of at most {ID_MAX_LENGTH} characters", True),
     "title": (_str, "a non-empty string", True),
     "authors": (lambda v: isinstance(v, list) and v and all(map(_str, v)),
                 "a non-empty list of names", True),
@@ -266,6 +302,10 @@ SCHEMA: dict[str, tuple[Any, str, bool]] = {
                  "contexts (the lengths to measure at, with why), and exact: false where an output "
                  "depends on the sequence's total length, so that step can only equal forward on "
                  "the prefix seen so far", False),
+    "unsupported": (lambda v: _dict(v) and bool(v) and set(v) <= set(COMPAT_FEATURES)
+                    and all(map(_str, v.values())),
+                    "a mapping {feature: why} of PyTorch features the entry cannot support, the "
+                    "features among " + ", ".join(COMPAT_FEATURES), False),
 }
 
 
@@ -288,6 +328,13 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Located:
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
+        try:
+            hash(key)
+        except TypeError:
+            kind = "list" if isinstance(key, list) else "mapping" if isinstance(key, dict) else \
+                type(key).__name__
+            raise CatalogError(loader.path, line, f"a {kind} used as a key "
+                               "(keys must be plain names)") from None
         if key in lines:
             raise CatalogError(loader.path, line,
                                f"duplicate key {key!r} (first given at line {lines[key]})")
@@ -302,9 +349,10 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 
 def parse(text: str, path: Path | str = "catalog.yaml") -> list[_Located]:
     """YAML text -> list of raw records (safe_load semantics, duplicate keys refused)."""
-    loader = _Loader(text)
-    loader.path = str(path)
+    loader = None
     try:
+        loader = _Loader(text)  # the reader refuses forbidden characters here already
+        loader.path = str(path)
         data = loader.get_single_data()
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
@@ -312,10 +360,19 @@ def parse(text: str, path: Path | str = "catalog.yaml") -> list[_Located]:
         hint = " (YAML forbids tabs for indentation: use spaces)" if "\t" in text and \
             "found character '\\t'" in str(err) else ""
         raise CatalogError(path, line, f"not valid YAML: {err.problem or err}{hint}") from None
+    except yaml.reader.ReaderError as err:  # a character YAML forbids (NUL, other controls)
+        line = text.count("\n", 0, err.position) + 1
+        what = "a NUL byte" if err.character == 0 else f"character U+{err.character:04X}"
+        raise CatalogError(path, line, f"not valid YAML: {what} (control characters are not "
+                           "allowed in YAML text)") from None
     except yaml.YAMLError as err:
-        raise CatalogError(path, None, f"not valid YAML: {err}") from None
+        raise CatalogError(path, None, f"not valid YAML: {' '.join(str(err).split())}") from None
+    except RecursionError:
+        raise CatalogError(path, _deepest_line(text), "nested too deeply (a catalogue is a list "
+                           "of mappings of scalars, lists and small mappings)") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if data is None:
         return []
     if not isinstance(data, list):
@@ -324,6 +381,36 @@ def parse(text: str, path: Path | str = "catalog.yaml") -> list[_Located]:
         if not isinstance(rec, _Located):
             raise CatalogError(path, None, f"item {i + 1} is not a mapping of keys")
     return data
+
+
+def _deepest_line(text: str) -> int | None:
+    """The line where flow brackets first nest past 100 levels (for the too-deep error), if any."""
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += (ch in "[{") - (ch in "]}")
+        if depth > 100:
+            return text.count("\n", 0, i) + 1
+    return None
+
+
+def read_text(path: Path) -> str:
+    """The file's text as UTF-8, or a one-line CatalogError: missing, a folder, unreadable or
+    not UTF-8 (with the line of the first bad byte)."""
+    if path.is_dir():
+        raise CatalogError(path, None, "is a directory; expected the catalogue file (catalog.yaml)")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CatalogError(path, None, "no such file; expected the catalogue (catalog.yaml)") from None
+    except OSError as err:
+        raise CatalogError(path, None, f"cannot be read: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        col = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise CatalogError(path, line, f"not UTF-8 text: byte 0x{data[err.start]:02x} at column "
+                           f"{col} (save the file as UTF-8)") from None
 
 
 def validate_record(rec: _Located, path: Path | str) -> Entry:
@@ -360,7 +447,7 @@ def load_catalog(path: Path | str | None = None, *, entries_dir: Path | None = N
     path = Path(path) if path is not None else catalog_path()
     entries_dir = ENTRIES_DIR if entries_dir is None else entries_dir
     out: dict[str, Entry] = {}
-    for rec in parse(path.read_text(encoding="utf-8"), path):
+    for rec in parse(read_text(path), path):
         entry = validate_record(rec, path)
         if entry.id in out:
             raise CatalogError(path, rec.key_lines["id"],

@@ -16,6 +16,48 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+class CliError(Exception):
+    """A one-line error for the user (printed as `error: ...`, exit status 1)."""
+
+
+def _select(cat: dict[str, Entry], ids: list[str]) -> list[str]:
+    """The ids asked for, in catalogue order (all when none are given); an unknown one is an error
+    listing close matches, never silently skipped."""
+    import difflib
+
+    wanted = [i.strip().lower().replace("_", "-") for i in ids]
+    unknown = [asked for asked, key in zip(ids, wanted, strict=True) if key not in cat]
+    if unknown:
+        parts = []
+        for asked in unknown:
+            close = difflib.get_close_matches(asked.lower().replace("_", "-"), list(cat), n=3,
+                                              cutoff=0.5)
+            parts.append(f"{asked!r}" + (f" (did you mean {', '.join(map(repr, close))}?)"
+                                         if close else ""))
+        raise CliError(f"no catalogue entry named {', '.join(parts)}; `zoo list` shows all "
+                       f"{len(cat)}")
+    return [i for i in cat if not ids or i in wanted]
+
+
+def _import_entry(e: Entry) -> None:
+    """Import the entry's module, turning any exception it raises into a one-line error that
+    names the entry's file and the line where it was raised."""
+    import importlib
+    import traceback
+
+    try:
+        importlib.import_module(e.module)
+    except Exception as err:  # noqa: BLE001 - whatever the module raises, say where
+        line = getattr(err, "lineno", None) if isinstance(err, SyntaxError) else None
+        for frame in traceback.extract_tb(err.__traceback__):
+            if Path(frame.filename).resolve() == e.source.resolve():
+                line = frame.lineno
+        where = f"{e.source}:{line}" if line else str(e.source)
+        message = " ".join(str(err).split())
+        raise CliError(f"{where}: the module of {e.id} raises on import: "
+                       f"{type(err).__name__}: {message}") from None
+
+
 def _yes_no(value: str) -> bool:
     if value.lower() in ("yes", "true", "1", "y"):
         return True
@@ -41,6 +83,7 @@ def cmd_show(args) -> int:
     from zoo.site.pages import settings_note, usage
 
     e = entry(args.id)
+    _import_entry(e)
     cls = load(e.id)
     sig = inspect.signature(cls.__init__)
     params = ", ".join(str(p) for n, p in sig.parameters.items() if n != "self")
@@ -103,6 +146,7 @@ def cmd_pattern(args) -> int:
     from zoo.site.figures import pattern_maps, pattern_png
 
     e = entry(args.id)
+    _import_entry(e)
     if args.causal and not e.autoregressive:
         print(f"error: {e.id} is not autoregressive; it has no causal pattern", file=sys.stderr)
         return 1
@@ -129,19 +173,26 @@ def cmd_new(args) -> int:
         print("error: zoo new works in a clone of the repository (zoo/entries/ not found)",
               file=sys.stderr)
         return 1
+    from zoo.scaffold import suggested_test_command
+
     try:
         written = new_entry(root, args.id, title=args.title, arxiv=args.arxiv, family=args.family)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:
+        print(f"error: cannot write the new entry's files: {err.strerror or err} "
+              f"({err.filename or root})", file=sys.stderr)
+        return 1
     for path in written:
         print(f"wrote {path}")
-    print(f"\nnext: fill every TODO, then `zoo check {args.id}` and "
-          f"`pytest -k {args.id.replace('-', '_')} -k {args.id}`; see the Contributing page.")
+    print(f"\nnext: fill every TODO, then `zoo check {args.id}` and `{suggested_test_command(args.id)}`; "
+          "see the Contributing page.")
     return 0
 
 
 def cmd_check(args) -> int:
+    from zoo.verify.claims import quick_claims
     from zoo.verify.contract import run_contract
 
     try:
@@ -149,15 +200,16 @@ def cmd_check(args) -> int:
     except CatalogError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    ids = _select(cat, args.ids)
     print(f"catalogue: {len(cat)} entries, schema ok")
     failed = 0
-    ids = [i for i in cat if not args.ids or i in args.ids]
     for i in ids:
         e = cat[i]
         try:
             problems = _placeholders(e) + _docstring_problems(e)
             if not args.schema_only:
                 problems += [f"{e.source}: contract {p}" for p in run_contract(e)]
+                problems += [f"{e.source}: claim {p}" for p in quick_claims(e)]
         except Exception as err:  # noqa: BLE001 - report, do not crash the whole check
             problems = [f"{e.source}: cannot load the layer: {type(err).__name__}: {err}"]
         failed += bool(problems)
@@ -173,7 +225,7 @@ def cmd_claims(args) -> int:
     from zoo.verify.progress import progress_bar
 
     cat = catalog()
-    ids = [i for i in cat if not args.ids or i in args.ids]
+    ids = _select(cat, args.ids)
     with progress_bar(len(ids), "measuring claims") as step:
         rows = claims_report([cat[i] for i in ids], progress=step)
     mark = {True: "held", False: "NOT HELD", None: ""}
@@ -287,6 +339,40 @@ def cmd_quality(args) -> int:
     return 0
 
 
+def cmd_compat(args) -> int:
+    import json
+
+    from zoo.verify import compat
+    from zoo.verify.progress import progress_bar
+
+    cat = catalog()
+    ids = _select(cat, args.ids)
+    columns = [c for c in compat.COLUMNS if c not in compat.SLOW_COLUMNS or not args.no_inductor]
+    previous = json.loads(args.out.read_text()) if args.out and args.out.is_file() else None
+
+    def save(data):
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(data, indent=1) + "\n")
+
+    passes = 1 + sum(c in columns for c in compat.SLOW_COLUMNS)
+    with progress_bar(passes * len(ids), "compatibility") as step:
+        data = compat.table([cat[i] for i in ids], columns=columns, previous=previous,
+                            progress=step, save=save)
+    def mark(cell: dict | None, column: str) -> str:
+        if cell is None:
+            return "-"
+        if column == "speed" and cell["ok"]:  # compiled time over eager time
+            return f"{cell['compiled_s'] / cell['eager_s']:.2f}x"
+        return "yes" if cell["ok"] else "NO"
+
+    rows = [[i, *(mark(r.get(c), c) for c in columns)] for i, r in data["rows"].items() if i in ids]
+    print(_table(rows, ["entry", *columns]))
+    if args.out:
+        print(f"\nwrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="The attention zoo's catalogue.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -361,7 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
     pattern.add_argument("--out", type=Path, help="also write the picture the site shows (PNG)")
     pattern.set_defaults(run=cmd_pattern)
 
-    claims = sub.add_parser("claims", help="measure every catalogue claim (cached in .cache/)")
+    compat = sub.add_parser("compat", help="which PyTorch features each entry supports (compile, "
+                            "export, meta, autocast, torch.func, jit.trace, DDP)")
+    compat.add_argument("ids", nargs="*", help="only these entries (default: all)")
+    compat.add_argument("--no-inductor", action="store_true",
+                        help="skip the inductor and speed columns (minutes per entry); compile "
+                        "still runs with aot_eager")
+    compat.add_argument("--out", type=Path, help="write (or update) the results as JSON, e.g. "
+                        "benchmarks/compat.json")
+    compat.set_defaults(run=cmd_compat)
+
+    claims = sub.add_parser("claims", help="measure every catalogue claim (cached: .cache/ in a "
+                            "checkout, else the user's cache folder)")
     claims.add_argument("ids", nargs="*", help="only these entries (default: all)")
     claims.set_defaults(run=cmd_claims)
     return p
@@ -370,7 +467,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
-    except (LookupError, CatalogError) as err:
+        status = args.run(args)
+        sys.stdout.flush()  # inside the try: a closed pipe fails here, not at interpreter exit
+        return status
+    except (LookupError, CatalogError, CliError) as err:
         print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`zoo pattern ... | head`): stop quietly, as Unix tools do. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail again.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return 1

@@ -7,10 +7,11 @@ filled. The entry is picked up at once by the contract battery, the claim tests 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import re
 from pathlib import Path
 
-from zoo.catalog import FAMILIES, ID_PATTERN, PLACEHOLDER
+from zoo.catalog import FAMILIES, ID_MAX_LENGTH, ID_PATTERN, PLACEHOLDER
 
 ENTRY_TEMPLATE = '''r"""{title}
 
@@ -29,7 +30,7 @@ from zoo.core.shell import MultiHead
 
 def {func}(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 {pad}mask: torch.Tensor | None = None, *, causal: bool = False) -> torch.Tensor:
-    """{title_short}.
+    r"""{title_short}.
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
@@ -67,7 +68,7 @@ def test_{func}_equals_an_independent_oracle():
 
 CATALOG_TEMPLATE = '''
 - id: {id}
-  title: "{title}"
+  title: {title_yaml}
   authors: [{todo}]
   year: {year}
   venue: {todo}
@@ -103,14 +104,19 @@ def new_entry(root: Path, entry_id: str, *, title: str, arxiv: str | None = None
         ValueError: for a malformed id, arXiv id or family, or an id that exists already.
     """
     if not ID_PATTERN.match(entry_id):
-        raise ValueError(f"the id must be kebab-case (lower-case words joined by '-'), "
-                         f"got {entry_id!r}")
+        raise ValueError(f"the id must be kebab-case (lower-case letters and digits, words joined "
+                         f"by '-', nothing else: no spaces or newlines), got {entry_id!r}")
+    if len(entry_id) > ID_MAX_LENGTH:
+        raise ValueError(f"the id must be at most {ID_MAX_LENGTH} characters, got {len(entry_id)} "
+                         f"({entry_id[:20]}...)")
     if arxiv is not None and not re.match(r"^\d{4}\.\d{4,5}$", arxiv):
         raise ValueError(f"--arxiv must look like 1812.01243, got {arxiv!r}")
     if family not in FAMILIES:
         raise ValueError(f"--family must be one of {', '.join(FAMILIES)}; got {family!r}")
-    if not title.strip() or '"' in title:
-        raise ValueError("--title must be the paper's title, without double quotes")
+    bad = [c for c in title if not c.isprintable()]
+    if not title.strip() or bad or '"""' in title:
+        raise ValueError(f"--title must be the paper's title on one line: printable characters, "
+                         f"no triple quotes; got {title!r}")
     stem = entry_id.replace("-", "_")
     source = root / "zoo" / "entries" / f"{stem}.py"
     test = root / "tests" / "entries" / f"test_{stem}.py"
@@ -119,7 +125,10 @@ def new_entry(root: Path, entry_id: str, *, title: str, arxiv: str | None = None
     if re.search(rf"^- id: {re.escape(entry_id)}\s*$", text, flags=re.M) or source.exists():
         raise ValueError(f"{entry_id!r} exists already (in catalog.yaml or as {source})")
     func = f"{stem}_attention" if not stem.endswith("attention") else stem
-    fields = dict(id=entry_id, title=title.strip(), todo=PLACEHOLDER, func=func,
+    # JSON's string syntax is YAML's double-quoted scalar: quotes and backslashes come out escaped.
+    fields = dict(id=entry_id, title=title.strip(), title_yaml=json.dumps(title.strip(),
+                                                                          ensure_ascii=False),
+                  todo=PLACEHOLDER, func=func,
                   cls=class_name(entry_id), pad=" " * (len(func) + 5),
                   title_short=title.strip().split(":")[0], family=family,
                   year=_dt.date.today().year,
@@ -130,6 +139,15 @@ def new_entry(root: Path, entry_id: str, *, title: str, arxiv: str | None = None
     test.write_text(TEST_TEMPLATE.format(**fields), encoding="utf-8")
     catalog.write_text(text.rstrip("\n") + "\n" + CATALOG_TEMPLATE.format(**fields), encoding="utf-8")
     return [catalog, source, test]
+
+
+def suggested_test_command(entry_id: str) -> str:
+    """The pytest command that selects the entry's own tests (tests/entries/test_<stem>.py, whose
+    names use underscores) and the catalogue-wide tests parametrised by its id (with hyphens).
+    One `-k` with `or`: several `-k` options do not add up (the last one wins)."""
+    stem = entry_id.replace("-", "_")
+    expr = stem if stem == entry_id else f"{stem} or {entry_id}"
+    return f'pytest -k "{expr}"'
 
 
 def placeholders(path: Path) -> list[tuple[int, str]]:

@@ -27,6 +27,7 @@ from zoo.site.pages import (
     page_path,
     taxonomy_page,
 )
+from zoo.site.compat import compat_page, entry_compat
 from zoo.site.peers import entry_peers, peers_page
 from zoo.site.quality import entry_quality, heatmap_png, pareto_png, quality_page
 from zoo.verify.claims import claims_report
@@ -34,6 +35,7 @@ from zoo.verify.claims import claims_report
 BENCH_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results.json"
 QUALITY_RESULTS = BENCH_RESULTS.with_name("quality.json")
 PEERS_RESULTS = BENCH_RESULTS.with_name("peers.json")
+COMPAT_RESULTS = BENCH_RESULTS.with_name("compat.json")
 
 log = logging.getLogger("mkdocs.hooks.zoo")
 MATHJAX_URI = "assets/mathjax/tex-svg.js"
@@ -109,6 +111,8 @@ def on_files(files, config):
     add("quality.md", quality_page(entries, quality, bench))
     peers = json.loads(PEERS_RESULTS.read_text()) if PEERS_RESULTS.is_file() else None
     add("peers.md", peers_page(peers))
+    compat = json.loads(COMPAT_RESULTS.read_text()) if COMPAT_RESULTS.is_file() else None
+    add("compat.md", compat_page(entries, compat))
     if quality:
         add("assets/figures/quality-heatmap.png",
             cached_png("quality-heatmap", (quality, [e.id for e in entries]),
@@ -132,7 +136,8 @@ def on_files(files, config):
         in_bench = bool(bench) and e.id in bench["results"]
         page = with_section(entry_page(e, rows.get(e.id), bench=in_bench),
                             entry_quality(e, quality), before="## Usage")
-        add(page_path(e), with_section(page, entry_peers(e, peers), before="## Usage"))
+        page = with_section(page, entry_peers(e, peers), before="## Usage")
+        add(page_path(e), with_section(page, entry_compat(e, compat), before="## Usage"))
         if in_bench:
             add(f"assets/figures/bench-{e.id}.png",
                 cached_png(f"bench-{e.id}", (bench["results"][e.id], bench["results"]["sdpa"]),

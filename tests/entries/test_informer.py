@@ -11,7 +11,7 @@ import torch
 import zoo
 from zoo import probe
 from zoo.core.softmax import softmax_attention
-from zoo.entries.informer import probsparse_attention, sample_size, sampled_scores
+from zoo.entries.informer import probsparse_attention, sample_size, sampled_scores, seeded_sample
 
 
 def tensors(n=37, b=2, h=2, d=4, seed=0):
@@ -125,9 +125,24 @@ def test_layer_draws_one_seeded_sample_per_block(block):
     layer = zoo.create("informer", dim=16, heads=2, factor=1, block=block, seed=3).double().eval()
     q, k, v, _ = tensors(n=100)
     s = sample_size(100, 1)
-    sample = torch.randint(100, (-(-100 // block), s), generator=torch.Generator().manual_seed(3))
+    sample = seeded_sample(100, (-(-100 // block), s), 3)
     torch.testing.assert_close(layer.attend(q, k, v), oracle(q, k, v, per_query(sample, block, 100), None, 1,
                                                              False), rtol=1e-12, atol=1e-12)
+
+
+def test_seeded_sample_is_uniform_and_depends_on_the_seed():
+    n = 37
+    draws = seeded_sample(n, (400, 37), seed=0)
+    assert draws.min() >= 0 and draws.max() < n
+    counts = torch.bincount(draws.flatten(), minlength=n).double()
+    expected = draws.numel() / n
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 80  # 36 degrees of freedom: p < 1e-4 above 72
+    assert torch.equal(draws, seeded_sample(n, (400, 37), seed=0))
+    assert (draws != seeded_sample(n, (400, 37), seed=1)).float().mean() > 0.9
+    # neighbouring slots are not in step (an affine hash would make them so)
+    flat = draws.flatten().double()
+    assert torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].abs() < 0.05
 
 
 def test_sample_rows_must_match_the_blocks():

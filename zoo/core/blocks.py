@@ -18,8 +18,11 @@ batched matrix product, one softmax and one product per chunk of query blocks.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
 import torch
-import torch.nn.functional as F
 from einops import einsum, rearrange, reduce
 
 from zoo.core.masks import neg_fill, pad_to_multiple
@@ -41,7 +44,8 @@ def node_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     reads = torch.zeros(n, len(u), dtype=torch.bool, device=q.device)
     for level, lo, hi in ranges:  # query i reads node first[level] + p for lo[i] <= p <= hi[i]
         p = u - first[level]
-        reads |= (p >= rearrange(lo, "i -> i 1")) & (p <= rearrange(hi, "i -> i 1")) & (p < sizes[level])
+        lo_t, hi_t = (rearrange(torch.tensor(t, device=q.device), "i -> i 1") for t in (lo, hi))
+        reads |= (p >= lo_t) & (p <= hi_t) & (p < sizes[level])
     return pooled_attention(q, k, v, mask, reads, ratio=ratio, levels=levels, scale=scale)
 
 
@@ -115,33 +119,49 @@ def span_means(t: torch.Tensor, mask: torch.Tensor | None, *, ratio: int = 2,
     return means, counts
 
 
-def _window(lo: torch.Tensor, hi: torch.Tensor, block: int):
+T = TypeVar("T")
+
+
+def static_tables(build: Callable[..., T]) -> Callable[..., T]:
+    """Memoise a builder of index tables that depend on sizes alone (its arguments hashable; up to
+    8 of them kept). Under `torch.export` the tables are built afresh, since the tensors it traces
+    must not enter the memo; `torch.compile` runs the builder eagerly (one graph break)."""
+    memo = functools.lru_cache(maxsize=8)(build)
+    eager = torch.compiler.disable(memo)
+
+    @functools.wraps(build)
+    def tables(*args):
+        return build(*args) if torch.compiler.is_exporting() else eager(*args)
+    return tables
+
+
+def _window(lo: Sequence[int], hi: Sequence[int], block: int) -> tuple[list[int], int] | None:
     """Group queries in blocks; each block reads one window of nodes covering its members' ranges.
 
+    On plain integers (the ranges are static: `level_windows`).
+
     Returns:
-        `idx (nb, w)` node indices of each block's window and `keep (nb, block, w)`, True where the
-        node is in the query's own range; None when every range is empty.
+        `starts`, each block's first node, and `width`, the widest block's window (every block
+        reads `width` nodes from its start); None when every range is empty.
     """
-    lo, hi = F.pad(lo, (0, (-lo.shape[0]) % block), value=1), F.pad(hi, (0, (-hi.shape[0]) % block))
-    lo, hi = rearrange(lo, "(nb c) -> nb c", c=block), rearrange(hi, "(nb c) -> nb c", c=block)
-    empty = lo > hi  # padded queries too
-    if bool(empty.all()):
-        return None
-    start = lo.masked_fill(empty, torch.iinfo(lo.dtype).max).amin(-1)
-    start = torch.where(empty.all(-1), 0, start)
-    width = int((hi - start[:, None]).masked_fill(empty, 0).max()) + 1
-    idx = start[:, None] + torch.arange(width, device=lo.device)  # (nb w)
-    keep = (idx[:, None, :] >= lo[..., None]) & (idx[:, None, :] <= hi[..., None])
-    return idx, keep
+    starts, width = [], 0
+    for s in range(0, len(lo), block):
+        read = [(a, b) for a, b in zip(lo[s:s + block], hi[s:s + block], strict=True) if a <= b]
+        start = min((a for a, _ in read), default=0)
+        starts.append(start)
+        width = max([width] + [b - start + 1 for _, b in read])
+    return (starts, width) if width else None
 
 
-def level_windows(ranges, sizes: list[int], block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def level_windows(ranges, sizes: list[int], block: int,
+                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per block of queries, the windows of every level side by side (`_window` for each level).
 
     Args:
-        ranges: `(level, lo, hi)` with `lo`, `hi` `(n,)` inclusive node indices.
+        ranges: `(level, lo, hi)` with `lo`, `hi` length-n lists of inclusive node indices.
         sizes: nodes per level (`level_sizes`).
         block: queries per block.
+        device: where the tables go.
 
     Returns:
         `node (nb, w)`, rows of the all-level node table (`span_means`), and `keep (nb, block, w)`,
@@ -151,10 +171,16 @@ def level_windows(ranges, sizes: list[int], block: int) -> tuple[torch.Tensor, t
     node, keep = [], []
     for level, lo, hi in ranges:
         window = _window(lo, hi, block)
-        if window is not None:
-            idx, inside = window
-            node.append(first[level] + idx.clamp(max=sizes[level] - 1))
-            keep.append(inside & (idx < sizes[level])[:, None, :])
+        if window is None:
+            continue
+        starts, width = window
+        pad = (-len(lo)) % block  # padded queries read nothing
+        lo_t = rearrange(torch.tensor([*lo, *[1] * pad], device=device), "(nb c) -> nb c 1", c=block)
+        hi_t = rearrange(torch.tensor([*hi, *[0] * pad], device=device), "(nb c) -> nb c 1", c=block)
+        start = rearrange(torch.tensor(starts, device=device), "nb -> nb 1 1")
+        idx = start + torch.arange(width, device=device)  # (nb 1 w)
+        node.append(first[level] + idx[:, 0].clamp(max=sizes[level] - 1))  # (nb w)
+        keep.append((idx >= lo_t) & (idx <= hi_t) & (idx < sizes[level]))  # (nb c w)
     return torch.cat(node, -1), torch.cat(keep, -1)
 
 
@@ -165,7 +191,8 @@ def node_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 
     Args:
         q, k: `(b, h, n, d)`. v: `(b, h, n, e)`. mask: `(b, n)`, True = real token.
-        ranges: `(level, lo, hi)` with `lo`, `hi` `(n,)` inclusive node indices; nodes without a
+        ranges: `(level, lo, hi)` with `lo`, `hi` length-n tuples of inclusive node indices (their
+            windows are memoised: pass the same ranges object for the same length); nodes without a
             real token are left out.
         ratio, levels: the spans, as in `span_means`.
         scale: score scale; None means `d ** -0.5`.
@@ -173,8 +200,13 @@ def node_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     Returns:
         `(b, h, n, e)`, as `window_attention`.
     """
-    node, keep = level_windows(ranges, level_sizes(q.shape[2], ratio, levels), QUERY_BLOCK)
+    node, keep = _node_windows(tuple(ranges), q.shape[2], ratio, levels, q.device)
     return window_attention(q, k, v, mask, node, keep, ratio=ratio, levels=levels, scale=scale)
+
+
+@static_tables
+def _node_windows(ranges, n: int, ratio: int, levels: int | None, device: torch.device):
+    return level_windows(ranges, level_sizes(n, ratio, levels), QUERY_BLOCK, device)
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

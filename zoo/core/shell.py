@@ -45,7 +45,14 @@ class MultiHead(nn.Module):
         self.to_out = nn.Linear(inner, dim)
 
     def split_heads(self, t: torch.Tensor) -> torch.Tensor:
-        return rearrange(t, "b n (h d) -> b h n d", h=self.heads)
+        t = rearrange(t, "b n (h d) -> b h n d", h=self.heads)
+        if torch.compiler.is_compiling():
+            # AOT autograd (torch 2.13, backend aot_eager) replays this split's backward as a view
+            # of the incoming gradient, which fails when an einsum's backward left that gradient
+            # permuted ("view size is not compatible"); a contiguous copy makes the backward a
+            # copy too. Eager code is left as it is (the copy would cost every entry time).
+            t = t.contiguous()
+        return t
 
     def merge_heads(self, t: torch.Tensor) -> torch.Tensor:
         return rearrange(t, "b h n e -> b n (h e)")

@@ -106,6 +106,13 @@ def storage_rows(t: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, to
     an expanded mask."""
     b, h, n = t.shape[:3]
     f = math.prod(t.shape[3:])
+    if torch.compiler.is_compiling():
+        # Compiled graphs get a plain reshape (a copy when needed): inductor does not keep the
+        # eager strides of intermediates, and an `as_strided` over them read the wrong memory
+        # (NaN and wrong outputs in reformer and routing-transformer, found by zoo compat).
+        start = (torch.arange(b, device=t.device).reshape(b, 1, 1) * (h * n)
+                 + torch.arange(h, device=t.device).reshape(1, h, 1) * n)
+        return t.reshape(b * h * n, f), start + order
     empty = t.numel() == 0  # an empty batch: no rows
     if empty or not (t[0, 0, 0].is_contiguous() and all(s % f == 0 for s in t.stride()[:3])):
         t = t.contiguous()
@@ -163,6 +170,9 @@ def look_back(rows: torch.Tensor, chunk: int) -> torch.Tensor:
     a placeholder to be dropped."""
     if rows.shape[0] < 2 * chunk:  # an empty batch: no windows
         return rows.new_empty(0, 2 * chunk, *rows.shape[1:])
+    if torch.compiler.is_compiling():  # the same windows as a copy: no overlapping view
+        blocks = rows.reshape(-1, chunk, *rows.shape[1:])  # (m / c + 1, c, ...)
+        return torch.cat([blocks[:-1], blocks[1:]], dim=1)
     return rows.unfold(0, 2 * chunk, chunk).movedim(-1, 1)
 
 
@@ -241,11 +251,15 @@ def bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bucket
     # The heads are independent. Taken one at a time, the large temporaries of a head are freed
     # before the next head allocates its own: memory is reused, not fetched fresh from the system
     # (on CPU, first touching fresh memory costs about as much as a pass over it).
+    heads = range(q.shape[1])
+    q_heads = [q_buckets[:, i:i + 1] for i in heads]
+    # shared buckets stay shared per head: the same slice is passed twice
+    k_heads = q_heads if q_buckets is k_buckets else [k_buckets[:, i:i + 1] for i in heads]
     outs = [head_attention(q[:, i:i + 1], q[:, i:i + 1] if k is q else k[:, i:i + 1],
-                           v[:, i:i + 1], q_buckets[:, i:i + 1], k_buckets[:, i:i + 1], mask,
+                           v[:, i:i + 1], q_heads[i], k_heads[i], mask,
                            chunk_size=chunk_size, causal=causal, exclude_self=exclude_self,
                            scale=scale, key_scale=None if key_scale is None else key_scale[:, i:i + 1])
-            for i in range(q.shape[1])]
+            for i in heads]
     return rearrange(torch.stack([out[:, 0] for out in outs], dim=2), "b n h e -> b h n e")
 
 
@@ -258,6 +272,9 @@ def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets:
     scale = d ** -0.5 if scale is None else scale
     c = min(chunk_size, n)
     keys_are_queries = k is q
+    # Shared QK is told by structure (the caller passes one bucket tensor twice), not by comparing
+    # values: a value test (`torch.equal`) would break compiled and exported graphs.
+    shared = q_buckets is k_buckets
     (q, pad), (k, _), (v, _), (qb, _), (kb, _) = (pad_to_multiple(t, c, dim=2)
                                                   for t in (q, k, v, q_buckets, k_buckets))
     k = q if keys_are_queries else k
@@ -277,7 +294,7 @@ def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets:
         qb, kb = qb.masked_fill(behind, sentinel), kb.masked_fill(behind, sentinel)
     # The key slots carry their buckets, -1 (met by no query) for a padded key.
     k_codes = kb if mask is None else kb.masked_fill(behind, -1)  # (b h n r)
-    shared = torch.equal(qb, kb)  # shared QK: one order a round, the own key on a diagonal
+    # shared: one order a round, the own key on a diagonal
     one_gather = shared and keys_are_queries  # the sorted queries are the sorted keys
     positions = torch.arange(n + pad, device=q.device).expand(b, h, -1)
     outs, lses = [], []

@@ -30,11 +30,10 @@ Deviations from the paper:
   past the end of the sequence is left out (the builder wraps it to a node of the level above).
 """
 
-import functools
 
 import torch
 
-from zoo.core.blocks import level_sizes, level_windows, pooled_attention, window_attention
+from zoo.core.blocks import level_sizes, level_windows, pooled_attention, static_tables, window_attention
 from zoo.core.checks import check_qkv, positive_int
 from zoo.core.shell import MultiHead
 
@@ -88,50 +87,48 @@ def contextual_nodes(n: int, k: int, i: int, *, causal: bool = False) -> set[tup
     return nodes
 
 
-def _floor_half(t: torch.Tensor) -> torch.Tensor:
-    return torch.div(t, 2, rounding_mode="floor")
-
-
-def contextual_ranges(n: int, k: int, *, causal: bool = False, device=None):
+def contextual_ranges(n: int, k: int, *, causal: bool = False) -> list[tuple[int, list[int], list[int]]]:
     """Per level, the contiguous range of nodes each query reads.
 
+    Plain Python integers, not tensors: the ranges depend on the length alone, and computed from it
+    they stay static under `torch.export`, `torch.compile` and the meta device (read back from a
+    tensor, a window's width would be a data-dependent value).
+
     Returns:
-        A list of `(level, lo, hi)`, `lo` and `hi` `(n,)` inclusive node indices at that level (an
-        empty range has `lo > hi`). Level 0 comes once, the query's own token included; every other
-        level once for the left side and, unless causal, once for the right side.
+        A list of `(level, lo, hi)`, `lo` and `hi` length-n lists of inclusive node indices at that
+        level (an empty range has `lo > hi`). Level 0 comes once, the query's own token included;
+        every other level once for the left side and, unless causal, once for the right side.
     """
-    i = torch.arange(n, device=device)
     sizes = level_sizes(n, 2)
     out = []
-    ptr, ovl = i - 1, torch.zeros_like(i, dtype=torch.bool)  # left side, walking down to 0
+    ptr, ovl = [i - 1 for i in range(n)], [False] * n  # left side, walking down to 0
     for level in range(len(sizes)):
-        nxt = ptr - k
-        ext = (nxt >= 0) & (nxt % 2 == 0)  # nxt straddles the next level's span: take it here
+        nxt = [p - k for p in ptr]
+        ext = [x >= 0 and x % 2 == 0 for x in nxt]  # nxt straddles the next level's span: take it here
         # With ovl, this level's first node was read one level down (as that level's ext).
-        hi = i if level == 0 else ptr - ovl.long()
-        out.append((level, (nxt + 1 - ext.long()).clamp(min=0), hi))
-        ptr, ovl = _floor_half(nxt), ext
+        hi = list(range(n)) if level == 0 else [p - o for p, o in zip(ptr, ovl, strict=True)]
+        out.append((level, [max(x + 1 - e, 0) for x, e in zip(nxt, ext, strict=True)], hi))
+        ptr, ovl = [x // 2 for x in nxt], ext
     if causal:
         return out
-    ptr, ovl = i + 1, torch.zeros_like(i, dtype=torch.bool)  # right side, walking up to n - 1
+    ptr, ovl = [i + 1 for i in range(n)], [False] * n  # right side, walking up to n - 1
     for level, size in enumerate(sizes):
-        nxt = ptr + k
-        ext = nxt % 2 == 1  # nxt straddles the next level's span (past the end it is clipped)
-        hi = (nxt - 1 + ext.long()).clamp(max=size - 1)
+        nxt = [p + k for p in ptr]
+        ext = [x % 2 == 1 for x in nxt]  # nxt straddles the next level's span (past the end: clipped)
+        hi = [min(x - 1 + e, size - 1) for x, e in zip(nxt, ext, strict=True)]
         if level == 0:  # one contiguous range: left, the token itself, right
             out[0] = (0, out[0][1], hi)
         else:
-            out.append((level, ptr + ovl.long(), hi))
-        ptr, ovl = _floor_half(nxt), ext
+            out.append((level, [p + o for p, o in zip(ptr, ovl, strict=True)], hi))
+        ptr, ovl = [x // 2 for x in nxt], ext
     return out
 
 
-@functools.lru_cache(maxsize=8)
+@static_tables
 def contextual_windows(n: int, k: int, causal: bool, block: int, device: torch.device):
     """`level_windows` of `contextual_ranges`: they depend on the length, not on the tokens, so
-    they are built once per length (a memo of up to 8 lengths)."""
-    ranges = contextual_ranges(n, k, causal=causal, device=device)
-    return level_windows(ranges, level_sizes(n, 2), block)
+    they are built once per length (`static_tables`: a memo of up to 8 lengths)."""
+    return level_windows(contextual_ranges(n, k, causal=causal), level_sizes(n, 2), block, device)
 
 
 def bp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -24,7 +24,9 @@ Deviations from the paper:
 - $\mu^{(0)}$ is a buffer drawn from `seed` (Kaiming normal, then L2-normalised, as the paper's
   initialisation); it changes only in training mode, by the paper's moving average
   $\mu^{(0)} \leftarrow \alpha \mu^{(0)} + (1 - \alpha)\,\overline{\mu^{(T)}}$ (batch mean, then
-  L2Norm). Eval mode is deterministic and each image is processed on its own.
+  L2Norm). Eval mode is deterministic and each image is processed on its own. Under data
+  parallelism (a `torch.distributed` process group) the batch mean is taken over the global
+  batch (sums and counts reduced over the ranks), so all ranks keep the same bases.
 """
 
 import math
@@ -89,7 +91,12 @@ class ExpectationMaximizationAttention(nn.Module):
         recon, _, mu = em_attention(pixels, mu0, iterations=self.iterations, lam=self.lam)
         if self.training:
             with torch.no_grad():
-                mean = reduce(mu, "b r c -> r c", "mean").to(self.mu.dtype)
+                total = reduce(mu, "b r c -> r c", "sum").to(self.mu.dtype)
+                count = total.new_full((), mu.shape[0])
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(total)  # the global batch, on every rank
+                    torch.distributed.all_reduce(count)
+                mean = total / count
                 self.mu.copy_(F.normalize(self.momentum * self.mu + (1 - self.momentum) * mean,
                                           dim=-1))
         return x + self.conv_out(rearrange(recon, "b (y x) c -> b c y x", y=x.shape[2]))

@@ -136,7 +136,10 @@ class GatedDeltanet(MultiHead):
         q, k, v = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
         q, k = F.normalize(q, dim=-1) * self.dim_head ** -0.5, F.normalize(k, dim=-1)
         beta = rearrange(self.to_beta(x).sigmoid(), "b n h -> b h n")
-        dt = rearrange(F.softplus(self.to_alpha(x) + self.dt_bias), "b n h -> b h n")
+        # softplus on a contiguous (b h n) copy: on the permuted view, torch.compile's meta
+        # strides for softplus' backward disagree with eager's and AOT autograd's backward
+        # fails on a view (torch 2.13; found by zoo compat).
+        dt = F.softplus(rearrange(self.to_alpha(x) + self.dt_bias, "b n h -> b h n").contiguous())
         return q, k, v, beta, dt * -self.a_log.exp()[:, None]
 
     def finish(self, x, out):

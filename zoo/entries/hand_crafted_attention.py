@@ -31,9 +31,10 @@ from zoo.core.masks import zero_padded_tokens
 from zoo.core.shell import MultiHead
 
 
-def head_radii(heads: int, radius: int = 1) -> torch.Tensor:
-    """`(h,)` window radius of each head: radius * 2^h - 1."""
-    return radius * 2 ** torch.arange(heads) - 1
+def head_radii(heads: int, radius: int = 1) -> list[int]:
+    """The window radius of each head, `radius * 2^h - 1`: plain ints, from sizes alone (a tensor
+    read back with `.tolist()` would break compiled and exported graphs)."""
+    return [radius * 2 ** head - 1 for head in range(heads)]
 
 
 def window_mean(t: torch.Tensor, r: int) -> torch.Tensor:
@@ -56,7 +57,7 @@ def hand_crafted_attention(v: torch.Tensor, mask: torch.Tensor | None = None, *,
     h, n = v.shape[1:3]
     weight = None if mask is None else rearrange(mask.to(v.dtype), "b n -> b 1 n")
     heads = []
-    for head, r in enumerate(head_radii(h, radius).clamp(max=n - 1).tolist()):
+    for head, r in enumerate(min(r, n - 1) for r in head_radii(h, radius)):
         x = rearrange(v[:, head], "b n e -> b e n")
         if weight is None:
             heads.append(window_mean(x, r))

@@ -23,9 +23,11 @@ Deviations from the paper:
   (840 MB at n = 16384); each query's sample is still $c \lceil \ln n \rceil$ keys drawn uniformly
   with replacement, only its draw is shared with its neighbours. `block=1` is the paper's per-query
   sample;
-- the key sample is drawn per call from a generator seeded with `seed` in eval mode (so eval is
-  deterministic) and from the global generator in training mode; one sample serves the whole
-  batch and all heads, as in the authors' code;
+- the key sample is drawn per call from torch's global generator in training mode; in eval mode
+  it is `seeded_sample`, a fixed integer hash of (`seed`, slot) reduced modulo n: deterministic,
+  computed from the sizes alone, so compiled, exported and traced layers draw the same sample as
+  eager (a generator seeded inside `forward` would be re-drawn unseeded by a traced graph); one
+  sample serves the whole batch and all heads, as in the authors' code;
 - at least one query is active and at least one key sampled (for n = 1, $\ln n = 0$);
 - with a padding mask, padded keys are left out of the measurement, the softmax and the mean
   (whose divisor is then the number of real keys) and padded queries are never ranked first;
@@ -41,6 +43,21 @@ from einops import einsum, rearrange, repeat
 from zoo.core.checks import check_qkv, positive_int, refuse_causal
 from zoo.core.masks import masked_fill_scores, neg_fill
 from zoo.core.shell import MultiHead
+
+_PRIME = 2_147_483_629  # < 2^31, so every product below stays inside int64
+
+
+def seeded_sample(n: int, shape: tuple[int, int], seed: int, device=None) -> torch.Tensor:
+    """`shape` key indices in `[0, n)`, uniform to within n / 2^31 and the same for the same
+    `(n, shape, seed)`: each slot's index is an integer hash (multiply-xorshift rounds modulo a
+    prime) of the seed and the slot's position. Tensor ops on sizes only, so it traces, compiles
+    and exports like any other op; no generator is seeded inside `forward`."""
+    x = torch.arange(shape[0] * shape[1], device=device, dtype=torch.int64).reshape(shape)
+    x = (x + (seed % _PRIME) * 7_919 + 1) % _PRIME
+    for mult in (1_103_515_245, 2_654_435_761 % _PRIME, 1_597_334_677):
+        x = (x * mult) % _PRIME
+        x = x ^ (x >> 13)
+    return x % n
 
 
 def probsparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -150,7 +167,7 @@ class Informer(MultiHead):
     Args:
         factor: c: c ceil(ln n) active queries and sampled keys per query.
         block: consecutive queries that share one key sample (1: a sample per query, as in the paper).
-        seed: seeds the key sample in eval mode.
+        seed: seeds the key sample in eval mode (see `seeded_sample`).
     """
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int | None = None, causal: bool = False,
@@ -164,7 +181,7 @@ class Informer(MultiHead):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         n = k.shape[2]
-        g = None if self.training else torch.Generator().manual_seed(self.seed)
-        blocks = -(-n // self.block)  # ceil(n / block)
-        sample = torch.randint(n, (blocks, sample_size(n, self.factor)), generator=g).to(q.device)
+        shape = (-(-n // self.block), sample_size(n, self.factor))  # (ceil(n / block), s)
+        sample = (torch.randint(n, shape, device=q.device) if self.training else
+                  seeded_sample(n, shape, self.seed, device=q.device))
         return probsparse_attention(q, k, v, sample, mask, factor=self.factor, block=self.block)

@@ -61,9 +61,10 @@ def linformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_
     # a projected key that draws on no real key is left out
     live = (proj_k.ne(0).any(-1).expand(b, -1, -1) if mask is None else
             einsum(proj_k.abs(), mask.to(q.dtype), "h r n, b n -> b h r") > 0)  # (b h r)
+    # Filled unconditionally: a branch on `live.all()` would read tensor values, which compiled
+    # and exported graphs and the meta device cannot do.
     scores = einsum(q, k, "b h i d, b h r d -> b h i r")
-    if not live.all():
-        scores = scores.masked_fill(~rearrange(live, "b h r -> b h 1 r"), neg_fill(scores.dtype))
+    scores = scores.masked_fill(~rearrange(live, "b h r -> b h 1 r"), neg_fill(scores.dtype))
     attn = scores.softmax(dim=-1)  # (b h i r)
     return einsum(attn, v, "b h i r, b h r e -> b h i e")
 

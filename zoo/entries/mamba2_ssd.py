@@ -97,7 +97,10 @@ class Mamba2SSD(MultiHead):
     def project(self, x):
         """C (queries), B (keys), X times Delta (values), log a = Delta A, and X for the skip."""
         c, b, xs = map(self.split_heads, self.to_qkv(x).chunk(3, dim=-1))
-        dt = rearrange(F.softplus(self.to_dt(x) + self.dt_bias), "b n h -> b h n")
+        # softplus on a contiguous (b h n) copy: on the permuted view, torch.compile's meta
+        # strides for softplus' backward disagree with eager's and AOT autograd's backward
+        # fails on a view (torch 2.13; found by zoo compat).
+        dt = F.softplus(rearrange(self.to_dt(x) + self.dt_bias, "b n h -> b h n").contiguous())
         return xs * dt[..., None], dt * -self.a_log.exp()[:, None], b, c, xs
 
     def finish(self, y, xs):

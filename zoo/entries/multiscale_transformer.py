@@ -27,6 +27,8 @@ tested equal, reads each scale's blocks as one range per query and shares the wi
 of `bp-transformer` (`zoo.core.blocks.node_attention`).
 """
 
+import functools
+
 import torch
 from einops import rearrange, reduce
 
@@ -57,24 +59,27 @@ def retina_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                             scale=scale)
 
 
-def retina_ranges(n: int, window: int, ratio: int, scales: int, *, causal: bool = False,
-                  device=None):
+@functools.lru_cache(maxsize=8)
+def retina_ranges(n: int, window: int, ratio: int, scales: int, *,
+                  causal: bool = False) -> tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...]:
     """Per scale, the range of pooled blocks each query reads.
 
+    Plain Python integers, static in the length (as `bp_transformer.contextual_ranges`); memoised,
+    so the same length gives the same object (`node_attention` memoises its windows on it).
+
     Returns:
-        A list of `(scale, lo, hi)`, `lo` and `hi` `(n,)` inclusive block indices at that scale.
+        `(scale, lo, hi)` per scale, `lo` and `hi` length-n tuples of inclusive block indices.
     """
-    i = torch.arange(n, device=device)
     out = []
     for scale in range(scales):
         size = -(-n // ratio ** scale)
-        own = i // ratio ** scale
-        if causal:
-            hi = i if scale == 0 else own - 1  # a coarse block is read once complete
+        own = [i // ratio ** scale for i in range(n)]
+        if causal:  # a coarse block is read once complete
+            hi = list(range(n)) if scale == 0 else [o - 1 for o in own]
         else:
-            hi = own + window
-        out.append((scale, (own - window).clamp(min=0), hi.clamp(max=size - 1)))
-    return out
+            hi = [o + window for o in own]
+        out.append((scale, tuple(max(o - window, 0) for o in own), tuple(min(h, size - 1) for h in hi)))
+    return tuple(out)
 
 
 def retina_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -95,7 +100,7 @@ def retina_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         `(b, h, n, e)`.
     """
     check_qkv(q, k, v, mask, name="retina_attention")
-    ranges = retina_ranges(q.shape[2], window, ratio, scales, causal=causal, device=q.device)
+    ranges = retina_ranges(q.shape[2], window, ratio, scales, causal=causal)
     return node_attention(q, k, v, mask, ranges, ratio=ratio, levels=scales, scale=scale)
 
 

@@ -79,11 +79,12 @@ def segment_means(t: torch.Tensor, m: int, mask: torch.Tensor | None):
 def _softmax(scores: torch.Tensor, keys: torch.Tensor | None,
              rows: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over keys with masked `keys` `(b, j)` left out and masked `rows` `(b, i)` zeroed
-    (no pass over the scores where nothing is masked)."""
-    if keys is not None and not keys.all():
+    (no pass over the scores where no mask is given). Decided by whether a mask is given, not by
+    its values, so compiled and exported graphs and the meta device need no data-dependent branch."""
+    if keys is not None:
         scores = scores.masked_fill(~rearrange(keys, "b j -> b 1 1 j"), neg_fill(scores.dtype))
     attn = scores.softmax(dim=-1)
-    if rows is None or rows.all():
+    if rows is None:
         return attn
     return attn * rearrange(rows, "b i -> b 1 i 1").to(attn.dtype)
 

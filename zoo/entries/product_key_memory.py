@@ -54,10 +54,10 @@ def product_key_topk(q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, ke
     s2, i2 = einsum(q2, keys2, "... h d, h c d -> ... h c").topk(k, dim=-1)
     # Of the k x k pairs (a, b) of winners, (a + 1)(b + 1) pairs score at least as high as (a, b),
     # so only pairs with (a + 1)(b + 1) <= k can be among the best k: about k ln k candidates.
-    a, b = torch.meshgrid(torch.arange(k, device=q1.device), torch.arange(k, device=q1.device),
-                          indexing="ij")
-    keep = (a + 1) * (b + 1) <= k
-    a, b = a[keep], b[keep]
+    # Listed from k alone (not by a boolean mask over a tensor, whose result has a data-dependent
+    # size that compiled and exported graphs and the meta device cannot handle).
+    pairs = [(a, b) for a in range(k) for b in range(k // (a + 1))]
+    a, b = torch.tensor(pairs, dtype=torch.long, device=q1.device).unbind(-1)
     scores, best = (s1[..., a] + s2[..., b]).topk(k, dim=-1)
     return scores, i1.gather(-1, a[best]) * keys2.shape[1] + i2.gather(-1, b[best])
 
@@ -96,7 +96,8 @@ class ProductKeyMemory(nn.Module):
         scores, idx = product_key_topk(q1, q2, self.keys[0], self.keys[1], self.topk)  # (b n h k)
         weights = scores.softmax(dim=-1)
         out = F.embedding_bag(rearrange(idx, "b n h k -> (b n) (h k)"), self.values, mode="sum",
-                              per_sample_weights=rearrange(weights, "b n h k -> (b n) (h k)"))
+                              per_sample_weights=rearrange(weights, "b n h k -> (b n) (h k)").to(
+                              self.values.dtype))  # autocast leaves embedding_bag out: one dtype
         return rearrange(out, "(b n) x -> b n x", b=x.shape[0], n=x.shape[1])
 
     def step(self, x: torch.Tensor, state: decoding.DecodeState | None = None, *,

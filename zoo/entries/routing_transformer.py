@@ -29,6 +29,9 @@ Deviations from the paper:
 - Each centroid's top-(n/k) tokens are replaced by sorting on the cluster and cutting equal chunks
   of n/k (with the previous chunk; causal: the n/k sorted slots before a query).
 - The paper's local-attention heads are a separate mechanism and are left out.
+- Under data parallelism (a `torch.distributed` process group), the k-means statistics are summed
+  over all ranks before the update, so every rank keeps the same centroids, learned from the
+  whole global batch (as one process would), with no buffer broadcast from rank 0.
 """
 
 import math
@@ -84,7 +87,9 @@ def routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroi
         `(b, h, n, e)`.
     """
     check_qkv(q, k, v, mask, name="routing_attention")
-    q_clusters, k_clusters = (nearest_centroid(t, centroids).unsqueeze(-1) for t in (q, k))
+    q_clusters = nearest_centroid(q, centroids).unsqueeze(-1)
+    # shared QK: one tensor for both, which bucket_attention recognises as shared
+    k_clusters = q_clusters if k is q else nearest_centroid(k, centroids).unsqueeze(-1)
     return bucket_attention(q, k, v, q_clusters, k_clusters, mask, chunk_size=window,
                             causal=causal, scale=scale)
 
@@ -144,6 +149,9 @@ class RoutingTransformer(MultiHead):
             1, repeat(idx, "h m -> h m d", d=d), rearrange(x, "b h n d -> h (b n) d"))
         counts = x.new_zeros(h, self.n_clusters + 1).scatter_add_(
             1, idx, x.new_ones(idx.shape))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)  # the global batch's statistics, on every rank
+            torch.distributed.all_reduce(counts)
         self.centroid_sums.mul_(self.decay).add_(sums[:, :-1], alpha=1 - self.decay)
         self.centroid_counts.mul_(self.decay).add_(counts[:, :-1], alpha=1 - self.decay)
         self.centroids.copy_(self.centroid_sums / self.centroid_counts.unsqueeze(-1))

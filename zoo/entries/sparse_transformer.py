@@ -97,7 +97,9 @@ def sparse_transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         near = near & (delta >= 0)
     q = rearrange(q, "b h (r c) d -> b h r c d", c=l)
     scores_w = einsum(q, kw, "b h r c d, b h r w d -> b h r c w")
-    scores_w = scores_w.masked_fill_(~(near & key_ok), neg_fill(scores_w.dtype))
+    # Out of place: the einsum output may be a non-contiguous view, which torch.compile refuses
+    # to fill in place.
+    scores_w = scores_w.masked_fill(~(near & key_ok), neg_fill(scores_w.dtype))
 
     # A^(2), without the keys A^(1) already holds
     k, v = (rearrange(t, "b h (r c) d -> b h r c d", c=l) for t in (k, v))
@@ -118,7 +120,7 @@ def sparse_transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         allowed = (rearrange(other, "r j -> 1 1 r 1 j")
                    & rearrange(real[:, :, l - s:], "b r s -> b 1 1 1 (r s)"))
         spec = "b h r c j, b h j e -> b h r c e"
-    scores_x = scores_x.masked_fill_(~allowed, neg_fill(scores_x.dtype))
+    scores_x = scores_x.masked_fill(~allowed, neg_fill(scores_x.dtype))
 
     attn = torch.cat([scores_w, scores_x], dim=-1).softmax(dim=-1)  # (b h r c w+j)
     attn_w, attn_x = attn.split([scores_w.shape[-1], scores_x.shape[-1]], dim=-1)

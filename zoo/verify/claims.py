@@ -107,6 +107,27 @@ def claim_decoding(e: Entry, make: Make | None = None) -> probe.DecodingScaling:
     return d
 
 
+QUICK_NS = (128, 256)
+
+
+def quick_claims(e: Entry, make: Make | None = None, ns: tuple[int, ...] = QUICK_NS) -> list[str]:
+    """The scaling claims, checked in about a second for `zoo check`: the FLOPs and the largest
+    intermediate tensor measured at two small lengths must not grow faster than declared (plus
+    the tolerance). One-sided: at small n lower-order terms make a measured exponent smaller, never
+    larger, than the asymptotic one, so a layer that claims linear memory and builds an n x n
+    tensor fails here at once; `zoo claims` and the claim tests measure both sides at full size."""
+    s = probe.scaling(e, ns, make=make)
+    problems = []
+    for kind, measured, counts in (("time", s.time, s.flops), ("memory", s.memory, s.largest)):
+        declared = e.scaling[kind]
+        if measured > declared + SCALING_TOLERANCE:
+            what = "FLOPs" if kind == "time" else "largest intermediate tensor (elements)"
+            problems.append(f"scaling: {kind} grows as n^{measured:.2f} between n={s.ns[0]} and "
+                            f"n={s.ns[-1]} ({what} {counts[0]} -> {counts[-1]}), but the "
+                            f"catalogue declares n^{declared}")
+    return problems
+
+
 def claim_exact(e: Entry, make: Make) -> float:
     """exact_when => at those hyper-parameters the output equals softmax attention (float64,
     relative error 1e-10), with a padding mask and causally where the entry supports them."""
