@@ -45,7 +45,10 @@ def hedgehog_features(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
     """`(b, h, n, d) -> (b, h, n, 2f)`: both signs of the learned projection, each through a softmax.
     weight `(h, d, f)`, bias `(h, f)`."""
     z = einsum(x, weight, "b h n d, h d f -> b h n f") + bias[:, None]
-    return torch.cat([z.softmax(-1), (-z).softmax(-1)], dim=-1)
+    # [softmax(z), softmax(-z)], as one softmax over a stacked pair: the same values, and under
+    # torch.compile (inductor, torch 2.13) the concatenation of two softmaxes followed by a padding
+    # fill gave a wrong input gradient (found by zoo compat; the stacked form compiles correctly).
+    return torch.stack([z, -z], dim=-2).softmax(-1).flatten(-2)
 
 
 def hedgehog_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, maps,

@@ -64,7 +64,18 @@ def _measured_line(data: dict) -> str:
             "so the padding paths are in the graph), float64 except bf16 and meta. The file is "
             "`benchmarks/compat.json`; `python -m zoo compat --out benchmarks/compat.json` "
             "re-measures (cells already there are kept: delete one to measure it again), and the "
-            "test suite checks it against the catalogue.")
+            "test suite checks it against the catalogue." + _updates_text(data))
+
+
+def _updates_text(data: dict) -> str:
+    """The re-measurements recorded in the file (`updates`: date, ids, columns, load, reason)."""
+    out = ""
+    for u in data.get("updates", []):
+        cols = u["columns"] if isinstance(u["columns"], str) else ", ".join(u["columns"])
+        load = u.get("load")
+        out += (f" Re-measured on {u['date'][:10]} ({cols}; load average "
+                f"{load[0] if load else '?'}): {', '.join(u['ids'])}, {u['reason']}.")
+    return out
 
 
 def _speed(row: dict | None) -> dict | None:
@@ -107,6 +118,18 @@ def speed_section(entries: list[Entry], data: dict) -> list[str]:
     if slower:
         out += ["", "Slower compiled, and what was measured to cost the time:", ""]
         out += [f"- [{e.display_name}](entries/{e.id}.md): {_speed_reason(c)}." for e, c in slower]
+    first = [(e, c["first_run"]) for e, c in measured if c.get("first_run")]
+    if first:
+        out += ["", "Not settled: these entries were measured twice, and compiled was slower in the "
+                "first run and faster in the second (the runs' load averages in brackets), so "
+                "their ratio depends on what else the machine runs:", "",
+                "| entry | first run: eager / compiled (ms) | second run: eager / compiled (ms) |",
+                "| --- | --- | --- |"]
+        for e, f in first:
+            c = rows[e.id]["speed"]
+            out.append(f"| [{e.display_name}](entries/{e.id}.md) | {f['eager_s'] * 1e3:.1f} / "
+                       f"{f['compiled_s'] * 1e3:.1f} ({f['load'][0]}) | {c['eager_s'] * 1e3:.1f} / "
+                       f"{c['compiled_s'] * 1e3:.1f} |")
     return out + [""]
 
 
