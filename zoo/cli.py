@@ -205,13 +205,14 @@ def cmd_check(args) -> int:
     failed = 0
     for i in ids:
         e = cat[i]
+        problems = _placeholders(e)  # named first: a placeholder often is why the layer fails
         try:
-            problems = _placeholders(e) + _docstring_problems(e)
+            problems += _docstring_problems(e)
             if not args.schema_only:
                 problems += [f"{e.source}: contract {p}" for p in run_contract(e)]
                 problems += [f"{e.source}: claim {p}" for p in quick_claims(e)]
         except Exception as err:  # noqa: BLE001 - report, do not crash the whole check
-            problems = [f"{e.source}: cannot load the layer: {type(err).__name__}: {err}"]
+            problems.append(f"{e.source}: cannot load the layer: {type(err).__name__}: {err}")
         failed += bool(problems)
         print(f"{'FAIL' if problems else 'ok  '} {i}")
         for p in problems:

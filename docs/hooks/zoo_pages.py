@@ -15,6 +15,7 @@ from mkdocs.structure.files import File
 
 from zoo.catalog import FAMILIES, catalog
 from zoo.site.compare import compare_page
+from zoo.site.compat import compat_page, entry_compat
 from zoo.site.figures import approximation_figure, bench_png, cached_png, pattern_figure
 from zoo.site.pages import (
     FAMILY_TITLES,
@@ -27,7 +28,6 @@ from zoo.site.pages import (
     page_path,
     taxonomy_page,
 )
-from zoo.site.compat import compat_page, entry_compat
 from zoo.site.peers import entry_peers, peers_page
 from zoo.site.quality import entry_quality, heatmap_png, pareto_png, quality_page
 from zoo.verify.claims import claims_report

@@ -47,19 +47,6 @@ from zoo.core.shell import MultiHead
 _PRIME = 2_147_483_629  # < 2^31, so every product below stays inside int64
 
 
-def seeded_sample(n: int, shape: tuple[int, int], seed: int, device=None) -> torch.Tensor:
-    """`shape` key indices in `[0, n)`, uniform to within n / 2^31 and the same for the same
-    `(n, shape, seed)`: each slot's index is an integer hash (multiply-xorshift rounds modulo a
-    prime) of the seed and the slot's position. Tensor ops on sizes only, so it traces, compiles
-    and exports like any other op; no generator is seeded inside `forward`."""
-    x = torch.arange(shape[0] * shape[1], device=device, dtype=torch.int64).reshape(shape)
-    x = (x + (seed % _PRIME) * 7_919 + 1) % _PRIME
-    for mult in (1_103_515_245, 2_654_435_761 % _PRIME, 1_597_334_677):
-        x = (x * mult) % _PRIME
-        x = x ^ (x >> 13)
-    return x % n
-
-
 def probsparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                    sample: torch.Tensor, mask: torch.Tensor | None = None, *,
                                    factor: int = 5, masked: bool = False,
@@ -159,6 +146,20 @@ def probsparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, samp
         v = v * rearrange(mask, "b j -> b 1 j 1").to(v.dtype)  # padded values count as 0
     lazy = v.cumsum(dim=2) if masked else repeat(v.sum(2) / count, "b h e -> b h n e", n=n)
     return lazy.scatter(2, repeat(top, "b h u -> b h u e", e=v.shape[-1]), active)
+
+
+
+def seeded_sample(n: int, shape: tuple[int, int], seed: int, device=None) -> torch.Tensor:
+    """`shape` key indices in `[0, n)`, uniform to within n / 2^31 and the same for the same
+    `(n, shape, seed)`: each slot's index is an integer hash (multiply-xorshift rounds modulo a
+    prime) of the seed and the slot's position. Tensor ops on sizes only, so it traces, compiles
+    and exports like any other op; no generator is seeded inside `forward`."""
+    x = torch.arange(shape[0] * shape[1], device=device, dtype=torch.int64).reshape(shape)
+    x = (x + (seed % _PRIME) * 7_919 + 1) % _PRIME
+    for mult in (1_103_515_245, 2_654_435_761 % _PRIME, 1_597_334_677):
+        x = (x * mult) % _PRIME
+        x = x ^ (x >> 13)
+    return x % n
 
 
 class Informer(MultiHead):

@@ -325,8 +325,8 @@ def ddp_worker(rank: int, world: int, port: int, entry_id: str, steps: int, out_
         import inspect
 
         quiet = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-        model = DistributedDataParallel(layer, **({"forward_sync_buffers": False} if quiet else
-                                                  {"broadcast_buffers": False}))
+        sync: dict[str, Any] = {"forward_sync_buffers": False} if quiet else {"broadcast_buffers": False}
+        model = DistributedDataParallel(layer, **sync)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         for step in range(steps):
             x = ddp_batch(e, rank, step)
@@ -454,10 +454,10 @@ def table_cell(e: Entry, column: str) -> dict | None:
     if column == "speed":
         start = time.perf_counter()
         try:
-            cell = {"ok": True, "why": "", **compiled_speed(e)}
+            speed: dict = {"ok": True, "why": "", **compiled_speed(e)}
         except Exception as err:  # noqa: BLE001 - recorded, not raised
-            cell = {"ok": False, "why": " ".join(f"{type(err).__name__}: {err}".split())[:400]}
-        return {**cell, "seconds": round(time.perf_counter() - start, 2)}
+            speed = {"ok": False, "why": " ".join(f"{type(err).__name__}: {err}".split())[:400]}
+        return {**speed, "seconds": round(time.perf_counter() - start, 2)}
     if column == "ddp":
         if e.id not in DDP_ENTRIES:
             return None
@@ -470,9 +470,11 @@ def table_cell(e: Entry, column: str) -> dict | None:
         secs = time.perf_counter() - start
     else:
         counters.clear()
+        feature: str
+        kw: dict[str, Any]
         feature, kw = {"compile": ("compile", {"backend": "aot_eager"}),
                        "inductor": ("compile", {"backend": "inductor"})}.get(column, (column, {}))
-        ok, why, secs = run(e, feature, **kw)
+        ok, why, secs = run(e, feature, None, **kw)
     cell: dict = {"ok": ok, "why": " ".join(why.split())[:400], "seconds": round(secs, 2)}
     if column in ("compile", "inductor"):
         cell["graph_breaks"] = graph_breaks()
@@ -485,7 +487,7 @@ def table(entries: list[Entry], *, columns=COLUMNS, previous=None, progress=None
     passes (inductor, then the compiled-against-eager speed, last). Cells of `previous` are kept,
     and its inductor and speed cells are not re-measured (delete them to); `save(data)` runs after
     each entry, so an interrupted run keeps what it measured."""
-    data = {"machine": machine(), "columns": list(columns),
+    data: dict[str, Any] = {"machine": machine(), "columns": list(columns),
             "rows": {i: dict(r) for i, r in (previous or {}).get("rows", {}).items()}}
     passes = [[c for c in columns if c not in SLOW_COLUMNS], *([c] for c in SLOW_COLUMNS if c in columns)]
     for cols in passes:
