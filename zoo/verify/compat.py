@@ -304,7 +304,7 @@ def _layer_class(entry_id: str, planted: tuple[str, str] | None):
     return getattr(module, name)
 
 
-def ddp_worker(rank: int, world: int, port: int, entry_id: str, steps: int, out_dir: str,
+def ddp_worker(rank: int, world: int, entry_id: str, steps: int, out_dir: str,
                planted: tuple[str, str] | None = None) -> None:
     """One rank: a few SGD steps of DDP over the entry's layer in train mode on rank-specific data,
     then its parameters and buffers saved to `out_dir/rank{rank}.pt`. Buffers are not broadcast
@@ -315,9 +315,11 @@ def ddp_worker(rank: int, world: int, port: int, entry_id: str, steps: int, out_
 
     from zoo.registry import entry
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # Rendezvous through a file in the run's own directory, not a TCP port: a port picked free
+    # and then released can be taken by a concurrent run (the test suite runs two workers).
+    store = "file://" + os.path.join(out_dir, "rendezvous")
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         e = entry(entry_id)
         layer = factory(e, cls=_layer_class(entry_id, planted))().double().train()
@@ -335,6 +337,10 @@ def ddp_worker(rank: int, world: int, port: int, entry_id: str, steps: int, out_
             opt.step()
         torch.save({k: v.detach().clone() for k, v in layer.state_dict().items()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        # Every rank done before any tears down: a rank whose peer closed the gloo pairs while
+        # it was still finishing aborted with "terminate called without an active exception"
+        # (seen once in CI, routing-transformer).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -342,14 +348,6 @@ def ddp_worker(rank: int, world: int, port: int, entry_id: str, steps: int, out_
 def ddp_batch(e: Entry, rank: int, step: int) -> torch.Tensor:
     """Each rank's own data at each step: the ranks must not see the same batch."""
     return sample(e, b=2, n=16, seed=100 * step + rank)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ddp(entry_id: str, *, steps: int = 3, world: int = 2,
@@ -361,7 +359,7 @@ def run_ddp(entry_id: str, *, steps: int = 3, world: int = 2,
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(ddp_worker, args=(world, free_port(), entry_id, steps, out, planted),
+        mp.start_processes(ddp_worker, args=(world, entry_id, steps, out, planted),
                            nprocs=world, join=True, start_method="spawn")
         return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
 
