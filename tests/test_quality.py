@@ -165,6 +165,31 @@ def test_the_committed_results_are_consistent():
                 assert run["accuracy"] >= quality.STOP_AT, key
 
 
+def test_every_committed_entry_learns_at_least_which_tokens_answer():
+    """A run whose loss never falls below the context-free prior is a training defect (sac and
+    smart-bird's exploding surrogate gradients), unless the entry's notes explain it."""
+    from pathlib import Path
+
+    data = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "quality.json").read_text())
+    assert quality.untrained(data) == []
+
+
+def test_the_prior_check_flags_a_mixer_that_stops_training():
+    import math
+
+    cells = {"n64-p4": {"vocab": 1024}}
+
+    def run(name, loss, status="ok"):
+        return {"attention": name, "cell": "n64-p4", "lr": 0.01, "final_loss": loss, "status": status}
+
+    prior = math.log(512)
+    data = {"runs": {"a": run("softmax-attention", 0.01), "b": run("linear-transformer", prior + 0.5),
+                     "c": run("linear-transformer", prior + 0.1), "d": run("performer", math.nan,
+                                                                           "diverged (NaN loss)"),
+                     "e": run("performer", prior - 0.01), "f": run("sac", math.inf)}}
+    assert quality.untrained(data, cells) == ["linear-transformer|n64-p4", "sac|n64-p4"]
+
+
 def test_the_quality_page_shows_the_ordering_from_the_data():
     from zoo.site.quality import ordering_section
 

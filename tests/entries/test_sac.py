@@ -116,12 +116,13 @@ def test_pointer_gradient_is_the_score_function_surrogate():
     attn = ((q @ kk.transpose(-1, -2)) * 8 ** -0.5).masked_fill(~edges[:, None], float("-inf"))
     attn = attn.softmax(-1)
     credit = (attn * (upstream @ v.transpose(-1, -2))).sum(1)  # (b i j), over heads
-    # each edge's credit goes to the logit of the first pointer that picked it
+    # each edge's credit goes to the log-probability log pi_{i,s}(j) (REINFORCE) of the first
+    # pointer that picked it
     picks = logits.detach().argmax(-1)  # (b i s)
     first = torch.ones_like(picks, dtype=torch.bool)
     for s in range(1, picks.shape[-1]):
         first[..., s] = ~(picks[..., :s] == picks[..., s:s + 1]).any(-1)
-    chosen = logits.gather(-1, picks[..., None])[..., 0]  # (b i s)
+    chosen = logits.log_softmax(-1).gather(-1, picks[..., None])[..., 0]  # (b i s)
     surrogate = (credit.gather(-1, picks) * chosen * first).sum()
     want = torch.autograd.grad(surrogate, [layer.to_pointers.weight, layer.to_targets.weight])
     for a, b in zip(got, want, strict=True):

@@ -96,8 +96,8 @@ def test_training_draws_differ_between_heads_and_calls():
 
 
 def test_sketch_gradient_is_the_score_function_surrogate():
-    """d(loss)/d(sketch) = sum over drawn edges of a_ij <g_i, v_j> ds_ij: the gradient the
-    straight-through factor promises, while v gets exactly the restricted softmax's gradient."""
+    """d(loss)/d(sketch) = sum over drawn edges of a_ij <g_i, v_j> d log S_ij (REINFORCE's
+    gradient of the draw's log-probability, S = softmax of the sketch scores), while v gets exactly the restricted softmax's gradient."""
     layer = make(4)
     q, k, v = qkv_for(layer, 29, seed=4)
     v.requires_grad_()
@@ -110,7 +110,8 @@ def test_sketch_gradient_is_the_score_function_surrogate():
     scores = ((q @ k.transpose(-1, -2)) * 8 ** -0.5).masked_fill(~allowed[:, None], float("-inf"))
     attn = scores.softmax(-1)
     credit = (attn * (upstream @ v.transpose(-1, -2))).detach().sum(1)  # (b i j), over heads
-    surrogate = (credit * logits.masked_fill(~allowed, 0.0)).sum() + ((attn @ v) * upstream).sum()
+    log_s = logits.log_softmax(-1)
+    surrogate = (credit * log_s.masked_fill(~allowed, 0.0)).sum() + ((attn @ v) * upstream).sum()
     want = torch.autograd.grad(surrogate, [layer.sketch_q.weight, layer.sketch_k.weight, v])
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -21,9 +21,13 @@ Deviations from the paper:
   logits), computed one block of nodes at a time so that memory stays linear.
 - The predictor reads the layer's own queries and keys (all heads concatenated), a linear map of
   the input, so `attend(q, k, v)` holds the whole mechanism.
-- The policy gradient becomes a score-function surrogate: the drawn edges are weighted by
-  $\exp(\ell - \operatorname{sg}(\ell)) = 1$, which leaves the output unchanged and passes each
-  edge's share of the loss to its pointer logit (no baseline, no sampling of the loss).
+- The policy gradient becomes a score-function surrogate: each drawn edge is weighted by
+  $\exp(\log \pi_{i,s}(j) - \operatorname{sg}(\log \pi_{i,s}(j))) = 1$, with
+  $\pi_{i,s} = \operatorname{softmax}_j \ell_{i,s,j}$, which leaves the output unchanged and passes
+  each edge's share of the loss to the log-probability of its draw (REINFORCE's
+  $\nabla \log \pi$; no baseline, no sampling of the loss). An earlier version differentiated the
+  raw logit $\ell$ instead: unnormalised, so the logits grew without bound and the gradient norm
+  reached $10^9$ within 200 steps of recall training (found by the recall grid).
 """
 
 import torch
@@ -57,6 +61,7 @@ def sac_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     if mask is not None:
         logits = logits.masked_fill(~rearrange(mask, "b j -> b 1 1 j"), neg_fill(logits.dtype))
     _, idx = point(logits, sample=sample)  # (b i s)
+    logp = logits.log_softmax(dim=-1)  # log pi(j | i, s): the policy the score function differentiates
     picks = rearrange(idx, "b i s -> b i s 1") == pos  # (b i s j)
     first = picks & (picks.cumsum(dim=2) == 1)  # the first pointer that picks j
     edges = picks.any(dim=2)  # (b i j)
@@ -64,7 +69,7 @@ def sac_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         edges = edges & (rearrange(pos, "j -> 1 1 j") <= rearrange(pos, "i -> 1 i 1"))
     if mask is not None:
         edges = edges & rearrange(mask, "b j -> b 1 j")
-    drawn = (logits * first).sum(dim=2)  # (b i j): that pointer's logit
+    drawn = (logp * first).sum(dim=2)  # (b i j): that pointer's log-probability of j
     scores = einsum(q, k, "b h i d, b h j d -> b h i j") * scale
     keep = rearrange(edges, "b i j -> b 1 i j")
     attn = scores.masked_fill(~keep, neg_fill(scores.dtype)).softmax(dim=-1)
@@ -120,6 +125,7 @@ def sac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pointers: t
             logits = logits.masked_fill(rearrange(~mask[:, :reach], "b j -> b 1 1 j"),
                                         neg_fill(logits.dtype))
         drawn, idx = point(logits, sample=sample)  # (b i s)
+        drawn = drawn - logits.logsumexp(dim=-1)  # the draw's log-probability
         # an edge is kept once (the first pointer that picks it) and only to a node it may read
         real = ~((idx[..., :, None] == idx[..., None, :]) & earlier).any(-1)
         if causal:

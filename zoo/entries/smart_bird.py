@@ -17,8 +17,10 @@ Deviations from the paper:
 - The sketch is computed one block of queries at a time and never held in full, so memory is
   linear; its time stays quadratic (with the small dimension $d_s$).
 - The draws are discrete; the sketch learns through a straight-through factor on the drawn edges,
-  $\exp(s_{ij} - \operatorname{sg}(s_{ij})) = 1$, which leaves the output unchanged and passes the
-  gradient of each drawn weight to its sketch score (a score-function surrogate).
+  $\exp(\log S_{ij} - \operatorname{sg}(\log S_{ij})) = 1$, which leaves the output unchanged
+  and passes the gradient of each drawn weight to the log-probability the key was drawn with (a
+  score-function surrogate, each draw taken as one draw from $S_i$). An earlier version
+  differentiated the unnormalised sketch score instead.
 - Eval mode takes the top-k instead of sampling, so there all heads read the same keys.
 """
 
@@ -53,7 +55,8 @@ def smart_bird_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     scores = einsum(q, k, "b h i d, b h j d -> b h i j") * scale
     attn = scores.masked_fill(~keep, neg_fill(scores.dtype)).softmax(dim=-1)
     # equal to 1 in value; the gradient of each drawn weight reaches the sketch score it was drawn with
-    attn = attn * rearrange((logits - logits.detach()).exp(), "b i j -> b 1 i j")
+    logp = logits.log_softmax(dim=-1)  # log S_ij, the probability each key is drawn with
+    attn = attn * rearrange((logp - logp.detach()).exp(), "b i j -> b 1 i j")
     return einsum(attn, v, "b h i j, b h j e -> b h i e")
 
 
@@ -106,7 +109,8 @@ def smart_bird_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sk
         if mask is not None:
             logits = logits.masked_fill(~mask[:, None, :], neg_fill(logits.dtype))
         idx = draw_keys(logits, per_query, h, sample=sample)  # (b h|1 i k)
-        drawn = torch.take_along_dim(logits[:, None], idx, dim=-1)  # (b h|1 i k)
+        logp = logits.log_softmax(dim=-1)  # log S_ij
+        drawn = torch.take_along_dim(logp[:, None], idx, dim=-1)  # (b h|1 i k)
         real = None if mask is None else torch.take_along_dim(mask[:, None, None, :], idx, dim=-1)
         outs.append(drawn_edge_attention(q[:, :, rows], k, v, idx, drawn, real, scale=scale))
     return torch.cat(outs, dim=2)

@@ -253,6 +253,34 @@ def summary(data: dict) -> dict:
     return out
 
 
+UNTRAINABLE = "does not train on recall"  # the phrase a catalogue note uses to explain it
+
+
+def untrained(data: dict, cells: dict | None = None) -> list[str]:
+    """`entry|cell` pairs where no learning rate got even the answer prior: every run diverged, or
+    the best final training loss is not below `ln(vocab / 2)`, the loss of a model that ignores the
+    context and spreads its guess over the values' half of the vocabulary.
+
+    A mixer that blocks the residual model from learning that much is broken in training (a
+    gradient that explodes and, clipped, freezes everything else, as sac's and smart-bird's
+    score-function surrogates did before they used log-probabilities), not merely weak at recall.
+    Entries whose catalogue `notes` contain `UNTRAINABLE` (with the reason) are left out.
+    """
+    from zoo.registry import entry, names
+
+    cells = cells or data["cells"]
+    best: dict[tuple[str, str], float] = {}
+    for run in data["runs"].values():
+        loss = run.get("final_loss", math.nan)
+        ok = run["status"] == "ok" and isinstance(loss, (int, float)) and math.isfinite(loss)
+        key = (run["attention"], run["cell"])
+        best[key] = min(best.get(key, math.inf), loss if ok else math.inf)
+    known = set(names())
+    return [f"{a}|{c}" for (a, c), loss in sorted(best.items())
+            if loss >= math.log(cells[c]["vocab"] / 2)
+            and not (a in known and UNTRAINABLE in (entry(a).notes or ""))]
+
+
 def jobs_for(names: Iterable[str], cells: Iterable[str], recipe: Recipe) -> list[Job]:
     """Cell by cell, entry by entry, the largest learning rate first (see `settled`)."""
     lrs = sorted(recipe.lrs, reverse=True)
