@@ -165,6 +165,23 @@ def test_the_committed_results_are_consistent():
                 assert run["accuracy"] >= quality.STOP_AT, key
 
 
+def test_harder_cells_train_the_entries_that_did_best_in_the_cell_before_first():
+    def run(name, cell, acc, lr=0.01, status="ok"):
+        return {"attention": name, "cell": cell, "lr": lr, "accuracy": acc, "status": status}
+
+    runs = {"a": run("linformer", "n64-p4", 0.25), "b": run("performer", "n64-p4", 0.98),
+            "c": run("linformer", "n64-p4", 0.3, lr=0.003),
+            "d": run("sac", "n64-p4", 0.9, status="failed")}
+    names = ["linformer", "performer", "sac", "softmax-attention"]
+    todo = quality.prioritised(quality.jobs_for(names, ["n64-p4", "n128-p8"], Recipe()), runs)
+    assert [j.attention for j in todo[:8]] == [n for n in names for _ in (0, 1)]  # unchanged order
+    assert [(j.attention, j.lr) for j in todo[8:]] == [
+        ("performer", 0.01), ("performer", 0.003),  # 0.98 before
+        ("sac", 0.01), ("sac", 0.003),  # a failed run says nothing: 0.5, in list order
+        ("softmax-attention", 0.01), ("softmax-attention", 0.003),  # not run before: 0.5
+        ("linformer", 0.01), ("linformer", 0.003)]  # its best before, 0.3, is last
+
+
 def test_every_committed_entry_learns_at_least_which_tokens_answer():
     """A run whose loss never falls below the context-free prior is a training defect (sac and
     smart-bird's exploding surrogate gradients), unless the entry's notes explain it."""

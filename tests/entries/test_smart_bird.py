@@ -97,7 +97,8 @@ def test_training_draws_differ_between_heads_and_calls():
 
 def test_sketch_gradient_is_the_score_function_surrogate():
     """d(loss)/d(sketch) = sum over drawn edges of a_ij <g_i, v_j> d log S_ij (REINFORCE's
-    gradient of the draw's log-probability, S = softmax of the sketch scores), while v gets exactly the restricted softmax's gradient."""
+    gradient of the draw's log-probability, S = softmax of the sketch scores), while v gets exactly
+    the restricted softmax's gradient."""
     layer = make(4)
     q, k, v = qkv_for(layer, 29, seed=4)
     v.requires_grad_()

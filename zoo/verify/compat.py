@@ -411,20 +411,25 @@ SLOW_COLUMNS = ("inductor", "speed")
 SPEED = {"n": 2048, "dim": 256, "heads": 4, "repeats": 5}
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
+def _paired_medians(first, second, repeats: int) -> tuple[float, float]:
+    """Median seconds of `first()` and of `second()`, timed alternately (first, second, first, ...),
+    so that a change in the machine's load during the measurement falls on both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for fn, out in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return tuple(sorted(t)[len(t) // 2] for t in times)  # type: ignore[return-value]
 
 
 def compiled_speed(e: Entry, *, n: int = SPEED["n"], dim: int = SPEED["dim"], heads: int = SPEED["heads"],
                    repeats: int = SPEED["repeats"]) -> dict:
     """Median forward time, eager and `torch.compile` (inductor), in this process with its threads:
     `{"n", "eager_s", "compiled_s", "graph_breaks"}` (a measurement for the committed table, never
-    asserted in a test). Both after warm-up passes; the compiled one after it has compiled."""
+    asserted in a test). Both after warm-up passes; the compiled one after it has compiled; the two
+    timed in alternation (a first measurement timed all eager passes, then all compiled ones, and
+    its ratio moved with the load of the machine)."""
     from torch._dynamo.utils import counters
 
     from zoo.verify.bench import _inputs
@@ -433,13 +438,13 @@ def compiled_speed(e: Entry, *, n: int = SPEED["n"], dim: int = SPEED["dim"], he
     layer.eval()
     with torch.no_grad():
         layer(x)
-        eager = _median_seconds(lambda: layer(x), repeats)
         torch._dynamo.reset()
         counters.clear()
         compiled = torch.compile(layer)
         compiled(x)  # compiles
         compiled(x)
-        fast = _median_seconds(lambda: compiled(x), repeats)
+        layer(x)
+        eager, fast = _paired_medians(lambda: layer(x), lambda: compiled(x), repeats)
     return {"n": n_real, "eager_s": round(eager, 5), "compiled_s": round(fast, 5),
             "graph_breaks": graph_breaks()}
 

@@ -287,6 +287,29 @@ def jobs_for(names: Iterable[str], cells: Iterable[str], recipe: Recipe) -> list
     return [Job(n, c, lr) for c in cells for n in names for lr in lrs]
 
 
+def prioritised(todo: list[Job], runs: dict) -> list[Job]:
+    """The jobs cell by cell as `jobs_for` lists them, but within a cell the entries that did best
+    in the cell before it first (an entry not yet measured there in the middle, at 0.5): the
+    harder cells cost hours per pass over the catalogue, so the comparisons that can still
+    separate mechanisms fill in first, and the entries already at the copy-a-value plateau
+    (about 1 / pairs) of the easier cell come last. Nothing is skipped; only the order changes."""
+    order = list(CELLS)
+    best: dict[tuple[str, str], float] = {}
+    for r in runs.values():
+        if r["status"] == "ok":
+            key = (r["attention"], r["cell"])
+            best[key] = max(best.get(key, 0.0), r["accuracy"])
+
+    def rank(indexed: tuple[int, Job]) -> tuple:
+        i, job = indexed
+        at = order.index(job.cell)
+        before = order[at - 1] if at > 1 else None  # the smoke cell ranks nothing
+        prior = best.get((job.attention, before), 0.5) if before else 0.5
+        return (at, -prior, i)
+
+    return [job for _, job in sorted(enumerate(todo), key=rank)]
+
+
 def settled(job: Job, runs: dict) -> bool:
     """True when another learning rate already reached the stop accuracy for this entry and cell:
     the sweep's best is then decided, and training this job could not change it."""
@@ -349,7 +372,8 @@ def run(names: list[str], *, cells: list[str] | None = None, out: Path | None = 
     recipe = recipe or Recipe()
     cells = resolve_cells(cells)
     data = load_results(out, recipe)
-    todo = [j for j in jobs_for(names, cells, recipe) if j.key not in data["runs"]]
+    todo = prioritised([j for j in jobs_for(names, cells, recipe) if j.key not in data["runs"]],
+                       data["runs"])
     data["machine"] = machine()
     data["machine"]["jobs"] = jobs if ray_address is None else f"ray {ray_address}"
     total = sum(steps_for(j.cell, recipe) for j in todo)
