@@ -91,6 +91,23 @@ def test_exact_layer_off_by_one_position_is_caught():
     claim_exact(e, factory(e))
 
 
+class SurrogateGradient(SoftmaxAttention):
+    """Equal to softmax in value; a straight-through factor adds a gradient term through q."""
+
+    def attend(self, q, k, v, mask=None):
+        out = super().attend(q, k, v, mask)
+        score = q.sum(-1, keepdim=True)
+        return out * (score - score.detach()).exp()
+
+
+def test_exact_layer_whose_gradient_is_not_softmax_s_is_caught():
+    """smart-bird's sketch surrogate was 1 in value and 28% off in the gradients at k >= n."""
+    e = zoo.entry("softmax-attention")
+    with pytest.raises(ContractError, match="input gradients are .* away from softmax"):
+        claim_exact(e, factory(e, cls=SurrogateGradient))
+    claim_exact(e, factory(e))
+
+
 def test_report_covers_every_entry_and_marks_failures(tmp_path):
     e = zoo.entry("softmax-attention")
     rows = claims_report([e], cache_dir=tmp_path)

@@ -315,6 +315,46 @@ def compare_to_softmax(layer: nn.Module, *, n: int = 37, mask=None, seed: int = 
     return _rel(out, ref)
 
 
+def gradient_vs_softmax(layer: nn.Module, *, n: int = 37, mask=None, seed: int = 0) -> float:
+    """Relative error of the layer's input gradients against softmax attention's (float64), for
+    one random output cotangent: through `attend` the gradients of q, k and v, through the shell
+    that of x. At an exact limit a layer whose output equals softmax's must also train like it: a
+    surrogate gradient that is 1 in value but adds terms (smart-bird's sketch factor once did,
+    and stopped the recall model from learning) shows here and not in the outputs."""
+    layer = layer.double()
+    shell: Any = layer
+    causal = getattr(layer, "causal", False)
+    g = torch.Generator().manual_seed(seed + 1)
+    if has_attend(layer):
+        inputs = [t.requires_grad_() for t in qkv_for(layer, n, b=2, seed=seed)]
+        out = shell.attend(*inputs, mask)
+        ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+        ref = softmax_attention(*ref_inputs, mask, causal=causal, scale=reference_scale(layer))
+    elif hasattr(layer, "to_qkv") and hasattr(layer, "to_out"):
+        from zoo.entries.softmax_attention import SoftmaxAttention
+
+        exact = SoftmaxAttention(shell.dim, heads=shell.heads, dim_head=shell.dim_head,
+                                 causal=causal).double()
+        exact.to_qkv.load_state_dict(shell.to_qkv.state_dict())
+        exact.to_out.load_state_dict(shell.to_out.state_dict())
+        x = torch.randn(2, n, shell.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        inputs, ref_inputs = [x.clone().requires_grad_()], [x.clone().requires_grad_()]
+        out = layer(inputs[0], mask=mask) if mask is not None else layer(inputs[0])
+        ref = exact(ref_inputs[0], mask)
+    else:
+        raise TypeError(f"{type(layer).__name__} has neither attend() nor the multi-head shell; "
+                        "it cannot be compared with softmax attention")
+    cot = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    if mask is not None:  # only the real positions' outputs carry a loss
+        cot = cot * (mask[:, None, :, None] if ref.ndim == 4 else mask[..., None])
+    grads = torch.autograd.grad(out, inputs, cot, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, cot)
+    flat = torch.cat([(torch.zeros_like(r) if a is None else a).flatten()
+                      for a, r in zip(grads, ref_grads, strict=True)])
+    flat_ref = torch.cat([r.flatten() for r in ref_grads])
+    return _rel(flat, flat_ref)
+
+
 def baseline_errors(layer: nn.Module, *, n: int = 37, seed: int = 0,
                     temperature: float = 1.0) -> dict[str, float]:
     """The errors of two trivial answers on the inputs `compare_to_softmax` uses: `uniform`

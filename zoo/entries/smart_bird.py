@@ -21,6 +21,12 @@ Deviations from the paper:
   and passes the gradient of each drawn weight to the log-probability the key was drawn with (a
   score-function surrogate, each draw taken as one draw from $S_i$). An earlier version
   differentiated the unnormalised sketch score instead.
+- That surrogate trains the sketch's own projections only: the sketch reads the heads' queries and
+  keys detached. When it flowed back into them, the recall model's loss rose above its starting
+  value (n64-p4: 6.92 to 7.15 in 1500 steps) even with $k \ge n$, where every key is read and the
+  true gradient through the sketch is zero; there the layer's input gradients were 28% away from
+  softmax attention's. Detached, they equal softmax's at $k \ge n$ (the exact-limit claim checks
+  gradients too).
 - Eval mode takes the top-k instead of sampling, so there all heads read the same keys.
 """
 
@@ -138,7 +144,11 @@ class SmartBird(MultiHead):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
-        q_sketch, k_sketch = self.sketch_q(self.merge_heads(q)), self.sketch_k(self.merge_heads(k))
+        # The sketch reads the heads' queries and keys but sends no gradient back into them: its
+        # surrogate is not the output's gradient, and through q and k it reached the whole model
+        # (see the module's deviations).
+        q_sketch = self.sketch_q(self.merge_heads(q).detach())
+        k_sketch = self.sketch_k(self.merge_heads(k).detach())
         return smart_bird_attention(q, k, v, q_sketch, k_sketch, mask, per_query=self.k,
                                     sample=self.training)
 

@@ -130,7 +130,9 @@ def quick_claims(e: Entry, make: Make | None = None, ns: tuple[int, ...] = QUICK
 
 def claim_exact(e: Entry, make: Make) -> float:
     """exact_when => at those hyper-parameters the output equals softmax attention (float64,
-    relative error 1e-10), with a padding mask and causally where the entry supports them."""
+    relative error 1e-10), with a padding mask and causally where the entry supports them; and so
+    do the input gradients, in eval and in train mode (a layer equal to softmax in value must also
+    train like it)."""
     if e.exact_when is None:
         raise ContractError(f"{e.id} declares no exact_when")
     worst = 0.0
@@ -148,6 +150,15 @@ def claim_exact(e: Entry, make: Make) -> float:
             raise ContractError(f"at {dict(e.exact_when, **overrides)}"
                                 f"{' with a mask' if mask is not None else ''}: relative error "
                                 f"{err:.3g} against softmax attention (allowed {EXACT_TOLERANCE})")
+        for train in (False, True):
+            err = probe.gradient_vs_softmax(make(**e.exact_when, **overrides).train(train), mask=mask)
+            worst = max(worst, err)
+            if not err <= EXACT_TOLERANCE:
+                raise ContractError(f"at {dict(e.exact_when, **overrides)}"
+                                    f"{' with a mask' if mask is not None else ''}"
+                                    f"{' in train mode' if train else ''}: the input gradients are "
+                                    f"{err:.3g} away from softmax attention's (relative; allowed "
+                                    f"{EXACT_TOLERANCE}), though the outputs agree")
     return worst
 
 
