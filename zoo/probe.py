@@ -329,7 +329,8 @@ def gradient_vs_softmax(layer: nn.Module, *, n: int = 37, mask=None, seed: int =
         inputs = [t.requires_grad_() for t in qkv_for(layer, n, b=2, seed=seed)]
         out = shell.attend(*inputs, mask)
         ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
-        ref = softmax_attention(*ref_inputs, mask, causal=causal, scale=reference_scale(layer))
+        rq, rk, rv = ref_inputs
+        ref = softmax_attention(rq, rk, rv, mask, causal=causal, scale=reference_scale(layer))
     elif hasattr(layer, "to_qkv") and hasattr(layer, "to_out"):
         from zoo.entries.softmax_attention import SoftmaxAttention
 
