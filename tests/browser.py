@@ -307,3 +307,96 @@ def check_figures_open_full_size(page) -> None:
     assert figures, "no figure on the page"
     shrunk = [src for src, width, natural, linked in figures if width < 0.9 * natural and not linked]
     assert not shrunk, f"shrunk figures that do not open at full size: {shrunk}"
+
+
+CUT_OFF = """() => {
+  const area = document.querySelector('.md-content').getBoundingClientRect();
+  const left = Math.max(area.left, 0), right = Math.min(area.right, window.innerWidth);
+  // a box that scrolls sideways and shows it (the shadow cover of zoo.css, attached to its content)
+  const scrolls = (e) => ['auto', 'scroll'].includes(getComputedStyle(e).overflowX) &&
+                         getComputedStyle(e).backgroundAttachment.includes('local');
+  const out = [];
+  for (const el of document.querySelectorAll('.md-content__inner *')) {
+    const r = el.getBoundingClientRect();
+    if (!r.width || !r.height || (r.left >= left - 1 && r.right <= right + 1)) continue;
+    let box = el.parentElement;  // such a box around el keeps it in sight (that box is checked too)
+    while (!box.matches('.md-content') && !scrolls(box)) box = box.parentElement;
+    if (!box.matches('.md-content')) continue;
+    const name = el.tagName.toLowerCase() + (el.className ? `.${String(el.className).split(' ')[0]}` : '');
+    out.push(`${name} spans ${Math.round(r.left)}-${Math.round(r.right)} px, outside ` +
+             `${Math.round(left)}-${Math.round(right)}: ${el.textContent.trim().slice(0, 30)}`);
+  }
+  return out;
+}"""
+
+
+def check_nothing_cut_off(page) -> None:
+    """Every box in the page's content (a table, a signature, a cell's code) lies inside the content
+    area and the screen, or inside a box that scrolls sideways and shows that it does (zoo.css's
+    shadow): nothing is cut off by the screen's edge. A table in a wrapper that scrolls (Material's
+    scroll wrap, edge to edge on a phone) is cut off: its border runs off the screen, with no sign."""
+    out = page.evaluate(CUT_OFF)
+    assert not out, f"{len(out)} boxes cut off by the edge of the content or screen: {out[:4]}"
+
+
+def set_scheme(page, scheme: str) -> None:
+    """Switch Material's colour scheme ("default" or "slate") with the palette toggle in the header,
+    as a reader would; Material keeps the choice for the next pages."""
+    wanted = f"document.body.getAttribute('data-md-color-scheme') === '{scheme}'"
+    for _ in range(3):
+        if page.evaluate(f"() => {wanted}"):
+            return
+        page.locator("form[data-md-component=palette] label:visible").first.click()
+        page.wait_for_timeout(200)
+    page.wait_for_function(f"() => {wanted}", timeout=5_000)
+
+
+def _luminance(rgb) -> float:
+    def linear(c: int) -> float:
+        c = c / 255
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(c) for c in rgb)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(a, b) -> float:
+    """WCAG's contrast ratio of two colours (1 to 21)."""
+    la, lb = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def check_pictures_suit_the_scheme(page, selector: str = "img.zoo-figure") -> int:
+    """Each shown picture matching `selector` sits on the page's own background in the page's colour
+    scheme (a ring 3 px wide along its border is, for 80% or more, the page's background: not a white
+    rectangle on the dark page), and its text (the title band, the top 12%) stands out from that
+    background by WCAG's 4.5:1 contrast or more. Returns how many pictures were shown."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    bg = _background(page)
+    scheme = page.evaluate("() => document.body.getAttribute('data-md-color-scheme')")
+    shown = 0
+    for img in page.locator(selector).all():
+        if not img.is_visible():
+            continue
+        img.evaluate("i => i.scrollIntoView({block: 'center'})")  # clear of the sticky header
+        src = img.get_attribute("src")
+        assert img.evaluate("i => i.decode().then(() => i.naturalWidth, () => 0)"), f"{src} not loaded"
+        shot = Image.open(BytesIO(img.screenshot())).convert("RGB")
+        w, h = shot.size
+        ring = [shot.getpixel((x, y)) for x in range(w) for y in (*range(3), *range(h - 3, h))]
+        ring += [shot.getpixel((x, y)) for y in range(3, h - 3) for x in (*range(3), *range(w - 3, w))]
+        near = [px for px in ring if all(abs(a - b) <= 12 for a, b in zip(px, bg, strict=True))]
+        typical = max(set(ring), key=ring.count)
+        assert len(near) >= 0.8 * len(ring), (
+            f"{src} in the {scheme} scheme: drawn on a background of its own (its border mostly "
+            f"{typical}, {len(near) / len(ring):.0%} the page's {bg}): a rectangle on the page")
+        band = [shot.getpixel((x, y)) for y in range(max(1, h * 12 // 100)) for x in range(w)]
+        ink = max(band, key=lambda px: contrast(px, bg))
+        assert contrast(ink, bg) >= 4.5, (
+            f"{src} in the {scheme} scheme: its text {ink} on the page's {bg} has contrast "
+            f"{contrast(ink, bg):.1f}:1, under 4.5:1")
+        shown += 1
+    return shown

@@ -2,14 +2,17 @@
 loaded pictures, the source, search, no console errors and no request leaving loopback; and the
 layout, measured (tests/browser.py): the claims table fits beside the navigation, no word in a table
 is split mid-word, code blocks wrap instead of scrolling sideways, tables scroll inside their own
-box on a phone, whatever scrolls shows it, the comparison table's cells are padded and aligned, and
-shrunk figures open at full size.
+box on a phone, whatever scrolls shows it, the comparison table's cells are padded and aligned,
+shrunk figures open at full size, the catalogue fits its column at 1280 px, nothing on the API
+page is cut off by a phone's screen, and the pictures sit on the page's background with legible
+text in the light and the dark colour scheme.
 
-Screenshots of the home, catalogue, "Which one?", comparison and one entry page (desktop and
-phone) are saved under pytest's temporary folder (the path is printed), never in the tree; with
-ZOO_SHOTS=<folder> they are copied there too, for a person to look at. The same page checks are
-shown to fail on a copy of the site with MathJax removed, a picture deleted, without the CSS
-that keeps formulas at their size, and with issue 19's layout planted back.
+Screenshots of the home, catalogue, API, "Which one?", comparison and one entry page (desktop and
+phone; the catalogue, API and entry pages in the dark scheme too) are saved under pytest's
+temporary folder (the path is printed), never in the tree; with ZOO_SHOTS=<folder> they are copied
+there too, for a person to look at. The same page checks are shown to fail on a copy of the site
+with MathJax removed, a picture deleted, without the CSS that keeps formulas at their size, and with
+issue 19's layout planted back.
 """
 
 import json
@@ -29,18 +32,32 @@ from tests.browser import (
     check_formula_sizes,
     check_no_sideways_scroll,
     check_no_word_broken,
+    check_nothing_cut_off,
     check_pictures_loaded,
+    check_pictures_suit_the_scheme,
     check_scroll_shows,
     check_source_shown,
     check_tables_in_their_box,
     chromium_path,
     first_search_result,
     serve,
+    set_scheme,
 )
 
 # One worker builds the site once for all the site tests (make test runs --dist loadgroup).
 pytestmark = [pytest.mark.docs, pytest.mark.xdist_group("site")]
 ENTRY = "linear-transformer"
+
+
+def shoot(page, shots, name: str, dark: bool = True) -> None:
+    """A full-page screenshot `name`.png, and with `dark` `name`-dark.png in the dark scheme."""
+    page.evaluate("() => window.scrollTo(0, 0)")
+    page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+    if dark:
+        set_scheme(page, "slate")
+        page.evaluate("() => window.scrollTo(0, 0)")
+        page.screenshot(path=str(shots / f"{name}-dark.png"), full_page=True)
+        set_scheme(page, "default")
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +111,26 @@ def test_site_in_a_browser(site, page, tmp_path_factory):
         years = [int(y) for y in page.eval_on_selector_all(
             "#zoo-catalogue tbody tr", "rows => rows.map(r => r.dataset.year)")]
         assert years == sorted(years)
-        page.screenshot(path=str(shots / "catalogue.png"), full_page=True)
+        check_no_sideways_scroll(page, "#zoo-catalogue")  # every column fits at 1280 px
+        check_nothing_cut_off(page)
+        shoot(page, shots, "catalogue")
+        page.set_viewport_size({"width": 400, "height": 800})
+        check_nothing_cut_off(page)  # on a phone it scrolls inside its box, and shows that it does
+        assert check_scroll_shows(page, "#zoo-catalogue") == 1
+        shoot(page, shots, "catalogue-phone")
+        page.set_viewport_size({"width": 1280, "height": 900})
+
+        page.goto(base + "api/")  # mkdocstrings' tables: inside their box, scrolling on a phone
+        page.wait_for_load_state("networkidle")
+        check_nothing_cut_off(page)
+        check_tables_in_their_box(page)
+        shoot(page, shots, "api")
+        page.set_viewport_size({"width": 400, "height": 800})
+        check_nothing_cut_off(page)
+        check_tables_in_their_box(page)
+        assert check_scroll_shows(page, ".md-content table") >= 1
+        shoot(page, shots, "api-phone")
+        page.set_viewport_size({"width": 1280, "height": 900})
 
         page.goto(base + f"entries/{ENTRY}/")
         page.wait_for_load_state("networkidle")
@@ -103,11 +139,21 @@ def test_site_in_a_browser(site, page, tmp_path_factory):
         check_source_shown(page, "def linear_attention(")
         check_code_wraps(page)  # the source has 110-column lines
         check_no_word_broken(page)
-        page.screenshot(path=str(shots / "entry.png"), full_page=True)
+        # the pictures on the page's background, their text legible, in either colour scheme
+        assert check_pictures_suit_the_scheme(page) == 2  # the pattern and the benchmark
+        set_scheme(page, "slate")
+        assert check_pictures_suit_the_scheme(page) == 2
+        set_scheme(page, "default")
+        shoot(page, shots, "entry")
         page.set_viewport_size({"width": 400, "height": 800})
         check_tables_in_their_box(page)
         check_figures_open_full_size(page)
-        page.screenshot(path=str(shots / "entry-phone.png"), full_page=True)
+        pattern = "img.zoo-figure[src*='/pattern-']"  # (the 3-panel plot is too small to read here)
+        assert check_pictures_suit_the_scheme(page, pattern) == 1
+        set_scheme(page, "slate")
+        assert check_pictures_suit_the_scheme(page, pattern) == 1
+        set_scheme(page, "default")
+        shoot(page, shots, "entry-phone")
         page.click(f"img[src$='bench-{ENTRY}.png']")  # tapped, the three-panel plot opens alone
         page.wait_for_load_state("load")
         assert page.url.endswith(f"/assets/figures/bench-{ENTRY}.png"), page.url
@@ -135,6 +181,9 @@ def test_site_in_a_browser(site, page, tmp_path_factory):
         page.click("#zoo-compare th[data-sort=memory]")
         assert "sort=memory" in page.url
         check_cells_padded_and_aligned(page, "#zoo-compare")
+        for scheme in ("slate", "default"):  # the cards' pattern pictures follow the scheme too
+            set_scheme(page, scheme)
+            assert check_pictures_suit_the_scheme(page, "#zoo-side img.zoo-figure") == 2
         # Performer's formula is wider than its card: it scrolls there, and shows that it does
         assert check_scroll_shows(page, "#zoo-side .zoo-card div.arithmatex") >= 1
         page.screenshot(path=str(shots / "compare.png"), full_page=True)
@@ -219,7 +268,7 @@ def test_layout_checks_fail_on_the_old_layout(site, page, tmp_path):
     (assets / "zoo.css").rename(assets / "zoo-kept.css")
     (assets / "zoo.css").write_text("/* planted: no zoo.css */")
     entry = broken / "entries" / ENTRY / "index.html"
-    entry.write_text(re.sub(r'<a href="[^"]*\.png">(<img [^>]*>)</a>', r"\1", entry.read_text()))
+    entry.write_text(re.sub(r'<a [^>]*href="[^"]*\.png">(<img [^>]*>)</a>', r"\1", entry.read_text()))
     compare = broken / "compare" / "index.html"
     no_shadow = "<style>.md-typeset div.arithmatex { background: none !important; }</style></head>"
     compare.write_text(compare.read_text()
@@ -246,6 +295,54 @@ def test_layout_checks_fail_on_the_old_layout(site, page, tmp_path):
             check_scroll_shows(page, "#zoo-side .zoo-card div.arithmatex")
         with pytest.raises(AssertionError, match="padding"):
             check_cells_padded_and_aligned(page, "#zoo-compare")
+
+
+def _cut(css: str, heading: str) -> str:
+    """`css` without the block that starts with the comment beginning `heading` (to its blank line)."""
+    start = css.index(f"/* {heading}")
+    end = css.find("\n\n", start)
+    return css[:start] + (css[end:] if end >= 0 else "")
+
+
+def test_issue19_checks_fail_on_the_defects_planted_back(site, page, tmp_path):
+    """The last three of issue 19's defects, planted back into a copy of the site, each caught: the
+    catalogue wider than its column at 1280 px (zoo.css without its catalogue rules), the API page's
+    tables running off a phone's screen (without the rules that let mkdocstrings' tables scroll),
+    and the pattern picture a white rectangle in the dark scheme (the light picture served for the
+    dark one); and a picture whose text is light on the light page (the dark one served for the
+    light one) fails the legibility half of the same check."""
+    broken = tmp_path / "broken"
+    shutil.copytree(site, broken)
+    css = broken / "assets" / "zoo.css"
+    css.write_text(_cut(_cut(css.read_text(), "The catalogue's table fits"), "The API page's tables"))
+    figures = broken / "assets" / "figures"
+    shutil.copy(figures / f"pattern-{ENTRY}.png", figures / f"pattern-{ENTRY}-dark.png")
+    shutil.copy(figures / "pattern-performer-dark.png", figures / "pattern-performer.png")
+    with serve(broken) as base:
+        page.goto(base + "catalogue/")
+        page.wait_for_load_state("networkidle")
+        with pytest.raises(AssertionError, match="scrolls sideways"):
+            check_no_sideways_scroll(page, "#zoo-catalogue")
+        page.set_viewport_size({"width": 400, "height": 800})
+        page.goto(base + "api/")
+        page.wait_for_load_state("networkidle")
+        with pytest.raises(AssertionError, match="cut off by the edge of the content or screen"):
+            check_nothing_cut_off(page)
+        with pytest.raises(AssertionError, match="cut off by the edge of the column or screen"):
+            check_tables_in_their_box(page)
+        page.set_viewport_size({"width": 1280, "height": 900})
+        page.goto(base + f"entries/{ENTRY}/")
+        page.wait_for_load_state("networkidle")
+        pattern = "img.zoo-figure[src*='/pattern-']"
+        assert check_pictures_suit_the_scheme(page, pattern) == 1  # light: as it was
+        set_scheme(page, "slate")
+        with pytest.raises(AssertionError, match="slate scheme: drawn on a background of its own"):
+            check_pictures_suit_the_scheme(page, pattern)
+        set_scheme(page, "default")
+        page.goto(base + "entries/performer/")
+        page.wait_for_load_state("networkidle")
+        with pytest.raises(AssertionError, match=r"default scheme: its text .* under 4\.5:1"):
+            check_pictures_suit_the_scheme(page, pattern)
 
 
 def test_search_index_has_names_not_source_or_bibtex(site):

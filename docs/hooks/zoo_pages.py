@@ -16,7 +16,7 @@ from mkdocs.structure.files import File
 from zoo.catalog import FAMILIES, catalog
 from zoo.site.compare import compare_page
 from zoo.site.compat import compat_page, entry_compat
-from zoo.site.figures import approximation_figure, bench_png, cached_png, pattern_figure
+from zoo.site.figures import DARK_STYLE, approximation_figures, bench_png, cached_png, pattern_figures
 from zoo.site.pages import (
     FAMILY_TITLES,
     benchmarks_page,
@@ -139,12 +139,19 @@ def on_files(files, config):
         page = with_section(page, entry_peers(e, peers), before="## Usage")
         add(page_path(e), with_section(page, entry_compat(e, compat), before="## Usage"))
         if in_bench:
+            key = (bench["results"][e.id], bench["results"]["sdpa"])
             add(f"assets/figures/bench-{e.id}.png",
-                cached_png(f"bench-{e.id}", (bench["results"][e.id], bench["results"]["sdpa"]),
-                           lambda e=e: bench_png(bench, [e.id], e.id)))
-        add(f"assets/figures/pattern-{e.id}.png", pattern_figure(e))
+                cached_png(f"bench-{e.id}", key, lambda e=e: bench_png(bench, [e.id], e.id)))
+            add(f"assets/figures/bench-{e.id}-dark.png",
+                cached_png(f"bench-dark-{e.id}", (*key, DARK_STYLE),
+                           lambda e=e: bench_png(bench, [e.id], e.id, dark=True)))
+        light, dark = pattern_figures(e)
+        add(f"assets/figures/pattern-{e.id}.png", light)
+        add(f"assets/figures/pattern-{e.id}-dark.png", dark)
         if e.budget is not None:
-            add(f"assets/figures/approx-{e.id}.png", approximation_figure(e))
+            light, dark = approximation_figures(e)
+            add(f"assets/figures/approx-{e.id}.png", light)
+            add(f"assets/figures/approx-{e.id}-dark.png", dark)
     files.append(File.generated(config, MATHJAX_URI, abs_src_path=str(_mathjax_file())))
     return files
 

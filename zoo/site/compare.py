@@ -225,13 +225,15 @@ def compare_page(entries: list[Entry], rows: dict[str, dict], bench: dict | None
             f"<td>{e.family}</td><td>{_f(x.time_ms, '{:.0f}')}</td><td>{_f(x.peak_mib, '{:.0f}')}</td>"
             f"<td>{_f(x.speedup, '{:.1f}x')}</td><td>{_f(x.recall)}</td><td>{error}</td>"
             f"<td>{claims}</td></tr>")
+        pictures = "".join(  # one for the light scheme, one for the dark: zoo.css shows one
+            f'<a class="zoo-{scheme}" href="../assets/figures/pattern-{e.id}{tail}.png">'
+            f'<img class="zoo-figure" loading="lazy" src="../assets/figures/pattern-{e.id}{tail}.png" '
+            f'alt="attention pattern of {e.id}"></a>' for scheme, tail in (("light", ""), ("dark", "-dark")))
         cards.append(
             f'<div class="zoo-card" data-card="{e.id}" hidden>'
             f'<h3><a href="../entries/{e.id}/">{html.escape(e.display_name)}</a></h3>'
             f'<p class="zoo-paper">{html.escape(e.title)} ({e.year})</p>'
-            f'<div class="arithmatex">\\[{html.escape(e.formula)}\\]</div>'
-            f'<a href="../assets/figures/pattern-{e.id}.png"><img class="zoo-figure" loading="lazy" '
-            f'src="../assets/figures/pattern-{e.id}.png" alt="attention pattern of {e.id}"></a>'
+            f'<div class="arithmatex">\\[{html.escape(e.formula)}\\]</div>{pictures}'
             f"<ul><li>time {_math(e.complexity['time'])}, memory {_math(e.complexity['memory'])}</li>"
             f"<li>at n = {AT_N}: {_f(x.time_ms, '{:.0f}')} ms, {_f(x.peak_mib, '{:.0f}')} MiB, "
             f"{_f(x.speedup, '{:.1f}x')} SDPA's speed</li><li>recall {_f(x.recall)}</li>"

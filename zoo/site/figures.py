@@ -6,6 +6,7 @@ fingerprint of everything they depend on, so a rebuild with nothing changed is f
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -54,13 +55,27 @@ def failed_png(name: str, err: Exception) -> bytes:
     return _png(fig)
 
 
-def _png(fig) -> bytes:
+def _png(fig, transparent: bool = False) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", transparent=transparent)
     plt.close(fig)
     return buf.getvalue()
+
+
+# The dark variant of a picture, for the site's dark scheme (Material's slate): no background of its
+# own (the page's shows through) and its text, ticks and frames light. The colour map is the same.
+DARK_INK = "#dfe2ea"
+DARK_STYLE = {**{name: DARK_INK for name in ("text.color", "axes.labelcolor", "axes.edgecolor",
+                                             "xtick.color", "ytick.color")},
+              "legend.facecolor": "none", "legend.edgecolor": "#6b7080"}
+
+
+def _scheme(dark: bool):
+    import matplotlib.pyplot as plt
+
+    return plt.rc_context(DARK_STYLE if dark else {})
 
 
 def pattern_maps(e: Entry, n: int = PATTERN_N) -> list[tuple[str, torch.Tensor]]:
@@ -83,14 +98,21 @@ def pattern_maps(e: Entry, n: int = PATTERN_N) -> list[tuple[str, torch.Tensor]]
     return out
 
 
-def pattern_png(e: Entry) -> bytes:
+def pattern_png(e: Entry, dark: bool = False, maps: list | None = None) -> bytes:
+    """The pattern maps side by side; `dark`: the variant for the dark scheme (DARK_STYLE)."""
     import matplotlib
 
     matplotlib.use("Agg")
+
+    maps = pattern_maps(e) if maps is None else maps
+    with _scheme(dark):
+        return _pattern_png(e, maps, dark)
+
+
+def _pattern_png(e: Entry, maps: list, dark: bool) -> bytes:
     import matplotlib.pyplot as plt
     from matplotlib.colors import PowerNorm
 
-    maps = pattern_maps(e)
     fig, axes = plt.subplots(1, len(maps), figsize=(3.4 * len(maps), 3.2), squeeze=False)
     for ax, (title, m) in zip(axes[0], maps, strict=True):
         # Each row scaled to its own maximum, on a power scale, so weak links stay visible.
@@ -104,29 +126,38 @@ def pattern_png(e: Entry) -> bytes:
                       fontsize=8)
         ax.tick_params(labelsize=7)
     fig.suptitle(e.id, fontsize=10)
-    return _png(fig)
+    return _png(fig, transparent=dark)
 
 
 def approximation_png(e: Entry, errors: dict, baselines: dict | None = None,
-                      peaked: tuple[dict, dict] | None = None) -> bytes:
+                      peaked: tuple[dict, dict] | None = None, dark: bool = False) -> bytes:
     """Error against the budget, with the uniform-averaging and zeros baselines as dashed lines;
-    `peaked` = (errors, baselines) on peaked inputs, drawn in a second colour."""
+    `peaked` = (errors, baselines) on peaked inputs, drawn in a second colour; `dark`: the
+    variant for the dark scheme."""
     import matplotlib
 
     matplotlib.use("Agg")
+
+    with _scheme(dark):
+        return _approximation_png(e, errors, baselines, peaked, dark)
+
+
+def _approximation_png(e: Entry, errors: dict, baselines: dict | None,
+                       peaked: tuple[dict, dict] | None, dark: bool) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.4, 3.4), layout="constrained")
-    series = [("random inputs", errors, baselines, "#5e35b1")]
+    series = [("random inputs", errors, baselines, "#b39ddb" if dark else "#5e35b1")]
     if peaked:
-        series.append(("peaked inputs", peaked[0], peaked[1], "#ef6c00"))
+        series.append(("peaked inputs", peaked[0], peaked[1], "#ffb74d" if dark else "#ef6c00"))
     for label, errs, base, colour in series:
         ax.plot(list(errs), list(errs.values()), marker="o", color=colour, label=label)
         if base:
             ax.axhline(base["uniform"], color=colour, ls="--", lw=1,
                        label=f"uniform averaging ({label})")
     if baselines:
-        ax.axhline(baselines["zeros"], color="black", ls=":", lw=1, label="zeros")
+        ax.axhline(baselines["zeros"], color=DARK_INK if dark else "black", ls=":", lw=1,
+                   label="zeros")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel(str((e.budget or {}).get("param")), fontsize=9)
@@ -134,21 +165,31 @@ def approximation_png(e: Entry, errors: dict, baselines: dict | None = None,
     ax.set_title(f"{e.display_name}: error as the budget grows", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    return _png(fig)
+    return _png(fig, transparent=dark)
 
 
-def pattern_figure(e: Entry) -> bytes:
-    return cached_png(f"pattern-{e.id}", (e, *e.sources), lambda: pattern_png(e))
+def pattern_figures(e: Entry) -> tuple[bytes, bytes]:
+    """The pattern picture for the light and for the dark scheme; the maps computed once."""
+    maps = functools.cache(lambda: pattern_maps(e))
+    light = cached_png(f"pattern-{e.id}", (e, *e.sources), lambda: pattern_png(e, maps=maps()))
+    dark = cached_png(f"pattern-dark-{e.id}", (e, *e.sources, DARK_STYLE),
+                      lambda: pattern_png(e, dark=True, maps=maps()))
+    return light, dark
 
 
-def approximation_figure(e: Entry) -> bytes:
-    def draw() -> bytes:
+def approximation_figures(e: Entry) -> tuple[bytes, bytes]:
+    """The approximation picture for the light and for the dark scheme; the errors measured once."""
+    @functools.cache
+    def measured() -> tuple:
         t = probe.PEAKED_TEMPERATURE
-        return approximation_png(e, probe.approximation_error(e), probe.approximation_baselines(e),
-                                 (probe.approximation_error(e, temperature=t),
-                                  probe.approximation_baselines(e, temperature=t)))
+        return (probe.approximation_error(e), probe.approximation_baselines(e),
+                (probe.approximation_error(e, temperature=t),
+                 probe.approximation_baselines(e, temperature=t)))
 
-    return cached_png(f"approx-{e.id}", (e, *e.sources, "baselines"), draw)
+    key = (e, *e.sources, "baselines")
+    return (cached_png(f"approx-{e.id}", key, lambda: approximation_png(e, *measured())),
+            cached_png(f"approx-dark-{e.id}", (*key, DARK_STYLE),
+                       lambda: approximation_png(e, *measured(), dark=True)))
 
 
 def _series(points: list[dict], key: str):
@@ -158,12 +199,19 @@ def _series(points: list[dict], key: str):
     return [p["n"] for p in ok], [p[key] * scale for p in ok]
 
 
-def bench_png(data: dict, names: list[str], title: str) -> bytes:
+def bench_png(data: dict, names: list[str], title: str, dark: bool = False) -> bytes:
     """Time (plain process; forward, and forward + backward where measured) and peak memory against
-    n, log-log, one line per entry, the SDPA baseline in black."""
+    n, log-log, one line per entry, the SDPA baseline in black (`dark`: the variant for the dark
+    scheme, the baseline in DARK_INK)."""
     import matplotlib
 
     matplotlib.use("Agg")
+
+    with _scheme(dark):
+        return _bench_png(data, names, title, dark)
+
+
+def _bench_png(data: dict, names: list[str], title: str, dark: bool) -> bytes:
     import matplotlib.pyplot as plt
 
     from zoo.verify.bench import BASELINE
@@ -184,7 +232,8 @@ def bench_png(data: dict, names: list[str], title: str) -> bytes:
                 continue
             base = name == BASELINE
             ax.plot(xs, ys, marker="o", ms=3, lw=2.6 if base else 1.3,
-                    color="black" if base else None, label="SDPA (baseline)" if base else name,
+                    color=(DARK_INK if dark else "black") if base else None,
+                    label="SDPA (baseline)" if base else name,
                     zorder=3 if base else 2)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -197,4 +246,4 @@ def bench_png(data: dict, names: list[str], title: str) -> bytes:
     else:
         what = "forward+backward" if s["backward"] else "forward"
     fig.suptitle(f"{title} (dim {s['dim']}, {s['heads']} heads, {what})", fontsize=10)
-    return _png(fig)
+    return _png(fig, transparent=dark)

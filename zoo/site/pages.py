@@ -41,6 +41,13 @@ def figure(alt: str, src: str) -> str:
     return f"[![{alt}]({src}){{ .zoo-figure }}]({src})"
 
 
+def themed_figure(alt: str, light: str, dark: str) -> str:
+    """`figure` drawn twice, for Material's light and dark schemes: zoo.css shows the one that
+    matches the page (a picture on a white background is a glaring rectangle on the dark page)."""
+    return (f"[![{alt}]({light}){{ .zoo-figure }}]({light}){{ .zoo-light }}"
+            f"[![{alt}]({dark}){{ .zoo-figure }}]({dark}){{ .zoo-dark }}")
+
+
 _CODE_LINE = re.compile(r'<span id="(__span-[0-9-]+)">([^\n]*)\n</span>')
 
 
@@ -254,7 +261,8 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
             f"{' (pixels in row-major order)' if e.input == 'image' else ''}; each row scaled to "
             "its maximum.",
             "",
-            figure(f"Attention pattern of {e.id}", f"../assets/figures/pattern-{e.id}.png"),
+            themed_figure(f"Attention pattern of {e.id}", f"../assets/figures/pattern-{e.id}.png",
+                          f"../assets/figures/pattern-{e.id}-dark.png"),
             "",
         ]
         if e.budget is not None:
@@ -267,7 +275,8 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
                 "zeros (error 1); an error above them is worse than ignoring the scores.",
                 "",
                 *approximation_table(e, (row or {}).get("approximation")),
-                figure(f"Approximation error of {e.id}", f"../assets/figures/approx-{e.id}.png"),
+                themed_figure(f"Approximation error of {e.id}", f"../assets/figures/approx-{e.id}.png",
+                              f"../assets/figures/approx-{e.id}-dark.png"),
                 "",
             ]
     if bench:
@@ -277,7 +286,8 @@ def entry_page(e: Entry, row: dict | None = None, *, figures: bool = True,
             "Time (forward, and forward + backward) and peak memory against the SDPA baseline (see "
             "[Benchmarks](../benchmarks.md)).",
             "",
-            figure(f"Benchmark of {e.id}", f"../assets/figures/bench-{e.id}.png"),
+            themed_figure(f"Benchmark of {e.id}", f"../assets/figures/bench-{e.id}.png",
+                          f"../assets/figures/bench-{e.id}-dark.png"),
             "",
         ]
     if e.notes.strip():
