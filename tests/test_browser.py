@@ -5,12 +5,14 @@ is split mid-word, code blocks wrap instead of scrolling sideways, tables scroll
 box on a phone, whatever scrolls shows it, the comparison table's cells are padded and aligned,
 shrunk figures open at full size, the catalogue fits its column at 1280 px, nothing on the API
 page is cut off by a phone's screen, and the pictures sit on the page's background with legible
-text in the light and the dark colour scheme.
+text in the light and the dark colour scheme: on every page that shows a drawn picture (the entry
+pages, the comparison cards, the benchmarks, the Quality page and "Which one?").
 
 Screenshots of the home, catalogue, API, "Which one?", comparison and one entry page (desktop and
-phone; the catalogue, API and entry pages in the dark scheme too) are saved under pytest's
-temporary folder (the path is printed), never in the tree; with ZOO_SHOTS=<folder> they are copied
-there too, for a person to look at. The same page checks are shown to fail on a copy of the site
+phone; the catalogue, API and entry pages in the dark scheme too), and of every page with a drawn
+picture but the entries (one entry only) in the dark scheme, are saved under pytest's temporary
+folders (the paths are printed), never in the tree; with ZOO_SHOTS=<folder> they are copied there
+too, for a person to look at. The same page checks are shown to fail on a copy of the site
 with MathJax removed, a picture deleted, without the CSS that keeps formulas at their size, and with
 issue 19's layout planted back.
 """
@@ -210,6 +212,47 @@ def test_site_in_a_browser(site, page, tmp_path_factory):
     assert not page.watch.outside, f"requests left loopback: {page.watch.outside}"
 
 
+def pages_with_pictures(site) -> list[str]:
+    """The paths (from the site's root) of the pages that show a picture the site draws."""
+    return sorted(f"{p.parent.relative_to(site).as_posix()}/".removeprefix("./")
+                  for p in site.rglob("index.html") if 'class="zoo-figure"' in p.read_text())
+
+
+SHOWS = {"compare/": "?pick=performer,linformer"}  # the comparison's pictures are on its cards
+
+
+def test_every_drawn_picture_suits_both_schemes(site, page, tmp_path_factory):
+    """At 1280 px, on every page with a drawn picture, in the light and in the dark scheme, each
+    shown picture is on the page's background with legible text, and as many show in either."""
+    pages = pages_with_pictures(site)
+    figures = site / "assets" / "figures"
+    families = len(list(figures.glob("bench-family-*-dark.png")))
+    expected = {"benchmarks/": families, "quality/": 2, "choose/": 1, "compare/": 2, f"entries/{ENTRY}/": 2}
+    assert families and set(expected) <= set(pages), pages
+    assert sum(p.startswith("entries/") for p in pages) == len(zoo.names()), pages
+    shots = tmp_path_factory.mktemp("screenshots-dark")
+    with serve(site) as base:
+        for path in pages:
+            page.goto(base + path + SHOWS.get(path, ""))
+            page.wait_for_load_state("load")  # (the check waits for each picture it looks at)
+            shown = []
+            for scheme in ("default", "slate"):
+                set_scheme(page, scheme)
+                try:
+                    shown.append(check_pictures_suit_the_scheme(page))
+                except AssertionError as err:
+                    raise AssertionError(f"{path}: {err}") from None
+            assert shown[0] == shown[1] == expected.get(path, shown[0]) > 0, (path, shown)
+            if not path.startswith("entries/") or path == f"entries/{ENTRY}/":
+                page.evaluate("() => window.scrollTo(0, 0)")
+                name = path.strip("/").replace("/", "-")
+                page.screenshot(path=str(shots / f"{name}-dark.png"), full_page=True)
+    print(f"\nscreenshots in {shots}")
+    if os.environ.get("ZOO_SHOTS"):
+        shutil.copytree(shots, os.environ["ZOO_SHOTS"], dirs_exist_ok=True)
+    assert not page.watch.errors, page.watch.errors
+
+
 def test_checks_fail_on_a_broken_site(site, page, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(site, broken)
@@ -309,8 +352,9 @@ def test_issue19_checks_fail_on_the_defects_planted_back(site, page, tmp_path):
     catalogue wider than its column at 1280 px (zoo.css without its catalogue rules), the API page's
     tables running off a phone's screen (without the rules that let mkdocstrings' tables scroll),
     and the pattern picture a white rectangle in the dark scheme (the light picture served for the
-    dark one); and a picture whose text is light on the light page (the dark one served for the
-    light one) fails the legibility half of the same check."""
+    dark one), and so the pictures of the other pages (a family's benchmark plot, the recall heat
+    map, the Pareto plot); and a picture whose text is light on the light page (the dark one served
+    for the light one) fails the legibility half of the same check."""
     broken = tmp_path / "broken"
     shutil.copytree(site, broken)
     css = broken / "assets" / "zoo.css"
@@ -318,6 +362,9 @@ def test_issue19_checks_fail_on_the_defects_planted_back(site, page, tmp_path):
     figures = broken / "assets" / "figures"
     shutil.copy(figures / f"pattern-{ENTRY}.png", figures / f"pattern-{ENTRY}-dark.png")
     shutil.copy(figures / "pattern-performer-dark.png", figures / "pattern-performer.png")
+    family = sorted(figures.glob("bench-family-*-dark.png"))[-1].name.removesuffix("-dark.png")
+    for name in (family, "quality-heatmap", "quality-pareto"):
+        shutil.copy(figures / f"{name}.png", figures / f"{name}-dark.png")
     with serve(broken) as base:
         page.goto(base + "catalogue/")
         page.wait_for_load_state("networkidle")
@@ -343,6 +390,17 @@ def test_issue19_checks_fail_on_the_defects_planted_back(site, page, tmp_path):
         page.wait_for_load_state("networkidle")
         with pytest.raises(AssertionError, match=r"default scheme: its text .* under 4\.5:1"):
             check_pictures_suit_the_scheme(page, pattern)
+        # the last family's plot on the benchmarks page, the heat map (first) on the Quality page
+        for path, name in (("benchmarks/", family), ("quality/", "quality-heatmap"),
+                           ("choose/", "quality-pareto")):
+            page.goto(base + path)
+            page.wait_for_load_state("networkidle")
+            set_scheme(page, "default")
+            assert check_pictures_suit_the_scheme(page) >= 1  # light: as it was
+            set_scheme(page, "slate")
+            with pytest.raises(AssertionError, match=f"{name}-dark.png in the slate scheme: drawn on "
+                                                     "a background of its own"):
+                check_pictures_suit_the_scheme(page)
 
 
 def test_search_index_has_names_not_source_or_bibtex(site):

@@ -16,7 +16,7 @@ from mkdocs.structure.files import File
 from zoo.catalog import FAMILIES, catalog
 from zoo.site.compare import compare_page
 from zoo.site.compat import compat_page, entry_compat
-from zoo.site.figures import DARK_STYLE, approximation_figures, bench_png, cached_png, pattern_figures
+from zoo.site.figures import approximation_figures, bench_png, pattern_figures, themed_pngs
 from zoo.site.pages import (
     FAMILY_TITLES,
     benchmarks_page,
@@ -113,12 +113,16 @@ def on_files(files, config):
     add("peers.md", peers_page(peers))
     compat = json.loads(COMPAT_RESULTS.read_text()) if COMPAT_RESULTS.is_file() else None
     add("compat.md", compat_page(entries, compat))
+
+    def add_themed(name: str, pictures: tuple[bytes, bytes]):  # for the light and the dark scheme
+        add(f"assets/figures/{name}.png", pictures[0])
+        add(f"assets/figures/{name}-dark.png", pictures[1])
+
     if quality:
-        add("assets/figures/quality-heatmap.png",
-            cached_png("quality-heatmap", (quality, [e.id for e in entries]),
-                       lambda: heatmap_png(quality, entries)))
-        add("assets/figures/quality-pareto.png",
-            cached_png("quality-pareto", (quality, bench), lambda: pareto_png(quality, bench)))
+        add_themed("quality-heatmap", themed_pngs("quality-heatmap", (quality, [e.id for e in entries]),
+                                                  lambda dark: heatmap_png(quality, entries, dark)))
+        add_themed("quality-pareto", themed_pngs("quality-pareto", (quality, bench),
+                                                 lambda dark: pareto_png(quality, bench, dark)))
     public_file = BENCH_RESULTS.with_name("public.json")
     public = json.loads(public_file.read_text()) if public_file.is_file() else None
     decoding_file = BENCH_RESULTS.with_name("decoding.json")
@@ -128,9 +132,9 @@ def on_files(files, config):
         for fam in FAMILIES:
             members = [e.id for e in entries if e.family == fam and e.id in bench["results"]]
             if members:
-                add(f"assets/figures/bench-family-{fam}.png",
-                    cached_png(f"bench-family-{fam}", (bench, members),
-                               lambda m=members, f=fam: bench_png(bench, m, FAMILY_TITLES[f])))
+                add_themed(f"bench-family-{fam}", themed_pngs(
+                    f"bench-family-{fam}", (bench, members),
+                    lambda dark, m=members, f=fam: bench_png(bench, m, FAMILY_TITLES[f], dark)))
     log.info("zoo: drawing the pattern pictures (cached in .cache/figures)")
     for e in entries:
         in_bench = bool(bench) and e.id in bench["results"]
@@ -140,18 +144,11 @@ def on_files(files, config):
         add(page_path(e), with_section(page, entry_compat(e, compat), before="## Usage"))
         if in_bench:
             key = (bench["results"][e.id], bench["results"]["sdpa"])
-            add(f"assets/figures/bench-{e.id}.png",
-                cached_png(f"bench-{e.id}", key, lambda e=e: bench_png(bench, [e.id], e.id)))
-            add(f"assets/figures/bench-{e.id}-dark.png",
-                cached_png(f"bench-dark-{e.id}", (*key, DARK_STYLE),
-                           lambda e=e: bench_png(bench, [e.id], e.id, dark=True)))
-        light, dark = pattern_figures(e)
-        add(f"assets/figures/pattern-{e.id}.png", light)
-        add(f"assets/figures/pattern-{e.id}-dark.png", dark)
+            add_themed(f"bench-{e.id}", themed_pngs(
+                f"bench-{e.id}", key, lambda dark, e=e: bench_png(bench, [e.id], e.id, dark)))
+        add_themed(f"pattern-{e.id}", pattern_figures(e))
         if e.budget is not None:
-            light, dark = approximation_figures(e)
-            add(f"assets/figures/approx-{e.id}.png", light)
-            add(f"assets/figures/approx-{e.id}-dark.png", dark)
+            add_themed(f"approx-{e.id}", approximation_figures(e))
     files.append(File.generated(config, MATHJAX_URI, abs_src_path=str(_mathjax_file())))
     return files
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from zoo.catalog import Entry
-from zoo.site.pages import figure
+from zoo.site.pages import themed_figure
 from zoo.site.quality import cell_names, recall_score, speedups
 from zoo.verify.claims import report_cells
 
@@ -165,7 +165,8 @@ def choose_page(entries: list[Entry], rows: dict[str, dict], quality: dict | Non
                 "top three side by side</a>", ""]
     if quality:
         out += ["## Recall against speed", "",
-                figure("recall against speed", "assets/figures/quality-pareto.png"), ""]
+                themed_figure("recall against speed", "assets/figures/quality-pareto.png",
+                              "assets/figures/quality-pareto-dark.png"), ""]
     return "\n".join(out)
 
 

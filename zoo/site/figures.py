@@ -21,18 +21,22 @@ PATTERN_N = 24
 
 
 def cached_png(name: str, key_parts: tuple, render: Callable[[], bytes],
-               cache_dir: Path | None = None) -> bytes:
+               cache_dir: Path | None = None, dark: bool = False) -> bytes:
+    """`render()`, cached under `name` and a fingerprint of `key_parts`; a picture of the reason
+    (in the dark scheme's colours with `dark`) if it cannot be drawn."""
     cache_dir = cache_dir or cache_root() / "figures"
-    path = cache_dir / f"{name}-{fingerprint(*key_parts)}.png"
+    key = fingerprint(*key_parts)
+    path = cache_dir / f"{name}-{key}.png"
     if path.is_file():
         return path.read_bytes()
     try:
         data = render()
     except Exception as err:  # noqa: BLE001 - an unfinished entry must not stop the whole site
-        return failed_png(name, err)  # not cached: drawn again once the entry runs
+        return failed_png(name, err, dark=dark)  # not cached: drawn again once the entry runs
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        for old in cache_dir.glob(f"{name}-*.png"):
+        # this name's older versions only: `pattern-linear-*.png` would match linear-transformer's
+        for old in cache_dir.glob(f"{name}-{'?' * len(key)}.png"):
             old.unlink()
         path.write_bytes(data)
     except OSError:
@@ -40,19 +44,32 @@ def cached_png(name: str, key_parts: tuple, render: Callable[[], bytes],
     return data
 
 
-def failed_png(name: str, err: Exception) -> bytes:
+def themed_pngs(name: str, key_parts: tuple, render: Callable[[bool], bytes]) -> tuple[bytes, bytes]:
+    """`render(dark)` for the light and for the dark scheme (zoo.site.pages.themed_figure shows
+    the one that matches the page), each cached: the dark one as `dark-<name>`."""
+    light = cached_png(name, key_parts, lambda: render(False))
+    dark = cached_png(f"dark-{name}", (*key_parts, DARK_STYLE), lambda: render(True), dark=True)
+    return light, dark
+
+
+def failed_png(name: str, err: Exception, dark: bool = False) -> bytes:
     """A picture that says why `name` could not be drawn (an entry still being written, say
-    `zoo new`'s TODO), so the site still builds and the reason is on the page."""
+    `zoo new`'s TODO), so the site still builds and the reason is on the page; `dark`: in the
+    dark scheme's colours."""
     import textwrap
 
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 1.6))
-    ax.axis("off")
-    why = textwrap.fill(f"{type(err).__name__}: {err}", 80)
-    ax.text(0.0, 0.5, f"{name}: could not be drawn\n{why}", va="center", family="monospace",
-            fontsize=8, transform=ax.transAxes)
-    return _png(fig)
+    with _scheme(dark):
+        fig, ax = plt.subplots(figsize=(6, 1.6))
+        ax.axis("off")
+        why = textwrap.fill(f"{type(err).__name__}: {err}", 80)
+        ax.text(0.0, 0.5, f"{name}: could not be drawn\n{why}", va="center", family="monospace",
+                fontsize=8, transform=ax.transAxes)
+        return _png(fig, transparent=dark)
 
 
 def _png(fig, transparent: bool = False) -> bytes:
@@ -171,10 +188,8 @@ def _approximation_png(e: Entry, errors: dict, baselines: dict | None,
 def pattern_figures(e: Entry) -> tuple[bytes, bytes]:
     """The pattern picture for the light and for the dark scheme; the maps computed once."""
     maps = functools.cache(lambda: pattern_maps(e))
-    light = cached_png(f"pattern-{e.id}", (e, *e.sources), lambda: pattern_png(e, maps=maps()))
-    dark = cached_png(f"pattern-dark-{e.id}", (e, *e.sources, DARK_STYLE),
-                      lambda: pattern_png(e, dark=True, maps=maps()))
-    return light, dark
+    return themed_pngs(f"pattern-{e.id}", (e, *e.sources),
+                       lambda dark: pattern_png(e, dark=dark, maps=maps()))
 
 
 def approximation_figures(e: Entry) -> tuple[bytes, bytes]:
@@ -186,10 +201,8 @@ def approximation_figures(e: Entry) -> tuple[bytes, bytes]:
                 (probe.approximation_error(e, temperature=t),
                  probe.approximation_baselines(e, temperature=t)))
 
-    key = (e, *e.sources, "baselines")
-    return (cached_png(f"approx-{e.id}", key, lambda: approximation_png(e, *measured())),
-            cached_png(f"approx-dark-{e.id}", (*key, DARK_STYLE),
-                       lambda: approximation_png(e, *measured(), dark=True)))
+    return themed_pngs(f"approx-{e.id}", (e, *e.sources, "baselines"),
+                       lambda dark: approximation_png(e, *measured(), dark=dark))
 
 
 def _series(points: list[dict], key: str):

@@ -706,5 +706,6 @@ def _bench_families(entries: list[Entry], data: dict) -> list[str]:
     for fam in FAMILIES:
         if any(e.family == fam and e.id in data["results"] for e in entries):
             out += [f"## {FAMILY_TITLES[fam]}", "",
-                    figure(FAMILY_TITLES[fam], f"assets/figures/bench-family-{fam}.png"), ""]
+                    themed_figure(FAMILY_TITLES[fam], f"assets/figures/bench-family-{fam}.png",
+                                  f"assets/figures/bench-family-{fam}-dark.png"), ""]
     return out

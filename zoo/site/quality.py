@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from zoo.catalog import Entry
-from zoo.site.pages import figure
+from zoo.site.pages import themed_figure
 from zoo.verify.quality import STOP_AT, summary
 
 # Long Range Arena, Tay et al. (arXiv 2011.04006), Table 1: published test accuracies (%), copied as
@@ -78,10 +78,20 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
 
-def heatmap_png(data: dict, entries: list[Entry]) -> bytes:
+def heatmap_png(data: dict, entries: list[Entry], dark: bool = False) -> bytes:
+    """Accuracy per entry and cell, best recall first; `dark`: the variant for the dark scheme
+    (zoo.site.figures.DARK_STYLE: no background, light text; the same colour map)."""
     import matplotlib
 
     matplotlib.use("Agg")
+
+    from zoo.site.figures import _scheme
+
+    with _scheme(dark):
+        return _heatmap_png(data, entries, dark)
+
+
+def _heatmap_png(data: dict, entries: list[Entry], dark: bool) -> bytes:
     import matplotlib.pyplot as plt
 
     from zoo.site.figures import _png
@@ -101,17 +111,28 @@ def heatmap_png(data: dict, entries: list[Entry]) -> bytes:
                         color="black" if v > 0.6 else "white")
     fig.colorbar(im, ax=ax, label="test accuracy at the query positions")
     ax.set_title("Associative recall (MQAR): accuracy per entry and cell")
-    return _png(fig)
+    return _png(fig, transparent=dark)
 
 
-def pareto_png(data: dict, bench: dict | None) -> bytes:
+def pareto_png(data: dict, bench: dict | None, dark: bool = False) -> bytes:
+    """Recall against speed, the Pareto front in red; `dark`: the variant for the dark scheme
+    (lighter blue and red, which stand out from the dark page as the light ones do from white)."""
     import matplotlib
 
     matplotlib.use("Agg")
+
+    from zoo.site.figures import _scheme
+
+    with _scheme(dark):
+        return _pareto_png(data, bench, dark)
+
+
+def _pareto_png(data: dict, bench: dict | None, dark: bool) -> bytes:
     import matplotlib.pyplot as plt
 
     from zoo.site.figures import _png
 
+    dot, front_colour = ("#64b5f6", "#ff7961") if dark else ("C0", "C3")
     table, cells, speed = summary(data), cell_names(data), speedups(bench)
     points: dict[str, tuple[float, float]] = {}
     for n, t in table.items():
@@ -122,18 +143,18 @@ def pareto_png(data: dict, bench: dict | None) -> bytes:
     fig, ax = plt.subplots(figsize=(8, 5))
     for n, (s, r) in points.items():
         on = n in front
-        ax.scatter(s, r, s=30 if on else 14, color="C3" if on else "C0", zorder=3 if on else 2)
+        ax.scatter(s, r, s=30 if on else 14, color=front_colour if on else dot, zorder=3 if on else 2)
         if on:
             ax.annotate(n, (s, r), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if front:
-        ax.plot([points[n][0] for n in front], [points[n][1] for n in front], color="C3", lw=1)
+        ax.plot([points[n][0] for n in front], [points[n][1] for n in front], color=front_colour, lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("forward speed-up over the SDPA layer at n = 16384 (committed benchmark)")
     ax.set_ylabel("recall (mean accuracy over the measured cells)")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.set_title("Recall against speed; the Pareto front in red")
-    return _png(fig)
+    return _png(fig, transparent=dark)
 
 
 ORDERING = ("softmax-attention", "linear-transformer", "performer")
@@ -193,13 +214,15 @@ def quality_page(entries: list[Entry], data: dict | None, bench: dict | None) ->
         "Cells (length n, key-value pairs, vocabulary): "
         + "; ".join(f"`{c}` ({v['n']}, {v['pairs']}, {v['vocab']})" for c, v in data["cells"].items())
         + ".", "",
-        figure("recall heat map", "assets/figures/quality-heatmap.png"), "",
+        themed_figure("recall heat map", "assets/figures/quality-heatmap.png",
+                      "assets/figures/quality-heatmap-dark.png"), "",
         "## Recall against speed", "",
         "The x axis is the forward speed-up over the SDPA layer at n = 16384 from the committed "
         "[benchmarks](benchmarks.md) (image entries at about as many pixels); the y axis the mean "
         "accuracy over the separation cells measured so far (the smoke cell where none is). The "
         "red line joins the Pareto front: no entry is both faster and better at recall.", "",
-        figure("recall against speed", "assets/figures/quality-pareto.png"), "",
+        themed_figure("recall against speed", "assets/figures/quality-pareto.png",
+                      "assets/figures/quality-pareto-dark.png"), "",
     ]
     speed = speedups(bench)
     points = {n: (speed[n], recall_score(t, cells)) for n, t in table.items()
