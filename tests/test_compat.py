@@ -158,6 +158,23 @@ def test_speed_section_lists_every_slower_entry_with_what_was_measured():
     assert "0.50x the time)." in entry_compat(soft, data)
 
 
+def test_speed_section_names_the_entries_whose_runs_disagree():
+    """An entry measured several times goes under "Not settled" only when compiled was faster in
+    some of its runs and slower in others; the table shows its last run."""
+    soft, linear = zoo.entry("softmax-attention"), zoo.entry("linear-transformer")
+    run = {"ok": True, "why": "", "n": 2048, "graph_breaks": 0}
+    data = {"rows": {
+        "softmax-attention": {"speed": {**run, "eager_s": 0.02, "compiled_s": 0.01,
+                                        "earlier": [{"eager_s": 0.02, "compiled_s": 0.03, "load": [1.5]}]}},
+        "linear-transformer": {"speed": {**run, "eager_s": 0.02, "compiled_s": 0.01,
+                                         "first_run": {"eager_s": 0.03, "compiled_s": 0.02}}}}}
+    section = compat_page([soft, linear], data)
+    settled = section[section.index("Not settled"):]
+    assert "Softmax attention" in settled and "20.0 / 30.0 (1.5); 20.0 / 10.0" in settled
+    assert "Linear Transformer" not in settled  # faster in both of its runs
+    assert "faster for 2 of 2" in section  # the last run counts
+
+
 def test_committed_speed_covers_every_entry_the_inductor_pass_reached():
     data = json.loads(TABLE.read_text())
     missing = [i for i, row in data["rows"].items() if "inductor" in row and "speed" not in row]

@@ -94,6 +94,17 @@ def _speed_reason(cell: dict) -> str:
             "library kernels at this size")
 
 
+def _earlier(cell: dict) -> list[dict]:
+    """The earlier measurements a speed cell keeps (`earlier`, oldest first; `first_run` in files
+    written before there could be more than one)."""
+    return list(cell.get("earlier", [])) or ([cell["first_run"]] if cell.get("first_run") else [])
+
+
+def _direction_changed(cell: dict) -> bool:
+    runs = [*_earlier(cell), cell]
+    return len({r["compiled_s"] > r["eager_s"] for r in runs}) > 1
+
+
 def speed_section(entries: list[Entry], data: dict) -> list[str]:
     """Compiled against eager, from the `speed` cells: the table, then every slower entry and why."""
     rows = data.get("rows", {})
@@ -118,18 +129,19 @@ def speed_section(entries: list[Entry], data: dict) -> list[str]:
     if slower:
         out += ["", "Slower compiled, and what was measured to cost the time:", ""]
         out += [f"- [{e.display_name}](entries/{e.id}.md): {_speed_reason(c)}." for e, c in slower]
-    first = [(e, c["first_run"]) for e, c in measured if c.get("first_run")]
-    if first:
-        out += ["", "Not settled: these entries were measured twice, and compiled was slower in the "
-                "first run and faster in the second (the runs' load averages in brackets), so "
-                "their ratio depends on what else the machine runs:", "",
-                "| entry | first run: eager / compiled (ms) | second run: eager / compiled (ms) |",
-                "| --- | --- | --- |"]
-        for e, f in first:
-            c = rows[e.id]["speed"]
-            out.append(f"| [{e.display_name}](entries/{e.id}.md) | {f['eager_s'] * 1e3:.1f} / "
-                       f"{f['compiled_s'] * 1e3:.1f} ({f['load'][0]}) | {c['eager_s'] * 1e3:.1f} / "
-                       f"{c['compiled_s'] * 1e3:.1f} |")
+    unsettled = [(e, c) for e, c in measured if _direction_changed(c)]
+    if unsettled:
+        out += ["", "Not settled: these entries were measured more than once, and compiled was "
+                "faster in some runs and slower in others (the load average at each run in "
+                "brackets; the table shows the last run), so their ratio depends on what else the "
+                "machine runs:", "",
+                "| entry | runs: eager / compiled (ms), oldest first |", "| --- | --- |"]
+        for e, c in unsettled:
+            runs = [*_earlier(c), c]
+            out.append(f"| [{e.display_name}](entries/{e.id}.md) | "
+                       + "; ".join(f"{r['eager_s'] * 1e3:.1f} / {r['compiled_s'] * 1e3:.1f}"
+                                   + (f" ({r['load'][0]})" if r.get("load") else "") for r in runs)
+                       + " |")
     return out + [""]
 
 
