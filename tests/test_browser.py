@@ -19,6 +19,7 @@ issue 19's layout planted back.
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -221,18 +222,61 @@ def pages_with_pictures(site) -> list[str]:
 SHOWS = {"compare/": "?pick=performer,linformer"}  # the comparison's pictures are on its cards
 
 
-def test_every_drawn_picture_suits_both_schemes(site, page, tmp_path_factory):
-    """At 1280 px, on every page with a drawn picture, in the light and in the dark scheme, each
-    shown picture is on the page's background with legible text, and as many show in either."""
+PICTURE = re.compile(r'<img [^>]*class="zoo-figure"[^>]*>')
+PAIR = re.compile(r'<a class="zoo-light" href="([^"]+)"><img [^>]*class="zoo-figure"[^>]*></a>'
+                  r'<a class="zoo-dark" href="([^"]+)"><img [^>]*class="zoo-figure"[^>]*></a>')
+
+
+def unpaired_pictures(site) -> list[str]:
+    """Every drawn picture on every built page is a light and dark pair (`themed_figure`), the dark
+    file present and not the light one's bytes; what breaks that, as `page: why` lines."""
+    problems = []
+    for html_path in sorted(site.rglob("index.html")):
+        text = html_path.read_text()
+        pictures, pairs = len(PICTURE.findall(text)), PAIR.findall(text)
+        where = html_path.parent.relative_to(site).as_posix()
+        if pictures != 2 * len(pairs):
+            problems.append(f"{where}: {pictures} drawn pictures, {len(pairs)} light/dark pairs")
+        for light, dark in pairs:
+            lp, dp = (html_path.parent / light).resolve(), (html_path.parent / dark).resolve()
+            if not dp.is_file() or dp.read_bytes() == lp.read_bytes():
+                problems.append(f"{where}: {dark} missing or the same picture as {light}")
+    return problems
+
+
+def test_every_drawn_picture_has_its_dark_twin(site, tmp_path):
+    """Over every page of the site (the browser check below looks at one page of each kind, since
+    they share `themed_figure`); shown failing on a copy with one dark twin removed."""
+    pages = pages_with_pictures(site)
+    assert sum(p.startswith("entries/") for p in pages) == len(zoo.names()), pages
+    assert unpaired_pictures(site) == []
+    broken = tmp_path / "broken"
+    shutil.copytree(site, broken)
+    entry = broken / "entries" / "performer" / "index.html"
+    entry.write_text(re.sub(r'<a class="zoo-dark" href="[^"]*pattern[^"]*">.*?</a>', "", entry.read_text(),
+                            count=1))
+    problems = unpaired_pictures(broken)
+    assert len(problems) == 1 and problems[0].startswith("entries/performer: "), problems
+    assert "light/dark pairs" in problems[0], problems
+
+
+# One page of each kind: the entry pages' pictures all come from the same code (see the check
+# over every page above); an image entry's pattern is drawn differently from a sequence entry's.
+SCHEME_PAGES = ["benchmarks/", "quality/", "choose/", "compare/", f"entries/{ENTRY}/",
+                "entries/non-local/", "entries/performer/"]
+
+
+def test_drawn_pictures_suit_both_schemes(site, page, tmp_path_factory):
+    """At 1280 px, on one page of each kind, in the light and in the dark scheme, each shown
+    picture is on the page's background with legible text, and as many show in either."""
     pages = pages_with_pictures(site)
     figures = site / "assets" / "figures"
     families = len(list(figures.glob("bench-family-*-dark.png")))
     expected = {"benchmarks/": families, "quality/": 2, "choose/": 1, "compare/": 2, f"entries/{ENTRY}/": 2}
-    assert families and set(expected) <= set(pages), pages
-    assert sum(p.startswith("entries/") for p in pages) == len(zoo.names()), pages
+    assert families and set(SCHEME_PAGES) <= set(pages), pages
     shots = tmp_path_factory.mktemp("screenshots-dark")
     with serve(site) as base:
-        for path in pages:
+        for path in SCHEME_PAGES:
             page.goto(base + path + SHOWS.get(path, ""))
             page.wait_for_load_state("load")  # (the check waits for each picture it looks at)
             shown = []
@@ -243,10 +287,9 @@ def test_every_drawn_picture_suits_both_schemes(site, page, tmp_path_factory):
                 except AssertionError as err:
                     raise AssertionError(f"{path}: {err}") from None
             assert shown[0] == shown[1] == expected.get(path, shown[0]) > 0, (path, shown)
-            if not path.startswith("entries/") or path == f"entries/{ENTRY}/":
-                page.evaluate("() => window.scrollTo(0, 0)")
-                name = path.strip("/").replace("/", "-")
-                page.screenshot(path=str(shots / f"{name}-dark.png"), full_page=True)
+            page.evaluate("() => window.scrollTo(0, 0)")
+            name = path.strip("/").replace("/", "-")
+            page.screenshot(path=str(shots / f"{name}-dark.png"), full_page=True)
     print(f"\nscreenshots in {shots}")
     if os.environ.get("ZOO_SHOTS"):
         shutil.copytree(shots, os.environ["ZOO_SHOTS"], dirs_exist_ok=True)
