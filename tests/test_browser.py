@@ -189,7 +189,7 @@ def test_site_in_a_browser(site, page, tmp_path_factory):
             assert check_pictures_suit_the_scheme(page, "#zoo-side img.zoo-figure") == 2
         # Performer's formula is wider than its card: it scrolls there, and shows that it does
         assert check_scroll_shows(page, "#zoo-side .zoo-card div.arithmatex") >= 1
-        page.screenshot(path=str(shots / "compare.png"), full_page=True)
+        shoot(page, shots, "compare", dark=False)  # from the top: a scrolled page's header floats
 
         page.goto(base)
         page.wait_for_load_state("networkidle")
