@@ -10,6 +10,7 @@ import functools
 import io
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -92,7 +93,8 @@ DARK_STYLE = {**{name: DARK_INK for name in ("text.color", "axes.labelcolor", "a
 def _scheme(dark: bool):
     import matplotlib.pyplot as plt
 
-    return plt.rc_context(DARK_STYLE if dark else {})
+    style: Any = DARK_STYLE if dark else {}  # matplotlib types rc keys as a Literal of names
+    return plt.rc_context(style)
 
 
 def pattern_maps(e: Entry, n: int = PATTERN_N) -> list[tuple[str, torch.Tensor]]:
@@ -195,14 +197,17 @@ def pattern_figures(e: Entry) -> tuple[bytes, bytes]:
 def approximation_figures(e: Entry) -> tuple[bytes, bytes]:
     """The approximation picture for the light and for the dark scheme; the errors measured once."""
     @functools.cache
-    def measured() -> tuple:
+    def measured() -> tuple[dict, dict, tuple[dict, dict]]:
         t = probe.PEAKED_TEMPERATURE
         return (probe.approximation_error(e), probe.approximation_baselines(e),
                 (probe.approximation_error(e, temperature=t),
                  probe.approximation_baselines(e, temperature=t)))
 
-    return themed_pngs(f"approx-{e.id}", (e, *e.sources, "baselines"),
-                       lambda dark: approximation_png(e, *measured(), dark=dark))
+    def draw(dark: bool) -> bytes:
+        errors, baselines, peaked = measured()
+        return approximation_png(e, errors, baselines, peaked, dark=dark)
+
+    return themed_pngs(f"approx-{e.id}", (e, *e.sources, "baselines"), draw)
 
 
 def _series(points: list[dict], key: str):
