@@ -259,6 +259,17 @@ def reference_scale(layer: nn.Module) -> float | None:
     return getattr(layer, "scale", None)
 
 
+def _softmax_twin(shell: Any, causal: bool) -> Any:
+    """Softmax attention (float64) with the shell layer's `to_qkv` and `to_out` weights."""
+    from zoo.entries.softmax_attention import SoftmaxAttention
+
+    exact = SoftmaxAttention(shell.dim, heads=shell.heads, dim_head=shell.dim_head,
+                             causal=causal).double()
+    exact.to_qkv.load_state_dict(shell.to_qkv.state_dict())
+    exact.to_out.load_state_dict(shell.to_out.state_dict())
+    return exact
+
+
 def _outputs(layer: nn.Module, n: int, mask, seed: int, temperature: float):
     """The layer's output, softmax attention's and uniform averaging's (softmax with all scores
     zero) on the same q, k, v, the queries divided by `temperature` (float64)."""
@@ -274,15 +285,10 @@ def _outputs(layer: nn.Module, n: int, mask, seed: int, temperature: float):
             ref = softmax_attention(q, k, v, mask, causal=causal, scale=scale)
             uniform = softmax_attention(q, k, v, mask, causal=causal, scale=0.0)
         elif hasattr(layer, "to_qkv") and hasattr(layer, "to_out"):
-            from zoo.entries.softmax_attention import SoftmaxAttention
-
             if temperature != 1.0:  # the query rows of to_qkv: the first third of its outputs
                 layer = shell = copy.deepcopy(layer)
                 shell.to_qkv.weight[: shell.to_qkv.weight.shape[0] // 3] /= temperature
-            exact = SoftmaxAttention(shell.dim, heads=shell.heads, dim_head=shell.dim_head,
-                                     causal=causal).double()
-            exact.to_qkv.load_state_dict(shell.to_qkv.state_dict())
-            exact.to_out.load_state_dict(shell.to_out.state_dict())
+            exact = _softmax_twin(shell, causal)
             x = torch.randn(2, n, shell.dim, generator=torch.Generator().manual_seed(seed),
                             dtype=torch.float64)
             out, ref = layer(x, mask=mask) if mask is not None else layer(x), exact(x, mask)
@@ -332,12 +338,7 @@ def gradient_vs_softmax(layer: nn.Module, *, n: int = 37, mask=None, seed: int =
         rq, rk, rv = ref_inputs
         ref = softmax_attention(rq, rk, rv, mask, causal=causal, scale=reference_scale(layer))
     elif hasattr(layer, "to_qkv") and hasattr(layer, "to_out"):
-        from zoo.entries.softmax_attention import SoftmaxAttention
-
-        exact = SoftmaxAttention(shell.dim, heads=shell.heads, dim_head=shell.dim_head,
-                                 causal=causal).double()
-        exact.to_qkv.load_state_dict(shell.to_qkv.state_dict())
-        exact.to_out.load_state_dict(shell.to_out.state_dict())
+        exact = _softmax_twin(shell, causal)
         x = torch.randn(2, n, shell.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         inputs, ref_inputs = [x.clone().requires_grad_()], [x.clone().requires_grad_()]
         out = layer(inputs[0], mask=mask) if mask is not None else layer(inputs[0])
