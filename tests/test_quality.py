@@ -18,6 +18,7 @@ def test_a_few_steps_on_the_smoke_cell_lower_the_loss(attention):
     assert out.status == "ok" and out.steps == 30
     assert out.final_loss < out.first_loss - 0.3, (out.first_loss, out.final_loss)
     assert 0.0 <= out.accuracy <= 1.0 and [s for s, _ in out.curve] == [15, 30]
+    assert 0 < out.cpu_seconds <= out.seconds * 1.5  # one torch thread: CPU time about wall time
 
 
 def test_the_same_seed_gives_the_same_accuracy():
