@@ -30,7 +30,7 @@ docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2
 
 clean:
 	rm -rf site .pytest_cache .ruff_cache .cache

@@ -71,10 +71,11 @@ class Watch:
             route.abort()
 
 
-def check_formula_rendered(page) -> None:
+def check_formula_rendered(page, timeout_ms: int = 10_000) -> None:
+    """Every formula typeset by MathJax (waiting up to `timeout_ms` for MathJax to start)."""
     assert page.locator(".arithmatex").count() > 0, "no formula on the page"
     page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise",
-                           timeout=10_000)
+                           timeout=timeout_ms)
     page.evaluate("() => MathJax.startup.promise")
     rendered = page.locator(".arithmatex mjx-container").count()
     raw = page.evaluate("""() => Array.from(document.querySelectorAll('.arithmatex'))
@@ -98,10 +99,18 @@ def check_source_shown(page, needle: str) -> None:
 FORMULA_SIZES = """() => {
   const body = parseFloat(getComputedStyle(document.querySelector('.md-content p') ||
                                            document.body).fontSize);
+  // the entry a formula belongs to, on a page that gathers several (a data-entry marker before it)
+  const entry = el => {
+    for (let n = el; n; n = n.parentElement)
+      for (let p = n.previousElementSibling; p; p = p.previousElementSibling)
+        if (p.dataset && p.dataset.entry) return p.dataset.entry;
+    return '';
+  };
   return [body, Array.from(document.querySelectorAll('.md-content .arithmatex')).map(el => {
     const svg = el.querySelector('mjx-container svg');
     const r = svg ? svg.getBoundingClientRect() : {width: 0, height: 0};
-    return [el.textContent.slice(0, 50), Math.round(r.width), Math.round(r.height * 10) / 10];
+    return [el.textContent.slice(0, 50), Math.round(r.width), Math.round(r.height * 10) / 10,
+            entry(el)];
   })];
 }"""
 
@@ -112,7 +121,9 @@ def check_formula_sizes(page) -> None:
     body, sizes = page.evaluate(FORMULA_SIZES)
     assert sizes, "no formula on the page"
     small = [s for s in sizes if s[2] < body]
-    assert not small, f"formulas shorter than the body text ({body} px): {small[:3]}"
+    where = sorted({s[3] for s in small if s[3]})  # on a page gathering several entries' formulas
+    assert not small, (f"formulas shorter than the body text ({body} px)"
+                       + (f" in {', '.join(where)}" if where else "") + f": {small[:3]}")
 
 
 def first_search_result(page, query: str) -> str:

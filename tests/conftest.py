@@ -29,13 +29,87 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def build_site(out: Path) -> Path:
     """`mkdocs build --strict` into `out` (a temporary folder: nothing is written to the tree)."""
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
-                           str(out)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    from tests.build_site import build
+
+    proc = build(out)
     assert proc.returncode == 0, proc.stderr
     return out
 
 
+# The site is built once per test run, in a process of its own started as the session begins, and
+# the tests that read it run last (pytest_collection_modifyitems), so the build overlaps the rest
+# of the suite instead of holding a worker up. Under xdist every worker shares it: the first to
+# start takes a lock and launches the build, and every test that needs the site waits for the
+# build's status file. (xdist's --dist loadgroup cannot keep the site tests on one worker on
+# pytest 9.2: it renames test ids through an attribute pytest no longer reads.)
+SITE_WAIT_S = 1800
+_builder: list[subprocess.Popen] = []
+
+
+def _uses_site(item) -> bool:
+    return "site" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=_uses_site)  # stable: the order within each part is kept
+
+
+def _shared(tmp_path_factory, worker_id) -> Path:
+    root = tmp_path_factory.getbasetemp()
+    return root if worker_id == "master" else root.parent  # the folder this run's workers share
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _site_build_started(request, tmp_path_factory, worker_id):
+    """Launch the shared site build at the start of the session if any test will read it."""
+    if any(_uses_site(item) for item in request.session.items):
+        from filelock import FileLock
+
+        root = _shared(tmp_path_factory, worker_id)
+        with FileLock(str(root / "site.lock")):
+            started = root / "site.started"
+            if not started.is_file():
+                proc = subprocess.Popen([sys.executable, "-m", "tests.build_site",
+                                         str(root / "site"), str(root / "site.status")], cwd=ROOT,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                _builder.append(proc)
+                started.write_text(str(proc.pid))
+    yield
+    for proc in _builder:  # the session ends before the build does only when no test read it
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not Path(f"/proc/{pid}/status").is_file() or "zombie" not in \
+        Path(f"/proc/{pid}/status").read_text()
+
+
 @pytest.fixture(scope="session")
-def site(tmp_path_factory):
-    return build_site(tmp_path_factory.mktemp("site"))
+def site(tmp_path_factory, worker_id, _site_build_started):
+    """The built site (a temporary folder), once the shared build has finished."""
+    import json
+    import time
+
+    root = _shared(tmp_path_factory, worker_id)
+    status, started = root / "site.status", root / "site.started"
+    end = time.monotonic() + SITE_WAIT_S
+    while not status.is_file():
+        for proc in _builder:
+            proc.poll()  # reap our own builder, so that a crashed one reads as dead
+        if started.is_file() and not _alive(int(started.read_text())) and not status.is_file():
+            pytest.fail("the site build stopped without reporting (killed?)")
+        if time.monotonic() > end:
+            pytest.fail(f"the site build took more than {SITE_WAIT_S} s")
+        time.sleep(0.5)
+    result = json.loads(status.read_text())
+    if result["returncode"] != 0:
+        pytest.fail(f"mkdocs build failed ({result['returncode']}):\n{result['stderr']}")
+    return root / "site"

@@ -10,23 +10,25 @@ pages, the comparison cards, the benchmarks, the Quality page and "Which one?").
 
 Screenshots of the home, catalogue, API, "Which one?", comparison and one entry page (desktop and
 phone; the catalogue, API and entry pages in the dark scheme too), and of every page with a drawn
-picture but the entries (one entry only) in the dark scheme, are saved under pytest's temporary
-folders (the paths are printed), never in the tree; with ZOO_SHOTS=<folder> they are copied there
-too, for a person to look at. The same page checks are shown to fail on a copy of the site
-with MathJax removed, a picture deleted, without the CSS that keeps formulas at their size, and with
-issue 19's layout planted back.
+picture but the entries (one entry only) in the dark scheme, are taken with ZOO_SHOTS=<folder>
+(outside the tree), for a person to look at; the checks themselves never need them, so a plain
+run skips them (they cost a tenth of the file's time). The same page checks are shown to fail on
+a copy of the site with MathJax removed, a picture deleted, without the CSS that keeps formulas at
+their size, and with issue 19's layout planted back.
 """
 
 import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
 import zoo
 from tests.browser import (
     CHROMIUM_ARGS,
+    FORMULA_SIZES,
     Watch,
     check_cells_padded_and_aligned,
     check_code_wraps,
@@ -47,13 +49,21 @@ from tests.browser import (
     set_scheme,
 )
 
-# One worker builds the site once for all the site tests (make test runs --dist loadgroup).
-pytestmark = [pytest.mark.docs, pytest.mark.xdist_group("site")]
+# The site is built once per run, shared by the workers (tests/conftest.py: `site`).
+pytestmark = [pytest.mark.docs]
 ENTRY = "linear-transformer"
 
 
-def shoot(page, shots, name: str, dark: bool = True) -> None:
-    """A full-page screenshot `name`.png, and with `dark` `name`-dark.png in the dark scheme."""
+SHOTS = os.environ.get("ZOO_SHOTS")  # a folder: full-page screenshots for a person to look at
+
+
+def shoot(page, name: str, dark: bool = True) -> None:
+    """With ZOO_SHOTS, a full-page screenshot `name`.png there, and with `dark` `name`-dark.png in
+    the dark scheme."""
+    if not SHOTS:
+        return
+    shots = Path(SHOTS)
+    shots.mkdir(parents=True, exist_ok=True)
     page.evaluate("() => window.scrollTo(0, 0)")
     page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
     if dark:
@@ -82,18 +92,17 @@ def page(browser):
     context.close()
 
 
-def test_site_in_a_browser(site, page, tmp_path_factory):
-    shots = tmp_path_factory.mktemp("screenshots")
+def test_site_in_a_browser(site, page):
     with serve(site) as base:
         page.goto(base)
         page.wait_for_load_state("networkidle")
         # the claims table: every column beside the navigation, no id split mid-word
         check_no_sideways_scroll(page, ".md-content table")
         check_no_word_broken(page)
-        page.screenshot(path=str(shots / "home.png"), full_page=True)
+        shoot(page, "home", dark=False)
         page.set_viewport_size({"width": 400, "height": 800})
         check_tables_in_their_box(page)
-        page.screenshot(path=str(shots / "home-phone.png"), full_page=True)
+        shoot(page, "home-phone", dark=False)
         page.set_viewport_size({"width": 1280, "height": 900})
 
         page.goto(base + "catalogue/")
@@ -116,23 +125,23 @@ def test_site_in_a_browser(site, page, tmp_path_factory):
         assert years == sorted(years)
         check_no_sideways_scroll(page, "#zoo-catalogue")  # every column fits at 1280 px
         check_nothing_cut_off(page)
-        shoot(page, shots, "catalogue")
+        shoot(page, "catalogue")
         page.set_viewport_size({"width": 400, "height": 800})
         check_nothing_cut_off(page)  # on a phone it scrolls inside its box, and shows that it does
         assert check_scroll_shows(page, "#zoo-catalogue") == 1
-        shoot(page, shots, "catalogue-phone")
+        shoot(page, "catalogue-phone")
         page.set_viewport_size({"width": 1280, "height": 900})
 
         page.goto(base + "api/")  # mkdocstrings' tables: inside their box, scrolling on a phone
         page.wait_for_load_state("networkidle")
         check_nothing_cut_off(page)
         check_tables_in_their_box(page)
-        shoot(page, shots, "api")
+        shoot(page, "api")
         page.set_viewport_size({"width": 400, "height": 800})
         check_nothing_cut_off(page)
         check_tables_in_their_box(page)
         assert check_scroll_shows(page, ".md-content table") >= 1
-        shoot(page, shots, "api-phone")
+        shoot(page, "api-phone")
         page.set_viewport_size({"width": 1280, "height": 900})
 
         page.goto(base + f"entries/{ENTRY}/")
@@ -147,7 +156,7 @@ def test_site_in_a_browser(site, page, tmp_path_factory):
         set_scheme(page, "slate")
         assert check_pictures_suit_the_scheme(page) == 2
         set_scheme(page, "default")
-        shoot(page, shots, "entry")
+        shoot(page, "entry")
         page.set_viewport_size({"width": 400, "height": 800})
         check_tables_in_their_box(page)
         check_figures_open_full_size(page)
@@ -156,7 +165,7 @@ def test_site_in_a_browser(site, page, tmp_path_factory):
         set_scheme(page, "slate")
         assert check_pictures_suit_the_scheme(page, pattern) == 1
         set_scheme(page, "default")
-        shoot(page, shots, "entry-phone")
+        shoot(page, "entry-phone")
         page.click(f"img[src$='bench-{ENTRY}.png']")  # tapped, the three-panel plot opens alone
         page.wait_for_load_state("load")
         assert page.url.endswith(f"/assets/figures/bench-{ENTRY}.png"), page.url
@@ -170,7 +179,7 @@ def test_site_in_a_browser(site, page, tmp_path_factory):
         page.goto(base + "choose/")
         page.wait_for_load_state("networkidle")
         check_pictures_loaded(page)  # the Pareto plot
-        page.screenshot(path=str(shots / "choose.png"), full_page=True)
+        shoot(page, "choose", dark=False)
 
         page.goto(base + "compare/?sort=speedup&dir=desc&pick=performer,linformer")
         page.wait_for_load_state("networkidle")
@@ -189,7 +198,7 @@ def test_site_in_a_browser(site, page, tmp_path_factory):
             assert check_pictures_suit_the_scheme(page, "#zoo-side img.zoo-figure") == 2
         # Performer's formula is wider than its card: it scrolls there, and shows that it does
         assert check_scroll_shows(page, "#zoo-side .zoo-card div.arithmatex") >= 1
-        shoot(page, shots, "compare", dark=False)  # from the top: a scrolled page's header floats
+        shoot(page, "compare", dark=False)  # from the top: a scrolled page's header floats
 
         page.goto(base)
         page.wait_for_load_state("networkidle")
@@ -206,9 +215,6 @@ def test_site_in_a_browser(site, page, tmp_path_factory):
             href = first_search_result(page, query)
             assert f"entries/{wanted}/" in href, (query, href)
 
-    print(f"\nscreenshots in {shots}")
-    if os.environ.get("ZOO_SHOTS"):
-        shutil.copytree(shots, os.environ["ZOO_SHOTS"], dirs_exist_ok=True)
     assert not page.watch.errors, page.watch.errors
     assert not page.watch.outside, f"requests left loopback: {page.watch.outside}"
 
@@ -266,7 +272,7 @@ SCHEME_PAGES = ["benchmarks/", "quality/", "choose/", "compare/", f"entries/{ENT
                 "entries/non-local/", "entries/performer/"]
 
 
-def test_drawn_pictures_suit_both_schemes(site, page, tmp_path_factory):
+def test_drawn_pictures_suit_both_schemes(site, page):
     """At 1280 px, on one page of each kind, in the light and in the dark scheme, each shown
     picture is on the page's background with legible text, and as many show in either."""
     pages = pages_with_pictures(site)
@@ -274,7 +280,6 @@ def test_drawn_pictures_suit_both_schemes(site, page, tmp_path_factory):
     families = len(list(figures.glob("bench-family-*-dark.png")))
     expected = {"benchmarks/": families, "quality/": 2, "choose/": 1, "compare/": 2, f"entries/{ENTRY}/": 2}
     assert families and set(SCHEME_PAGES) <= set(pages), pages
-    shots = tmp_path_factory.mktemp("screenshots-dark")
     with serve(site) as base:
         for path in SCHEME_PAGES:
             page.goto(base + path + SHOWS.get(path, ""))
@@ -287,12 +292,7 @@ def test_drawn_pictures_suit_both_schemes(site, page, tmp_path_factory):
                 except AssertionError as err:
                     raise AssertionError(f"{path}: {err}") from None
             assert shown[0] == shown[1] == expected.get(path, shown[0]) > 0, (path, shown)
-            page.evaluate("() => window.scrollTo(0, 0)")
-            name = path.strip("/").replace("/", "-")
-            page.screenshot(path=str(shots / f"{name}-dark.png"), full_page=True)
-    print(f"\nscreenshots in {shots}")
-    if os.environ.get("ZOO_SHOTS"):
-        shutil.copytree(shots, os.environ["ZOO_SHOTS"], dirs_exist_ok=True)
+            shoot(page, path.strip("/").replace("/", "-") + "-dark", dark=False)
     assert not page.watch.errors, page.watch.errors
 
 
@@ -305,32 +305,63 @@ def test_checks_fail_on_a_broken_site(site, page, tmp_path):
         page.goto(base + f"entries/{ENTRY}/")
         page.wait_for_load_state("networkidle")
         with pytest.raises(Exception, match="MathJax|raw TeX|Timeout"):
-            check_formula_rendered(page)
+            # the page has loaded and gone quiet (networkidle): a MathJax that has not started
+            # by then never will, so a short wait suffices
+            check_formula_rendered(page, timeout_ms=1500)
         with pytest.raises(AssertionError, match="pictures not loaded"):
             check_pictures_loaded(page)
         check_source_shown(page, "def linear_attention(")
 
 
+ARTICLE = re.compile(r'(<article class="md-content__inner md-typeset">)(.*?)(</article>)', re.S)
+
+
+def every_formula_page(site) -> str:
+    """An entry page whose article holds the articles of every entry page, each after a hidden
+    `data-entry` marker and without its code blocks and pictures (no formula is in them): every
+    formula of the entry pages in the column it sits in, typeset by one MathJax run, not 68."""
+    parts = []
+    for i in zoo.names():
+        found = ARTICLE.search((site / "entries" / i / "index.html").read_text())
+        assert found, f"entries/{i}/: no article"
+        body = re.sub(r"<pre\b.*?</pre>", "", found.group(2), flags=re.S)
+        body = re.sub(r"<img\b[^>]*>", "", body)
+        assert 'class="arithmatex"' in body, f"entries/{i}/: no formula on the page"
+        parts.append(f'<span hidden data-entry="{i}"></span>{body}')
+    template = (site / "entries" / ENTRY / "index.html").read_text()
+    return ARTICLE.sub(lambda m: m.group(1) + "".join(parts) + m.group(3), template, count=1)
+
+
+def open_every_formula_page(page, site, base: str) -> None:
+    """`every_formula_page` at entries/every-formula/ (as deep as an entry page, so its relative
+    links hold), its formulas typeset."""
+    url = base + "entries/every-formula/"
+    html = every_formula_page(site)
+    page.route(url, lambda route: route.fulfill(body=html, content_type="text/html"))
+    page.goto(url)
+    page.wait_for_load_state("load")
+    check_formula_rendered(page)
+
+
 def test_every_formula_legible_on_phone_and_desktop(site, page):
     """At 400 and 1280 px every formula on every entry page is at least as tall as the text."""
     with serve(site) as base:
-        for i in zoo.names():
-            page.set_viewport_size({"width": 1280, "height": 900})
-            page.goto(base + f"entries/{i}/")
-            page.wait_for_load_state("load")
-            check_formula_rendered(page)
-            for width in (1280, 400):
-                page.set_viewport_size({"width": width, "height": 900})
-                try:
-                    check_formula_sizes(page)
-                except AssertionError as err:
-                    raise AssertionError(f"{i} at {width} px: {err}") from None
+        open_every_formula_page(page, site, base)
+        entries = {s[3] for s in page.evaluate(FORMULA_SIZES)[1]}
+        assert entries == set(zoo.names()), sorted(set(zoo.names()) - entries)
+        for width in (1280, 400):
+            page.set_viewport_size({"width": width, "height": 900})
+            try:
+                check_formula_sizes(page)
+            except AssertionError as err:
+                raise AssertionError(f"at {width} px: {err}") from None
 
 
 def test_size_check_fails_without_the_css_fix(site, page, tmp_path):
-    """Material's own rules (the zoo's override removed) collapse a display formula below 720 px."""
+    """Material's own rules (the zoo's override removed) collapse a display formula below 720 px:
+    on an entry page, and on the gathered page, which names the entries it happens in."""
     broken = tmp_path / "broken"
-    shutil.copytree(site, broken)
+    shutil.copytree(site, broken, ignore=shutil.ignore_patterns("*.png"))
     (broken / "assets" / "zoo.css").write_text("/* planted: no formula-size override */")
     with serve(broken) as base:
         page.set_viewport_size({"width": 400, "height": 900})
@@ -338,6 +369,9 @@ def test_size_check_fails_without_the_css_fix(site, page, tmp_path):
         page.wait_for_load_state("load")
         check_formula_rendered(page)
         with pytest.raises(AssertionError, match="shorter than the body text"):
+            check_formula_sizes(page)
+        open_every_formula_page(page, broken, base)
+        with pytest.raises(AssertionError, match=r"shorter than the body text \(\S+ px\) in .*\bperformer\b"):
             check_formula_sizes(page)
 
 

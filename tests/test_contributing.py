@@ -33,8 +33,7 @@ def copy_repo(dest: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("site")
-def test_walkthrough_adds_a_working_entry(tmp_path):
+def test_walkthrough_adds_a_working_entry(site, tmp_path):  # `site`: the shared cache is warm
     repo = copy_repo(tmp_path / "repo")
     env = {**os.environ, "PYTHONPATH": str(repo), "ZOO_CACHE": str(ROOT / ".cache"),
            "NO_MKDOCS_2_WARNING": "1"}

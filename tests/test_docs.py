@@ -14,7 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.docs
-@pytest.mark.xdist_group("site")
 def test_every_entry_has_a_page_with_formula_and_source(site):
     for i in zoo.names():
         e = zoo.entry(i)
@@ -32,7 +31,6 @@ def test_every_entry_has_a_page_with_formula_and_source(site):
 
 
 @pytest.mark.docs
-@pytest.mark.xdist_group("site")
 def test_catalogue_page_links_every_entry(site):
     html = (site / "catalogue" / "index.html").read_text()
     for i in zoo.names():
@@ -40,7 +38,6 @@ def test_catalogue_page_links_every_entry(site):
 
 
 @pytest.mark.docs
-@pytest.mark.xdist_group("site")
 def test_nothing_is_loaded_from_another_host(site):
     loads = re.compile(r"<(?:script|img|link|iframe|source)\b[^>]*\b(?:src|href)="
                        r"""["']((?:https?:)?//[^"']+)""")
@@ -74,7 +71,6 @@ def test_readme_usage_runs():
 
 
 @pytest.mark.docs
-@pytest.mark.xdist_group("site")
 def test_home_claims_table_agrees_with_zoo_claims(site, capsys):
     from zoo.cli import main
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -114,22 +115,35 @@ def zoo_imports(path: Path, root: Path | None = None) -> list[Path]:
     seen: set[Path] = set()
     todo = [path]
     while todo:
-        tree = ast.parse(todo.pop().read_text())
-        for node in ast.walk(tree):
-            found: list[Path | None] = []
-            if isinstance(node, ast.Import):
-                found = [module_file(a.name, root) for a in node.names if _in_zoo(a.name)]
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                if _in_zoo(node.module):
-                    # `from zoo.core import masks` imports a module, `from zoo.core.masks import f`
-                    # a name of one
-                    found = [module_file(f"{node.module}.{a.name}", root)
-                             or module_file(node.module, root) for a in node.names]
-            for file in found:
-                if file is not None and file != path and file not in seen:
-                    seen.add(file)
-                    todo.append(file)
+        for file in _direct_imports(todo.pop(), root):
+            if file != path and file not in seen:
+                seen.add(file)
+                todo.append(file)
     return sorted(seen)
+
+
+def _direct_imports(path: Path, root: Path) -> tuple[Path, ...]:
+    """The `zoo` files `path`'s own import statements name; parsed once per version of the file
+    (a site build asks for the same files hundreds of times)."""
+    stat = path.stat()
+    return _parsed_imports(path, root, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_imports(path: Path, root: Path, _mtime_ns: int, _size: int) -> tuple[Path, ...]:
+    found: list[Path] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        files: list[Path | None] = []
+        if isinstance(node, ast.Import):
+            files = [module_file(a.name, root) for a in node.names if _in_zoo(a.name)]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            if _in_zoo(node.module):
+                # `from zoo.core import masks` imports a module, `from zoo.core.masks import f`
+                # a name of one
+                files = [module_file(f"{node.module}.{a.name}", root)
+                         or module_file(node.module, root) for a in node.names]
+        found += [f for f in files if f is not None and f not in found]
+    return tuple(found)
 
 
 def fingerprint(*parts: object) -> str:

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import importlib
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from unittest import mock
 
@@ -59,8 +61,14 @@ def module_pairs(module: ModuleType) -> list[Pair]:
     return sorted(pairs, key=str)
 
 
-def _names_used(path) -> set[str]:
+def _names_used(path: Path) -> set[str]:
     """Every name and attribute an entry's source mentions (what it may call)."""
+    stat = path.stat()
+    return set(_parsed_names(path, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_names(path: Path, _mtime_ns: int, _size: int) -> frozenset[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Name):
@@ -69,7 +77,7 @@ def _names_used(path) -> set[str]:
             names.add(node.attr)
         elif isinstance(node, ast.alias):
             names.add(node.asname or node.name)
-    return names
+    return frozenset(names)
 
 
 def reference_pairs(entry: Entry) -> list[Pair]:
