@@ -19,6 +19,7 @@ batched matrix product, one softmax and one product per chunk of query blocks.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -125,13 +126,24 @@ T = TypeVar("T")
 def static_tables(build: Callable[..., T]) -> Callable[..., T]:
     """Memoise a builder of index tables that depend on sizes alone (its arguments hashable; up to
     8 of them kept). Under `torch.export` the tables are built afresh, since the tensors it traces
-    must not enter the memo; `torch.compile` runs the builder eagerly (one graph break)."""
+    must not enter the memo; `torch.compile` runs the builder eagerly (one graph break).
+
+    The compiler's `disable` wrapper is made only once dynamo is loaded: making it imports dynamo,
+    a second's work that a process which never compiles (a benchmark worker, the site build, a
+    user's script) need not pay. It is made outside a trace whenever dynamo is loaded before the
+    first call (a call compiled before any eager one counts one more graph break, once)."""
     memo = functools.lru_cache(maxsize=8)(build)
-    eager = torch.compiler.disable(memo)
+    skipped: list[Callable[..., T]] = []
 
     @functools.wraps(build)
     def tables(*args):
-        return build(*args) if torch.compiler.is_exporting() else eager(*args)
+        if torch.compiler.is_exporting():
+            return build(*args)
+        if torch.compiler.is_compiling() or "torch._dynamo" in sys.modules:
+            if not skipped:
+                skipped.append(torch.compiler.disable(memo))
+            return skipped[0](*args)
+        return memo(*args)
     return tables
 
 
