@@ -23,6 +23,7 @@ from zoo.verify.bench import (
 )
 
 
+@pytest.mark.slow
 def test_bench_writes_results_and_table(tmp_path, capsys, monkeypatch):
     # an allocator setting in the parent's environment must not reach the plain worker
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
@@ -62,6 +63,7 @@ def test_bench_writes_results_and_table(tmp_path, capsys, monkeypatch):
     assert "ms fwd+bwd @128" in printed and "tuned ms @128" in printed
 
 
+@pytest.mark.slow
 def test_over_budget_is_recorded_and_the_run_goes_on(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "softmax-attention", "non-local", "--n", "64", "4096", "--dim", "32",
@@ -241,6 +243,7 @@ def test_unknown_names_and_globs():
         resolve_names(["no-such-*"])
 
 
+@pytest.mark.slow
 def test_decode_bench_writes_results(tmp_path, capsys):
     """Tiny sizes only: the JSON is well formed, every point ran and records its state's size."""
     out = tmp_path / "decoding.json"

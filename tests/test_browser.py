@@ -92,6 +92,7 @@ def page(browser):
     context.close()
 
 
+@pytest.mark.slow
 def test_site_in_a_browser(site, page):
     with serve(site) as base:
         page.goto(base)
@@ -272,6 +273,7 @@ SCHEME_PAGES = ["benchmarks/", "quality/", "choose/", "compare/", f"entries/{ENT
                 "entries/non-local/", "entries/performer/"]
 
 
+@pytest.mark.slow
 def test_drawn_pictures_suit_both_schemes(site, page):
     """At 1280 px, on one page of each kind, in the light and in the dark scheme, each shown
     picture is on the page's background with legible text, and as many show in either."""
@@ -424,6 +426,7 @@ def _cut(css: str, heading: str) -> str:
     return css[:start] + (css[end:] if end >= 0 else "")
 
 
+@pytest.mark.slow
 def test_issue19_checks_fail_on_the_defects_planted_back(site, page, tmp_path):
     """The last three of issue 19's defects, planted back into a copy of the site, each caught: the
     catalogue wider than its column at 1280 px (zoo.css without its catalogue rules), the API page's

@@ -38,6 +38,7 @@ def test_show_unknown(capsys):
     assert "no catalogue entry named 'performr'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_check_passes_on_the_repository(capsys):
     assert main(["check"]) == 0
     assert " 0 failed" in capsys.readouterr().out

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,6 +17,7 @@ def test_ruff_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_mypy_clean_on_the_public_modules():
     """The root modules (public API, core, probes, CLI) type-check; entries are out of scope."""
     mypy = shutil.which("mypy") or str(Path(sys.executable).parent / "mypy")

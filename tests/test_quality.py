@@ -64,6 +64,7 @@ def test_an_entry_that_cannot_be_built_is_recorded_not_fatal():
     assert out.status.startswith("could not build: TypeError") and out.accuracy == 0.0
 
 
+@pytest.mark.slow
 def test_local_processes_give_the_same_results_as_one_process():
     tiny = Recipe(batch=8, max_steps=8, eval_every=8, test_examples=32, lrs=(3e-3, 1e-2))
     one = quality.run(["linear-transformer"], cells=["smoke"], recipe=tiny)
@@ -90,6 +91,7 @@ def test_a_cell_whose_budget_changed_is_trained_again(tmp_path, monkeypatch):
     assert data["steps"]["smoke"] == 20
 
 
+@pytest.mark.slow
 def test_jobs_handed_to_a_ray_cluster_come_back_into_the_same_json(tmp_path):
     """A local Ray instance started and stopped by the test; the jobs run on its workers and
     their results land in the same JSON as a local run's."""
@@ -98,7 +100,7 @@ def test_jobs_handed_to_a_ray_cluster_come_back_into_the_same_json(tmp_path):
 
     # Ray's socket paths must stay under 107 bytes: a short folder of its own under /tmp
     temp_dir = tempfile.mkdtemp(prefix="zr", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
+    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
              log_to_driver=False)
     try:
         tiny = Recipe(batch=8, max_steps=8, eval_every=8, test_examples=32, lrs=(3e-3, 1e-2))

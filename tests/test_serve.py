@@ -48,6 +48,7 @@ def _wait(url: str, want: int, proc, seconds: float) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_new_entry_appears_while_serving(site, tmp_path):  # `site`: the shared cache is warm
     repo = tmp_path / "repo"
     repo.mkdir()
