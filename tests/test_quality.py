@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import zoo
 from zoo.cli import main
 from zoo.verify import quality
 from zoo.verify.quality import Job, Recipe
@@ -225,3 +226,28 @@ def test_the_quality_page_shows_the_ordering_from_the_data():
     rows = [x for x in lines if x.startswith("| `n")]
     assert rows == ["| `n64-p4` | 4 | 1.00 | 0.90 | - | +0.10 |",
                     "| `n128-p8` | 8 | 0.99 | - | 0.50 | +0.49 |"]
+
+
+def test_a_run_still_climbing_at_its_budget_is_marked_on_the_page():
+    """still_rising by hand-built curves, and the Quality table's arrow on the run it flags."""
+    from zoo.site.quality import quality_page
+
+    flat = [[s, 0.23] for s in range(100, 1600, 100)]
+    climbing = [[s, 0.23] for s in range(100, 1100, 100)] + [[1100, 0.3], [1500, 0.4]]
+    assert not quality.still_rising(flat) and not quality.still_rising([])
+    assert quality.still_rising(climbing)
+    assert not quality.still_rising(climbing[:-1] + [[1500, 0.995]])  # done, not climbing
+    assert not quality.still_rising([[100, 0.5]])  # one evaluation: too short to say
+    run = {"attention": "linear-transformer", "cell": "smoke", "lr": 0.01, "accuracy": 0.4,
+           "steps": 1500, "seconds": 1.0, "status": "ok", "curve": climbing}
+    data = {"recipe": {**QUICK.key(), "dim": 64, "depth": 2, "heads": 2, "conv": 4},
+            "machine": {}, "steps": {"smoke": 1500},
+            "cells": {"smoke": {"n": 64, "pairs": 4, "vocab": 256}},
+            "runs": {"linear-transformer|smoke|0.01": run,
+                     "softmax-attention|smoke|0.01": {**run, "attention": "softmax-attention",
+                                                      "accuracy": 0.23, "curve": flat}}}
+    entries = [zoo.entry("linear-transformer"), zoo.entry("softmax-attention")]
+    rows = {line.split("|")[1].strip(): line for line in quality_page(entries, data, None).split("\n")
+            if line.startswith("| [`")}
+    assert "0.40 ↑" in rows["[`linear-transformer`](entries/linear-transformer.md)"]
+    assert "↑" not in rows["[`softmax-attention`](entries/softmax-attention.md)"]

@@ -9,7 +9,7 @@ from typing import Any
 
 from zoo.catalog import Entry
 from zoo.site.pages import themed_figure
-from zoo.verify.quality import STOP_AT, summary
+from zoo.verify.quality import RISING_BY, RISING_SHARE, STOP_AT, summary
 
 # Long Range Arena, Tay et al. (arXiv 2011.04006), Table 1: published test accuracies (%), copied as
 # figures with their source, never measured here. Path-X: every model failed (not listed).
@@ -235,13 +235,19 @@ def quality_page(entries: list[Entry], data: dict | None, bench: dict | None) ->
     missing = [e.id for e in entries if any(c not in table.get(e.id, {}) for c in cells)]
     out += ["## Every entry, every cell", "",
             "Accuracy at the best learning rate; `-` marks a cell not yet measured"
-            + (f" ({len(missing)} entries have one or more)." if missing else ".") + "", "",
+            + (f" ({len(missing)} entries have one or more)." if missing else ".")
+            + f" A score under {STOP_AT} means *not within the cell's step budget*; ↑ marks a run "
+            f"that was still climbing when the budget ran out (up {RISING_BY} or more over its "
+            f"last {RISING_SHARE:.0%} of its steps), so more steps would raise it: gated linear "
+            "attention at `n64-p4`, 0.23 in 1,500 steps, left its plateau at step 2,650 and reached 0.90 "
+            "in 4,000 (its catalogue notes).", "",
             "| entry | family | " + " | ".join(cells) + " | recall | speed-up |",
             "| --- | --- | " + " | ".join("---" for _ in cells) + " | --- | --- |"]
     order = sorted(entries, key=lambda e: (-(recall_score(table.get(e.id, {}), cells) or -1), e.id))
     for e in order:
         t = table.get(e.id, {})
-        vals = [_fmt(t[c]["accuracy"]) if c in t else "-" for c in cells]
+        vals = [_fmt(t[c]["accuracy"]) + (" ↑" if t[c].get("rising") else "") if c in t else "-"
+                for c in cells]
         out.append(f"| [`{e.id}`](entries/{e.id}.md) | {e.family} | " + " | ".join(vals)
                    + f" | {_fmt(recall_score(t, cells))} | {_fmt(speed.get(e.id))} |")
     out += ["", "## Long Range Arena: published figures", "",
