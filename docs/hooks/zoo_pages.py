@@ -119,7 +119,11 @@ def on_files(files, config):
         add(f"assets/figures/{name}-dark.png", pictures[1])
 
     if quality:
-        add_themed("quality-heatmap", themed_pngs("quality-heatmap", (quality, [e.id for e in entries]),
+        # keyed by the entries it shows (those with runs), so a scaffolded entry (`zoo new`, the
+        # contributing and serve tests) does not redraw it
+        measured = {run["attention"] for run in quality["runs"].values()}
+        add_themed("quality-heatmap", themed_pngs("quality-heatmap",
+                                                  (quality, [e.id for e in entries if e.id in measured]),
                                                   lambda dark: heatmap_png(quality, entries, dark)))
         add_themed("quality-pareto", themed_pngs("quality-pareto", (quality, bench),
                                                  lambda dark: pareto_png(quality, bench, dark)))
