@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mkdocs.structure.files import File
 
-from zoo.catalog import FAMILIES, catalog
+from zoo.catalog import FAMILIES, cache_root, catalog
 from zoo.site.compare import compare_page
 from zoo.site.compat import compat_page, entry_compat
 from zoo.site.figures import approximation_figures, bench_png, pattern_figures, themed_pngs
@@ -86,7 +86,8 @@ def on_config(config):
 
 def on_files(files, config):
     entries = list(catalog().values())
-    log.info("zoo: measuring the claims of %d entries (cached in .cache/claims)", len(entries))
+    log.info("zoo: measuring the claims of %d entries (cached in %s)", len(entries),
+             cache_root() / "claims")
     done: list[str] = []
     last = [time.monotonic()]
 
@@ -139,7 +140,7 @@ def on_files(files, config):
                 add_themed(f"bench-family-{fam}", themed_pngs(
                     f"bench-family-{fam}", (bench, members),
                     lambda dark, m=members, f=fam: bench_png(bench, m, FAMILY_TITLES[f], dark)))
-    log.info("zoo: drawing the pattern pictures (cached in .cache/figures)")
+    log.info("zoo: drawing the pattern pictures (cached in %s)", cache_root() / "figures")
     for e in entries:
         in_bench = bool(bench) and e.id in bench["results"]
         page = with_section(entry_page(e, rows.get(e.id), bench=in_bench),
