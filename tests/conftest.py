@@ -27,15 +27,6 @@ def entry_params(predicate=lambda e: True):
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_site(out: Path) -> Path:
-    """`mkdocs build --strict` into `out` (a temporary folder: nothing is written to the tree)."""
-    from tests.build_site import build
-
-    proc = build(out)
-    assert proc.returncode == 0, proc.stderr
-    return out
-
-
 # The site is built once per test run, in a process of its own started as the session begins, and
 # the tests that read it run last (pytest_collection_modifyitems), so the build overlaps the rest
 # of the suite instead of holding a worker up. Under xdist every worker shares it: the first to
@@ -85,14 +76,15 @@ def _site_build_started(request, tmp_path_factory, worker_id):
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, finished but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return not Path(f"/proc/{pid}/status").is_file() or "zombie" not in \
-        Path(f"/proc/{pid}/status").read_text()
+    status = Path(f"/proc/{pid}/status")
+    return not status.is_file() or "zombie" not in status.read_text()
 
 
 @pytest.fixture(scope="session")

@@ -256,15 +256,16 @@ def summary(data: dict) -> dict:
     """`{entry: {cell: {"accuracy", "lr", "steps", "seconds", "rising"}}}`: the best learning
     rate per cell; `rising`: that run was still climbing when its step budget ran out
     (`still_rising`)."""
-    out: dict = {}
+    best: dict = {}
     for run in data["runs"].values():
-        cell = out.setdefault(run["attention"], {}).setdefault(run["cell"], None)
-        if cell is None or run["accuracy"] > cell["accuracy"]:
-            out[run["attention"]][run["cell"]] = {
-                "accuracy": run["accuracy"], "lr": run["lr"], "steps": run["steps"],
-                "seconds": run["seconds"], "status": run["status"],
-                "rising": still_rising(run.get("curve") or [])}
-    return out
+        cells = best.setdefault(run["attention"], {})
+        if run["cell"] not in cells or run["accuracy"] > cells[run["cell"]]["accuracy"]:
+            cells[run["cell"]] = run
+    return {entry: {cell: {"accuracy": run["accuracy"], "lr": run["lr"], "steps": run["steps"],
+                           "seconds": run["seconds"], "status": run["status"],
+                           "rising": still_rising(run.get("curve") or [])}
+                    for cell, run in cells.items()}
+            for entry, cells in best.items()}
 
 
 RISING_SHARE, RISING_BY = 0.25, 0.05
