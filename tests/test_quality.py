@@ -183,7 +183,35 @@ def test_harder_cells_train_the_entries_that_did_best_in_the_cell_before_first()
         ("performer", 0.01), ("performer", 0.003),  # 0.98 before
         ("sac", 0.01), ("sac", 0.003),  # a failed run says nothing: 0.5, in list order
         ("softmax-attention", 0.01), ("softmax-attention", 0.003),  # not run before: 0.5
-        ("linformer", 0.01), ("linformer", 0.003)]  # its best before, 0.3, is last
+        ("linformer", 0.003), ("linformer", 0.01)]  # its best before, 0.3 at 0.003, is last
+
+
+def test_after_the_full_sweep_an_entry_keeps_the_rate_its_cell_before_chose():
+    """From n128-p8 on: the rate that did best in the cell before is trained first; the others
+    are trained only for an entry that reached the stop accuracy there (the harder cell may want
+    another rate) and are otherwise skipped; n64-p4 and the smoke cell are swept in full."""
+    def run(name, cell, acc, lr):
+        return {"attention": name, "cell": cell, "lr": lr, "accuracy": acc, "status": "ok"}
+
+    runs = {str(i): r for i, r in enumerate([
+        run("linformer", "n64-p4", 0.25, 0.01), run("linformer", "n64-p4", 0.3, 0.003),
+        run("performer", "n64-p4", 0.995, 0.01), run("performer", "n64-p4", 0.97, 0.003),
+        run("linformer", "smoke", 0.2, 0.01), run("linformer", "n128-p8", 0.2, 0.003)])}
+    skip = {(n, c, lr) for n in ("linformer", "performer", "softmax-attention")
+            for c in ("smoke", "n64-p4", "n128-p8", "n256-p16") for lr in (0.01, 0.003)
+            if quality.transferred(Job(n, c, lr), runs)}
+    assert skip == {("linformer", "n128-p8", 0.01), ("linformer", "n256-p16", 0.01)}
+    assert not quality.skipped(Job("performer", "n128-p8", 0.003), runs)  # reached 0.99 before
+    runs["p"] = run("performer", "n128-p8", 0.991, 0.01)
+    assert quality.skipped(Job("performer", "n128-p8", 0.003), runs)  # now settled
+
+
+def test_the_pool_keeps_an_entrys_rates_apart_so_the_first_can_decide_the_second():
+    q = [Job("a", "n128-p8", 0.01), Job("a", "n128-p8", 0.003), Job("b", "n128-p8", 0.01)]
+    assert quality.next_ready(q, []) == q[0]
+    assert quality.next_ready(q[1:], [q[0]]) == q[2]  # a's second rate waits for its first
+    assert quality.next_ready(q[1:2], [q[0]]) is None
+    assert quality.next_ready(q[1:2], [q[2]]) == q[1]
 
 
 def test_every_committed_entry_learns_at_least_which_tokens_answer():

@@ -9,7 +9,7 @@ from typing import Any
 
 from zoo.catalog import Entry
 from zoo.site.pages import themed_figure
-from zoo.verify.quality import RISING_BY, RISING_SHARE, STOP_AT, summary
+from zoo.verify.quality import RISING_BY, RISING_SHARE, STOP_AT, TRANSFER_FROM, summary
 
 # Long Range Arena, Tay et al. (arXiv 2011.04006), Table 1: published test accuracies (%), copied as
 # figures with their source, never measured here. Path-X: every model failed (not listed).
@@ -205,7 +205,10 @@ def quality_page(entries: list[Entry], data: dict | None, bench: dict | None) ->
         f"{r['weight_decay']}), warm-up then cosine, batch {r['batch']}, fresh batches every step, "
         f"the best of learning rates {', '.join(f'{x:g}' for x in r['lrs'])}, each run stopped once "
         f"its test accuracy reaches {STOP_AT} ({r['test_examples']} test examples, evaluated every "
-        f"{r['eval_every']} steps). Step budgets per cell: "
+        f"{r['eval_every']} steps). The rates are swept in full up to `{TRANSFER_FROM}`; in each "
+        "later cell an entry starts at the rate that did best for it in the cell before, and tries "
+        f"the others only if it reached {STOP_AT} there (`zoo.verify.quality.transferred`). "
+        "Step budgets per cell: "
         + ", ".join(f"{c} {data['steps'][c]}" for c in cells) + ".", "",
         f"**Run**: {m.get('processor', '?')}, {m.get('cpus', '?')} CPUs, torch {m.get('torch', '?')}, "
         f"one torch thread per job, {m.get('jobs', 1)} job(s) at a time; last job finished "

@@ -12,7 +12,9 @@ the grid in `zoo.tasks.CELLS`, with the same recipe:
 - the best of a small learning-rate sweep, each run stopped early once its test accuracy reaches
   0.99 (as Zoology does); the rates are tried largest first, and once one of them reaches 0.99 in
   a cell the smaller ones are not trained there (none could beat it), which halves the cost of the
-  mechanisms that learn a cell;
+  mechanisms that learn a cell; after the n64-p4 cell, which is swept in full, an entry starts at
+  the rate that did best for it in the cell before, and one that fell short there is not retried
+  at the others (`transferred`), which halves the cost of the mechanisms that do not;
 - accuracy on a fixed test set (its own seed), over the query positions.
 
 The grid is a set of independent jobs (entry x cell x learning rate). They run in this process,
@@ -321,7 +323,8 @@ def prioritised(todo: list[Job], runs: dict) -> list[Job]:
     in the cell before it first (an entry not yet measured there in the middle, at 0.5): the
     harder cells cost hours per pass over the catalogue, so the comparisons that can still
     separate mechanisms fill in first, and the entries already at the copy-a-value plateau
-    (about 1 / pairs) of the easier cell come last. Nothing is skipped; only the order changes."""
+    (about 1 / pairs) of the easier cell come last. Within an entry, the rate `transferred` tries
+    first leads. Nothing is skipped here; only the order changes."""
     order = list(CELLS)
     best: dict[tuple[str, str], float] = {}
     for r in runs.values():
@@ -329,12 +332,18 @@ def prioritised(todo: list[Job], runs: dict) -> list[Job]:
             key = (r["attention"], r["cell"])
             best[key] = max(best.get(key, 0.0), r["accuracy"])
 
+    first = {}  # an entry's jobs stay together, at the place of its first one
+    for i, job in enumerate(todo):
+        first.setdefault((job.attention, job.cell), i)
+
     def rank(indexed: tuple[int, Job]) -> tuple:
         i, job = indexed
         at = order.index(job.cell)
         before = order[at - 1] if at > 1 else None  # the smoke cell ranks nothing
         prior = best.get((job.attention, before), 0.5) if before else 0.5
-        return (at, -prior, i)
+        chosen = _best_before(job, runs)  # the rate that did best in the cell before goes first
+        later = chosen is not None and job.lr != chosen[1]
+        return (at, -prior, first[(job.attention, job.cell)], later, i)
 
     return [job for _, job in sorted(enumerate(todo), key=rank)]
 
@@ -344,6 +353,47 @@ def settled(job: Job, runs: dict) -> bool:
     the sweep's best is then decided, and training this job could not change it."""
     return any(r["attention"] == job.attention and r["cell"] == job.cell and r["lr"] != job.lr
                and r["status"] == "ok" and r["accuracy"] >= STOP_AT for r in runs.values())
+
+
+TRANSFER_FROM = "n64-p4"  # the last cell swept in full; from the cell after it rates transfer
+
+
+def _best_before(job: Job, runs: dict) -> tuple[float, float] | None:
+    """(accuracy, learning rate) of the entry's best run in the cell before `job.cell`, or None
+    when that cell is not after TRANSFER_FROM's sweep or holds no run of the entry yet."""
+    order = list(CELLS)
+    at = order.index(job.cell)
+    if at <= order.index(TRANSFER_FROM):
+        return None
+    prior = [(r["accuracy"], r["lr"]) for r in runs.values()
+             if r["attention"] == job.attention and r["cell"] == order[at - 1]
+             and r["status"] == "ok"]
+    return max(prior) if prior else None  # a tie goes to the larger rate
+
+
+def transferred(job: Job, runs: dict) -> bool:
+    """True when the sweep of the cell before already chose this entry's rate, so this job (at
+    another rate) is not trained. The harder cells cost 10-40 core-hours per pass over the
+    catalogue, and a full sweep in each would double that for the mechanisms that do not learn
+    them, which are most of the cost. So from the cell after TRANSFER_FROM on:
+
+    - every entry is trained first at the rate that did best for it in the cell before;
+    - an entry that reached STOP_AT there and falls short here is also trained at the other rates
+      (`settled` skips them once one reaches it): the harder cell may want another rate;
+    - an entry that fell short in the cell before is not retried at the other rates, since the
+      sweep there, on an easier problem, already found its better one.
+
+    Only the other rates of the last kind are skipped: every entry has a run in every cell."""
+    before = _best_before(job, runs)
+    if before is None:
+        return False
+    accuracy, lr = before
+    return job.lr != lr and accuracy < STOP_AT
+
+
+def skipped(job: Job, runs: dict) -> bool:
+    """The job need not be trained: `settled` or `transferred`."""
+    return settled(job, runs) or transferred(job, runs)
 
 
 def resolve_cells(cells: list[str] | None) -> list[str]:
@@ -417,12 +467,12 @@ def run(names: list[str], *, cells: list[str] | None = None, out: Path | None = 
 
     try:
         if ray_address is not None:
-            _run_ray(todo, recipe, ray_address, record, bar)
+            _run_ray(todo, recipe, ray_address, record, bar, data["runs"])
         elif jobs > 1:
             _run_pool(todo, recipe, jobs, record, bar, data["runs"])
         else:
             for i, job in enumerate(todo):
-                if settled(job, data["runs"]):
+                if skipped(job, data["runs"]):
                     bar.advance(steps_for(job.cell, recipe))
                     continue
                 result = asdict(train(job, recipe, on_step=bar.advance))
@@ -433,34 +483,46 @@ def run(names: list[str], *, cells: list[str] | None = None, out: Path | None = 
     return data
 
 
+def next_ready(queue: list[Job], running: list[Job]) -> Job | None:
+    """The first job in `queue` whose entry has no job in `running` (None if there is none)."""
+    busy = {job.attention for job in running}
+    return next((job for job in queue if job.attention not in busy), None)
+
+
 def _run_pool(todo: list[Job], recipe: Recipe, jobs: int, record, bar: _Progress,
               runs: dict) -> None:
-    """At most `jobs` in flight, handed out in order, so that a job whose cell another learning
-    rate has settled by the time its turn comes is skipped (`settled`)."""
+    """At most `jobs` in flight, handed out in order, except that a job waits while another job of
+    the same entry is in flight: its rate may be settled, or chosen by the cell before
+    (`skipped`), once that one finishes. The next independent job takes the free process."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     queue = list(todo)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        running: set = set()
+        running: dict = {}  # future -> job
         while queue or running:
-            while queue and len(running) < jobs:
-                job = queue.pop(0)
-                if settled(job, runs):
-                    bar.advance(steps_for(job.cell, recipe))
-                else:
-                    running.add(pool.submit(_run_job, (job, recipe)))
+            while len(running) < jobs:
+                ready = next_ready(queue, list(running.values()))
+                if ready is None:
+                    break
+                queue.remove(ready)
+                if skipped(ready, runs):
+                    bar.advance(steps_for(ready.cell, recipe))
+                    continue
+                running[pool.submit(_run_job, (ready, recipe))] = ready
             if not running:
                 continue
-            done, running = wait(running, return_when=FIRST_COMPLETED)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
+                running.pop(fut)
                 result = fut.result()
                 bar.advance(steps_for(result["cell"], recipe))
                 record(result)
                 bar.finished(result, len(queue) + len(running))
 
 
-def _run_ray(todo: list[Job], recipe: Recipe, address: str, record, bar: _Progress) -> None:
+def _run_ray(todo: list[Job], recipe: Recipe, address: str, record, bar: _Progress,
+             runs: dict) -> None:
     try:
         import ray
     except ImportError:
@@ -469,6 +531,9 @@ def _run_ray(todo: list[Job], recipe: Recipe, address: str, record, bar: _Progre
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)
     remote = ray.remote(num_cpus=recipe.threads)(_run_job)
+    # every job is handed out at once, so only what the results file already decides is skipped
+    todo = [job for job in todo if not skipped(job, runs)
+            or bar.advance(steps_for(job.cell, recipe))]
     pending = {remote.remote((job, recipe)): job for job in todo}
     left = len(pending)
     while pending:
