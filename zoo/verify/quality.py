@@ -332,7 +332,7 @@ def prioritised(todo: list[Job], runs: dict) -> list[Job]:
             key = (r["attention"], r["cell"])
             best[key] = max(best.get(key, 0.0), r["accuracy"])
 
-    first = {}  # an entry's jobs stay together, at the place of its first one
+    first: dict[tuple[str, str], int] = {}  # an entry's jobs stay together, at the place of its first one
     for i, job in enumerate(todo):
         first.setdefault((job.attention, job.cell), i)
 
@@ -532,8 +532,13 @@ def _run_ray(todo: list[Job], recipe: Recipe, address: str, record, bar: _Progre
         ray.init(address=address, log_to_driver=False)
     remote = ray.remote(num_cpus=recipe.threads)(_run_job)
     # every job is handed out at once, so only what the results file already decides is skipped
-    todo = [job for job in todo if not skipped(job, runs)
-            or bar.advance(steps_for(job.cell, recipe))]
+    kept = []
+    for job in todo:
+        if skipped(job, runs):
+            bar.advance(steps_for(job.cell, recipe))
+        else:
+            kept.append(job)
+    todo = kept
     pending = {remote.remote((job, recipe)): job for job in todo}
     left = len(pending)
     while pending:
